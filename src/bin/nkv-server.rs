@@ -1,0 +1,133 @@
+//! `nkv-server`: argument parsing, logging and signals; the work is in `nkv::server`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::thread;
+use std::time::Duration;
+
+use clap::Parser;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use nkv::server::{Config, Limits, Server};
+
+/// The nkv server: a notify key-value store on a Unix socket.
+///
+/// Every flag can also be set through the environment variable named beside it (for systemd's
+/// EnvironmentFile). Logging is controlled by RUST_LOG (default: info).
+///
+/// Signals: SIGTERM and SIGINT stop the server cleanly (in-flight requests finish, subscribers
+/// get a shutdown event, the socket file is removed, exit status 0); SIGHUP is logged and
+/// otherwise ignored.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Unix socket to listen on (parent directories are created)
+    #[arg(
+        long,
+        visible_alias = "addr",
+        env = "NKV_SOCKET",
+        default_value = "/tmp/nkv/nkv.sock"
+    )]
+    socket: PathBuf,
+
+    /// Directory holding one file per key (created if missing)
+    #[arg(long, env = "NKV_DATA_DIR", default_value = "/tmp/nkv/data")]
+    data_dir: PathBuf,
+
+    /// Most simultaneous client connections; one more is answered with an error and closed
+    #[arg(long, env = "NKV_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+
+    /// Largest value, in bytes of JSON text
+    #[arg(long, env = "NKV_MAX_VALUE_BYTES", default_value_t = 16 << 20)]
+    max_value_bytes: usize,
+
+    /// Most subscriptions one connection may hold
+    #[arg(long, env = "NKV_MAX_SUBSCRIPTIONS", default_value_t = 1024)]
+    max_subscriptions: usize,
+
+    /// Seconds a client may hold a partial line, or stay silent after connecting, before it
+    /// is disconnected (0 = never)
+    #[arg(long, env = "NKV_IDLE_TIMEOUT", default_value_t = 60)]
+    idle_timeout: u64,
+
+    /// Fsync every write and its directory entry before acknowledging it
+    #[arg(long, env = "NKV_FSYNC")]
+    fsync: bool,
+
+    /// Permissions of the socket file, in octal
+    #[arg(long, env = "NKV_SOCKET_MODE", default_value = "0660", value_parser = parse_mode)]
+    socket_mode: u32,
+
+    /// Group (name or id) to own the socket file, so its members may connect
+    #[arg(long, env = "NKV_SOCKET_GROUP")]
+    socket_group: Option<String>,
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| format!("{text:?} is not an octal mode such as 0660"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    raise_fd_limit();
+
+    let config = Config {
+        socket: args.socket,
+        data_dir: args.data_dir,
+        socket_mode: args.socket_mode,
+        socket_group: args.socket_group,
+        fsync: args.fsync,
+        limits: Limits {
+            max_connections: args.max_connections,
+            max_value_bytes: args.max_value_bytes,
+            max_subscriptions: args.max_subscriptions,
+            idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+        },
+    };
+    let server = match Server::start(&config) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("nkv-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("nkv-server: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = server.stop_handle();
+    thread::spawn(move || {
+        for signal in signals.forever() {
+            if signal == SIGHUP {
+                log::info!("SIGHUP received: nkv has nothing to reload; still running");
+                continue;
+            }
+            log::info!("signal {signal} received: stopping");
+            stop.stop();
+        }
+    });
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    server.run();
+    ExitCode::SUCCESS
+}
+
+/// Hundreds of clients each hold a descriptor (subscribers two threads): use the hard limit.
+fn raise_fd_limit() {
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! nkv — a notify key-value store for the services of one host.
+//!
+//! Services get, put and delete JSON values by hierarchical key (`service.topicA.key1`) over a
+//! Unix socket, and subscribe to a key or a keyspace to be told of every change. Each key is
+//! persisted as one file; every subscriber converges to the latest state of every key it covers.
+//!
+//! # Layout
+//!
+//! Data flows one way: accept → connection thread → parse → dispatch → store (disk, map) →
+//! notify → mailbox → the subscriber's own connection. Only the response line flows back.
+//!
+//! - [`key`]: the `Key` newtype and patterns; the only place a key is validated.
+//! - [`protocol`]: the wire format: `Request` parsing, `Response` and `Event` lines.
+//! - [`store`]: the shared map behind the `RwLock`; put/get/delete; calls disk and notify.
+//! - [`disk`]: one file per key: load at start, atomic write, remove.
+//! - [`notify`]: who subscribes to what; publishing a change to the matching mailboxes.
+//! - [`mailbox`]: one subscriber's bounded queue that keeps the latest state of every key.
+//! - [`server`]: listener, accept loop, one connection's loop and dispatch, shutdown.
+//! - [`client`]: the blocking client: [`Client`], [`Subscription`].
+//! - [`error`]: error types.
+//!
+//! # Invariants
+//!
+//! - Nothing after [`protocol::parse_request`] sees a raw key: keys are [`key::Key`], so a key
+//!   file is always a plain name inside the data directory.
+//! - A change is acknowledged only after its file is renamed into place.
+//! - One key's changes are applied, stored and published in revision order (its stripe lock);
+//!   the map lock is never held across disk or socket I/O.
+//! - Publishing never blocks on a subscriber; a subscriber's memory is bounded by its queue plus
+//!   one pending event per key.
+
+pub mod client;
+pub mod disk;
+pub mod error;
+pub mod key;
+pub mod mailbox;
+pub mod notify;
+pub mod protocol;
+pub mod server;
+pub mod store;
+
+pub use client::{Client, Entry, Event, Subscription};
+pub use error::{Error, ErrorCode};

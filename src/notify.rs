@@ -1,0 +1,163 @@
+//! Who subscribes to what, and publishing a change to the matching subscribers without blocking.
+//!
+//! Lock order: the store's map lock, then this table's lock, then a mailbox's mutex. Every
+//! publish runs while the store holds its map lock exclusively, and every snapshot is taken while
+//! it holds the map lock shared — that is what makes "snapshot + register" atomic.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::key::{Key, Target};
+use crate::mailbox::{Mailbox, Outgoing, Pushed};
+use crate::protocol::{Event, SubscriberInfo, SHUTDOWN_EVENT};
+
+/// A subscriber connection as the table knows it.
+struct Subscriber {
+    name: String,
+    targets: Vec<Target>,
+    mailbox: Arc<Mailbox>,
+}
+
+/// Why a subscription could not be added or removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubError {
+    /// The connection already has `max` subscriptions.
+    Limit(usize),
+    /// `UNSUB` of a target this connection does not have.
+    NotSubscribed,
+}
+
+/// The subscription table.
+#[derive(Default)]
+pub struct Notifier {
+    /// Subscriber connections by connection id. Written on SUB/UNSUB/close (rare); read by every
+    /// publish. See the module doc for the lock order.
+    subscribers: RwLock<HashMap<u64, Subscriber>>,
+    /// Events queued to subscribers since start.
+    events: AtomicU64,
+    /// Events replaced in an overflowing mailbox by a later event of the same key.
+    coalesced: AtomicU64,
+}
+
+impl Notifier {
+    /// Sends `event` to every subscriber that covers its key. Never blocks on a subscriber.
+    /// The caller holds the store's map lock exclusively.
+    pub fn publish(&self, event: &Event) {
+        let subscribers = self.subscribers.read();
+        for sub in subscribers.values() {
+            if sub.targets.iter().any(|t| t.covers(&event.key)) {
+                self.push(&sub.mailbox, Outgoing::Event(event.clone()));
+            }
+        }
+    }
+
+    /// Pushes to one mailbox and counts what happened.
+    pub fn push(&self, mailbox: &Mailbox, item: Outgoing) {
+        let is_event = matches!(item, Outgoing::Event(_));
+        match mailbox.push(item) {
+            Pushed::Coalesced => {
+                self.coalesced.fetch_add(1, Ordering::Relaxed);
+            }
+            Pushed::Queued | Pushed::Closed => {}
+        }
+        if is_event {
+            self.events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds `target` to connection `id`'s subscriptions (registering the connection on its first
+    /// one) and returns its mailbox. The caller holds the store's map lock, shared, and fills the
+    /// snapshot before releasing it.
+    ///
+    /// # Errors
+    /// [`SubError::Limit`] when the connection already has `max` subscriptions.
+    pub fn add(
+        &self,
+        id: u64,
+        name: &str,
+        mailbox: &Arc<Mailbox>,
+        target: &Target,
+        max: usize,
+    ) -> Result<(), SubError> {
+        let mut subscribers = self.subscribers.write();
+        let sub = subscribers.entry(id).or_insert_with(|| Subscriber {
+            name: name.to_owned(),
+            targets: Vec::new(),
+            mailbox: mailbox.clone(),
+        });
+        if sub.targets.contains(target) {
+            return Ok(());
+        }
+        if sub.targets.len() >= max {
+            return Err(SubError::Limit(max));
+        }
+        sub.targets.push(target.clone());
+        Ok(())
+    }
+
+    /// Drops one subscription of connection `id`.
+    ///
+    /// # Errors
+    /// [`SubError::NotSubscribed`] when the connection has no such subscription.
+    pub fn remove(&self, id: u64, target: &Target) -> Result<(), SubError> {
+        let mut subscribers = self.subscribers.write();
+        let sub = subscribers.get_mut(&id).ok_or(SubError::NotSubscribed)?;
+        let before = sub.targets.len();
+        sub.targets.retain(|t| t != target);
+        if sub.targets.len() == before {
+            return Err(SubError::NotSubscribed);
+        }
+        Ok(())
+    }
+
+    /// Forgets connection `id` entirely (it closed).
+    pub fn unregister(&self, id: u64) {
+        self.subscribers.write().remove(&id);
+    }
+
+    /// Renames connection `id` if it is a subscriber.
+    pub fn rename(&self, id: u64, name: &str) {
+        if let Some(sub) = self.subscribers.write().get_mut(&id) {
+            sub.name = name.to_owned();
+        }
+    }
+
+    /// The subscribers whose subscriptions cover `key`, by connection id.
+    pub fn trace(&self, key: &Key) -> Vec<SubscriberInfo> {
+        let subscribers = self.subscribers.read();
+        let mut found: Vec<SubscriberInfo> = subscribers
+            .iter()
+            .filter(|(_, sub)| sub.targets.iter().any(|t| t.covers(key)))
+            .map(|(id, sub)| SubscriberInfo {
+                id: *id,
+                name: sub.name.clone(),
+                subscriptions: sub.targets.iter().map(Target::to_string).collect(),
+            })
+            .collect();
+        found.sort_by_key(|info| info.id);
+        found
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.read().len()
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    pub fn coalesced(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
+    }
+
+    /// Tells every subscriber the server is stopping, then closes their queues.
+    pub fn shutdown(&self) {
+        for sub in self.subscribers.read().values() {
+            sub.mailbox.push(Outgoing::Line(SHUTDOWN_EVENT.to_vec()));
+            sub.mailbox.push(Outgoing::Close);
+        }
+    }
+}

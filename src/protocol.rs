@@ -1,0 +1,732 @@
+//! The wire format, and the only module that knows it: a request line is parsed into a
+//! [`Request`] here, and every [`Response`] and [`Event`] line is written here.
+//!
+//! Values travel as JSON text and are kept as received ([`Value`]): a GET copies the stored text
+//! into the response without re-serialising it. Keys need no escaping (see [`crate::key`]).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io::Write;
+
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use crate::error::ErrorCode;
+use crate::key::{Key, KeyError, Target};
+use crate::store::Value;
+
+/// One parsed request line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Put {
+        key: Key,
+        value: Value,
+    },
+    Get(Target),
+    Del(Target),
+    /// Keys covered by the target (a key covers itself and what is below it); `None` = all.
+    Keys(Option<Target>),
+    Sub(Target),
+    Unsub(Target),
+    Hello(String),
+    Trace(Key),
+    Stats,
+    Health,
+    Version,
+    Help,
+    Quit,
+}
+
+/// A request with its optional JSON-form `id`, kept as raw JSON text to echo back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub request: Request,
+    pub id: Option<Box<str>>,
+}
+
+/// A request that could not be parsed: the error response to send, with the `id` if one was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub id: Option<Box<str>>,
+}
+
+impl RequestError {
+    fn bad(message: impl Into<String>) -> RequestError {
+        RequestError {
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+            id: None,
+        }
+    }
+
+    fn with_id(mut self, id: Option<Box<str>>) -> RequestError {
+        self.id = id;
+        self
+    }
+
+    pub fn into_response(self) -> (Response, Option<Box<str>>) {
+        (Response::Error(self.code, self.message), self.id)
+    }
+}
+
+impl From<KeyError> for RequestError {
+    fn from(err: KeyError) -> RequestError {
+        RequestError {
+            code: ErrorCode::InvalidKey,
+            message: err.to_string(),
+            id: None,
+        }
+    }
+}
+
+pub const HELP: &str = "commands: PUT <key> <value> | GET <key>|<prefix>.*|* | DEL <key>|<prefix>.*|* | KEYS [<prefix>.*] | SUB <key>|<prefix>.*|* | UNSUB <key> | HELLO <name> | TRACE <key> | STATS | HEALTH | VERSION | HELP | QUIT; or one JSON object per line: {\"op\":\"put\",\"key\":\"a.b\",\"value\":1,\"id\":7}; see docs/PROTOCOL.md";
+
+/// Parses one request line (without its `\n`; a trailing `\r` is ignored).
+///
+/// `max_value` is the largest value accepted, in bytes of JSON text.
+///
+/// # Errors
+/// The error response for a malformed line, an invalid key or an oversized value.
+pub fn parse_request(line: &[u8], max_value: usize) -> Result<Envelope, RequestError> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let line = std::str::from_utf8(line).map_err(|err| {
+        RequestError::bad(format!(
+            "line is not valid UTF-8 (at byte {})",
+            err.valid_up_to()
+        ))
+    })?;
+    if let Some(pos) = line.find('\0') {
+        return Err(RequestError::bad(format!(
+            "line contains a NUL byte (at byte {pos})"
+        )));
+    }
+    if line.trim().is_empty() {
+        return Err(RequestError::bad(
+            "empty line; send a command such as GET <key>, or HELP",
+        ));
+    }
+    if line.starts_with('{') {
+        parse_json(line, max_value)
+    } else {
+        parse_text(line, max_value).map(|request| Envelope { request, id: None })
+    }
+}
+
+fn parse_text(line: &str, max_value: usize) -> Result<Request, RequestError> {
+    let (verb, rest) = match line.split_once(' ') {
+        Some((verb, rest)) => (verb, Some(rest)),
+        None => (line, None),
+    };
+    let verb = verb.to_ascii_uppercase();
+    let mut args = Args {
+        verb: &verb,
+        rest,
+        used: 0,
+    };
+    let request = match verb.as_str() {
+        "PUT" => {
+            let key = Key::parse(args.next("a key")?)?;
+            let text = args
+                .rest
+                .take()
+                .ok_or_else(|| RequestError::bad("PUT needs a value after the key"))?;
+            return Ok(Request::Put {
+                key,
+                value: text_value(text, max_value)?,
+            });
+        }
+        "GET" => Request::Get(Target::parse(args.next("a key or pattern")?)?),
+        "DEL" | "DELETE" => Request::Del(Target::parse(args.next("a key or pattern")?)?),
+        "KEYS" => Request::Keys(args.optional().map(Target::parse).transpose()?),
+        "SUB" | "SUBSCRIBE" => Request::Sub(Target::parse(args.next("a key or pattern")?)?),
+        "UNSUB" | "UNSUBSCRIBE" => Request::Unsub(Target::parse(args.next("a key or pattern")?)?),
+        "HELLO" => Request::Hello(parse_name(args.next("a name")?)?),
+        "TRACE" => Request::Trace(Key::parse(args.next("a key")?)?),
+        "STATS" => Request::Stats,
+        "HEALTH" | "PING" => Request::Health,
+        "VERSION" => Request::Version,
+        "HELP" => Request::Help,
+        "QUIT" => Request::Quit,
+        _ => {
+            return Err(RequestError::bad(format!(
+                "unknown command {:?}; send HELP for the list",
+                truncate(line.split(' ').next().unwrap_or(line), 40)
+            )))
+        }
+    };
+    args.finish()?;
+    Ok(request)
+}
+
+/// The space-separated arguments of a text request.
+struct Args<'a> {
+    verb: &'a str,
+    rest: Option<&'a str>,
+    used: usize,
+}
+
+impl<'a> Args<'a> {
+    fn next(&mut self, what: &str) -> Result<&'a str, RequestError> {
+        self.optional()
+            .ok_or_else(|| RequestError::bad(format!("{} needs {what}", self.verb)))
+    }
+
+    fn optional(&mut self) -> Option<&'a str> {
+        let rest = self.rest.take()?;
+        self.used += 1;
+        match rest.split_once(' ') {
+            Some((arg, rest)) => {
+                self.rest = Some(rest);
+                Some(arg)
+            }
+            None => Some(rest),
+        }
+    }
+
+    fn finish(self) -> Result<(), RequestError> {
+        match self.rest {
+            None => Ok(()),
+            Some(extra) => Err(RequestError::bad(format!(
+                "{} takes {} argument{}; unexpected {:?}",
+                self.verb,
+                self.used,
+                if self.used == 1 { "" } else { "s" },
+                truncate(extra, 40)
+            ))),
+        }
+    }
+}
+
+/// The text-form value: stored as the JSON it spells if it is JSON, else as a JSON string.
+fn text_value(text: &str, max_value: usize) -> Result<Value, RequestError> {
+    let trimmed = text.trim();
+    let json = if !trimmed.is_empty() && serde_json::from_str::<IgnoredAny>(trimmed).is_ok() {
+        trimmed.to_owned()
+    } else {
+        serde_json::to_string(text).map_err(|err| RequestError::bad(err.to_string()))?
+    };
+    check_size(&json, max_value)?;
+    Ok(Value::from(json))
+}
+
+fn check_size(json: &str, max_value: usize) -> Result<(), RequestError> {
+    if json.len() > max_value {
+        return Err(RequestError {
+            code: ErrorCode::TooLarge,
+            message: format!(
+                "value is {} bytes, the limit is {max_value} (--max-value-bytes)",
+                json.len()
+            ),
+            id: None,
+        });
+    }
+    Ok(())
+}
+
+fn parse_name(name: &str) -> Result<String, RequestError> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:@#".contains(&b));
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err(RequestError::bad(
+            "a name is 1 to 64 ASCII letters, digits or _ - . : @ #",
+        ))
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((pos, _)) => &text[..pos],
+        None => text,
+    }
+}
+
+/// The JSON request form. Unknown fields are an error, so a typo is never silently ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonRequest<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(borrow, default)]
+    key: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    value: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+}
+
+/// Only the `id`, to echo it even when the rest of the object is wrong.
+#[derive(Deserialize)]
+struct JsonId<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+}
+
+/// A present field is `Some`, even when its value is JSON `null` (a valid value to store).
+fn present<'de, D: Deserializer<'de>>(de: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(de).map(Some)
+}
+
+fn parse_json(line: &str, max_value: usize) -> Result<Envelope, RequestError> {
+    let req: JsonRequest = serde_json::from_str(line).map_err(|err| {
+        let id = serde_json::from_str::<JsonId>(line)
+            .ok()
+            .and_then(|j| j.id)
+            .map(|raw| Box::from(raw.get()));
+        RequestError::bad(format!("invalid JSON request: {err}")).with_id(id)
+    })?;
+    let id: Option<Box<str>> = req.id.map(|raw| Box::from(raw.get()));
+    json_request(&req, max_value)
+        .map(|request| Envelope {
+            request,
+            id: id.clone(),
+        })
+        .map_err(|err| err.with_id(id))
+}
+
+fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestError> {
+    let op = req.op.to_ascii_lowercase();
+    let key = || {
+        req.key
+            .as_deref()
+            .ok_or_else(|| RequestError::bad(format!("op {op:?} needs a \"key\"")))
+    };
+    let unexpected = |field: &str, present: bool| {
+        if present {
+            Err(RequestError::bad(format!(
+                "op {op:?} does not take a {field:?} field"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    if op != "put" {
+        unexpected("value", req.value.is_some())?;
+    }
+    if op != "hello" {
+        unexpected("name", req.name.is_some())?;
+    }
+    let takes_key = matches!(
+        op.as_str(),
+        "put"
+            | "get"
+            | "del"
+            | "delete"
+            | "keys"
+            | "sub"
+            | "subscribe"
+            | "unsub"
+            | "unsubscribe"
+            | "trace"
+    );
+    unexpected("key", !takes_key && req.key.is_some())?;
+    Ok(match op.as_str() {
+        "put" => {
+            let key = Key::parse(key()?)?;
+            let raw = req
+                .value
+                .ok_or_else(|| RequestError::bad("op \"put\" needs a \"value\""))?;
+            check_size(raw.get(), max_value)?;
+            Request::Put {
+                key,
+                value: Value::from(raw.get()),
+            }
+        }
+        "get" => Request::Get(Target::parse(key()?)?),
+        "del" | "delete" => Request::Del(Target::parse(key()?)?),
+        "keys" => Request::Keys(req.key.as_deref().map(Target::parse).transpose()?),
+        "sub" | "subscribe" => Request::Sub(Target::parse(key()?)?),
+        "unsub" | "unsubscribe" => Request::Unsub(Target::parse(key()?)?),
+        "trace" => Request::Trace(Key::parse(key()?)?),
+        "hello" => Request::Hello(parse_name(
+            req.name
+                .as_deref()
+                .ok_or_else(|| RequestError::bad("op \"hello\" needs a \"name\""))?,
+        )?),
+        "stats" => Request::Stats,
+        "health" | "ping" => Request::Health,
+        "version" => Request::Version,
+        "help" => Request::Help,
+        "quit" => Request::Quit,
+        _ => {
+            return Err(RequestError::bad(format!(
+                "unknown op {:?}; send HELP for the list",
+                truncate(&req.op, 40)
+            )))
+        }
+    })
+}
+
+/// A subscriber as `TRACE` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberInfo {
+    pub id: u64,
+    pub name: String,
+    pub subscriptions: Vec<String>,
+}
+
+/// Server counters as `STATS` reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub connections: usize,
+    pub subscribers: usize,
+    pub keys: usize,
+    pub rev: u64,
+    /// Events queued to subscribers since start.
+    pub events: u64,
+    /// Intermediate events replaced by a later one for the same key before they were sent.
+    pub coalesced: u64,
+}
+
+/// One response line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Ok,
+    Rev(u64),
+    Value { key: Key, value: Value, rev: u64 },
+    Values(Vec<(Key, Value)>),
+    Keys(Vec<Key>),
+    Deleted(usize),
+    Trace(Key, Vec<SubscriberInfo>),
+    Stats(Stats),
+    Health,
+    Version,
+    Help,
+    Error(ErrorCode, String),
+}
+
+impl Response {
+    pub fn error(code: ErrorCode, message: impl fmt::Display) -> Response {
+        Response::Error(code, message.to_string())
+    }
+
+    /// Appends the response line, `\n` included, echoing `id` when given.
+    pub fn write(&self, id: Option<&str>, out: &mut Vec<u8>) {
+        match self {
+            Response::Ok => out.extend_from_slice(b"{\"ok\":true"),
+            Response::Rev(rev) => {
+                let _ = write!(out, "{{\"ok\":true,\"rev\":{rev}");
+            }
+            Response::Value { key, value, rev } => {
+                out.extend_from_slice(b"{\"ok\":true,\"key\":\"");
+                out.extend_from_slice(key.as_str().as_bytes());
+                out.extend_from_slice(b"\",\"value\":");
+                out.extend_from_slice(value.as_bytes());
+                let _ = write!(out, ",\"rev\":{rev}");
+            }
+            Response::Values(values) => {
+                out.extend_from_slice(b"{\"ok\":true,\"values\":{");
+                for (i, (key, value)) in values.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.push(b'"');
+                    out.extend_from_slice(key.as_str().as_bytes());
+                    out.extend_from_slice(b"\":");
+                    out.extend_from_slice(value.as_bytes());
+                }
+                out.push(b'}');
+            }
+            Response::Keys(keys) => {
+                out.extend_from_slice(b"{\"ok\":true,\"keys\":[");
+                write_key_list(keys.iter().map(Key::as_str), out);
+                out.push(b']');
+            }
+            Response::Deleted(n) => {
+                let _ = write!(out, "{{\"ok\":true,\"deleted\":{n}");
+            }
+            Response::Trace(key, subscribers) => {
+                let _ = write!(out, "{{\"ok\":true,\"key\":\"{key}\",\"subscribers\":[");
+                for (i, sub) in subscribers.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let _ = write!(out, "{{\"id\":{},\"name\":\"{}\",", sub.id, sub.name);
+                    out.extend_from_slice(b"\"subscriptions\":[");
+                    write_key_list(sub.subscriptions.iter().map(String::as_str), out);
+                    out.extend_from_slice(b"]}");
+                }
+                out.push(b']');
+            }
+            Response::Stats(s) => {
+                let _ = write!(
+                    out,
+                    "{{\"ok\":true,\"connections\":{},\"subscribers\":{},\"keys\":{},\"rev\":{},\"events\":{},\"coalesced\":{}",
+                    s.connections, s.subscribers, s.keys, s.rev, s.events, s.coalesced
+                );
+            }
+            Response::Health => out.extend_from_slice(b"{\"ok\":true,\"status\":\"ok\""),
+            Response::Version => {
+                let _ = write!(
+                    out,
+                    "{{\"ok\":true,\"version\":\"{}\"",
+                    env!("CARGO_PKG_VERSION")
+                );
+            }
+            Response::Help => {
+                out.extend_from_slice(b"{\"ok\":true,\"help\":");
+                write_json_string(HELP, out);
+            }
+            Response::Error(code, message) => {
+                let _ = write!(out, "{{\"ok\":false,\"error\":\"{code}\",\"message\":");
+                write_json_string(message, out);
+            }
+        }
+        if let Some(id) = id {
+            out.extend_from_slice(b",\"id\":");
+            out.extend_from_slice(id.as_bytes());
+        }
+        out.extend_from_slice(b"}\n");
+    }
+}
+
+/// Keys, subscription targets and names are validated to need no JSON escaping.
+fn write_key_list<'a>(items: impl Iterator<Item = &'a str>, out: &mut Vec<u8>) {
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(item.as_bytes());
+        out.push(b'"');
+    }
+}
+
+fn write_json_string(text: &str, out: &mut Vec<u8>) {
+    // Serialising a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// What happened to a key, as a subscriber is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// The key's value when the subscription started.
+    Init,
+    Put,
+    Del,
+}
+
+/// One change (or initial value) of one key, sent to subscribers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub key: Key,
+    /// `None` for a delete.
+    pub value: Option<Value>,
+    pub rev: u64,
+}
+
+impl Event {
+    /// Appends the event line, `\n` included.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let kind = match self.kind {
+            EventKind::Init => "init",
+            EventKind::Put => "put",
+            EventKind::Del => "del",
+        };
+        let _ = write!(out, "{{\"event\":\"{kind}\",\"key\":\"{}\"", self.key);
+        if let Some(value) = &self.value {
+            out.extend_from_slice(b",\"value\":");
+            out.extend_from_slice(value.as_bytes());
+        }
+        let _ = writeln!(out, ",\"rev\":{}}}", self.rev);
+    }
+}
+
+/// The marker after a subscription's initial values.
+pub fn write_ready(sub: &Target, count: usize, out: &mut Vec<u8>) {
+    let _ = writeln!(
+        out,
+        "{{\"event\":\"ready\",\"sub\":\"{sub}\",\"count\":{count}}}"
+    );
+}
+
+/// The last line a subscriber gets when the server stops.
+pub const SHUTDOWN_EVENT: &[u8] = b"{\"event\":\"shutdown\"}\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Pattern;
+
+    const MAX: usize = 1024;
+
+    fn check(line: &str, expected: Result<Request, (ErrorCode, &str)>) {
+        let got = parse_request(line.as_bytes(), MAX)
+            .map(|e| e.request)
+            .map_err(|e| (e.code, e.message));
+        match (&got, &expected) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want, "line {line:?}"),
+            (Err((code, message)), Err((want_code, want_part))) => {
+                assert_eq!(code, want_code, "line {line:?}: {message}");
+                assert!(
+                    message.contains(want_part),
+                    "line {line:?}: {message:?} lacks {want_part:?}"
+                );
+            }
+            _ => panic!("line {line:?}: got {got:?}, want {expected:?}"),
+        }
+    }
+
+    fn key(text: &str) -> Key {
+        Key::parse(text).unwrap()
+    }
+
+    fn put(k: &str, v: &str) -> Result<Request, (ErrorCode, &'static str)> {
+        Ok(Request::Put {
+            key: key(k),
+            value: Value::from(v),
+        })
+    }
+
+    #[test]
+    fn text_put_stores_json_or_a_string() {
+        check("PUT a.b 42", put("a.b", "42"));
+        check("put a.b {\"x\": [1, 2]}", put("a.b", "{\"x\": [1, 2]}"));
+        check("PUT a.b hello world", put("a.b", "\"hello world\""));
+        check("PUT a.b \"quoted\"", put("a.b", "\"quoted\""));
+        check("PUT a.b say \"hi\"\\", put("a.b", r#""say \"hi\"\\""#));
+        check("PUT a.b ", put("a.b", "\"\""));
+        check("PUT a.b 1\r", put("a.b", "1"));
+        check("PUT a.b", Err((ErrorCode::BadRequest, "needs a value")));
+        check("PUT", Err((ErrorCode::BadRequest, "needs a key")));
+    }
+
+    #[test]
+    fn text_reads_and_patterns() {
+        check("get a.b", Ok(Request::Get(Target::Key(key("a.b")))));
+        check("GET *", Ok(Request::Get(Target::Pattern(Pattern::All))));
+        check(
+            "Del a.*",
+            Ok(Request::Del(Target::Pattern(Pattern::Below(key("a"))))),
+        );
+        check("KEYS", Ok(Request::Keys(None)));
+        check(
+            "KEYS a.*",
+            Ok(Request::Keys(Some(Target::parse("a.*").unwrap()))),
+        );
+        check("QUIT", Ok(Request::Quit));
+        check("SUB a", Ok(Request::Sub(Target::Key(key("a")))));
+        check("HELLO svc-1", Ok(Request::Hello("svc-1".into())));
+    }
+
+    #[test]
+    fn text_errors_name_the_problem() {
+        check("", Err((ErrorCode::BadRequest, "empty line")));
+        check("   ", Err((ErrorCode::BadRequest, "empty line")));
+        check(
+            "FROB x",
+            Err((ErrorCode::BadRequest, "unknown command \"FROB\"")),
+        );
+        check("GET", Err((ErrorCode::BadRequest, "GET needs a key")));
+        check("GET a b", Err((ErrorCode::BadRequest, "unexpected \"b\"")));
+        check("HEALTH now", Err((ErrorCode::BadRequest, "unexpected")));
+        check("GET ../x", Err((ErrorCode::InvalidKey, "empty segment")));
+        check("GET a/b", Err((ErrorCode::InvalidKey, "'/'")));
+        check("PUT a.* 1", Err((ErrorCode::InvalidKey, "'*'")));
+        check("GET a\0", Err((ErrorCode::BadRequest, "NUL")));
+        check("HELLO bad/name", Err((ErrorCode::BadRequest, "name")));
+        check(
+            &format!("PUT a {}", "x".repeat(MAX)),
+            Err((ErrorCode::TooLarge, "limit is 1024")),
+        );
+        let err = parse_request(b"GET \xff", MAX).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        assert!(err.message.contains("UTF-8"));
+    }
+
+    #[test]
+    fn json_form_and_id_echo() {
+        let env =
+            parse_request(br#"{"op":"put","key":"a.b","value":{"x":1},"id":7}"#, MAX).unwrap();
+        assert_eq!(env.request, put("a.b", "{\"x\":1}").unwrap());
+        assert_eq!(env.id.as_deref(), Some("7"));
+        check(r#"{"op":"put","key":"a","value":null}"#, put("a", "null"));
+        check(
+            r#"{"op":"put","key":"a","value":"two\nlines"}"#,
+            put("a", r#""two\nlines""#),
+        );
+        check(r#"{"op":"KEYS"}"#, Ok(Request::Keys(None)));
+        check(
+            r#"{"op":"put","key":"a"}"#,
+            Err((ErrorCode::BadRequest, "needs a \"value\"")),
+        );
+        check(
+            r#"{"op":"get"}"#,
+            Err((ErrorCode::BadRequest, "needs a \"key\"")),
+        );
+        check(
+            r#"{"op":"get","key":5}"#,
+            Err((ErrorCode::BadRequest, "invalid JSON")),
+        );
+        check(
+            r#"{"op":"get","key":"a","x":1}"#,
+            Err((ErrorCode::BadRequest, "unknown field")),
+        );
+        check(
+            r#"{"op":"health","key":"a"}"#,
+            Err((ErrorCode::BadRequest, "does not take")),
+        );
+        check(
+            r#"{"op":"nope"}"#,
+            Err((ErrorCode::BadRequest, "unknown op")),
+        );
+        check(
+            r#"{"op":"get""#,
+            Err((ErrorCode::BadRequest, "invalid JSON")),
+        );
+        let deep = format!(
+            "{{\"op\":\"put\",\"key\":\"a\",\"value\":{}",
+            "[".repeat(10_000)
+        );
+        check(&deep, Err((ErrorCode::BadRequest, "invalid JSON")));
+        let err = parse_request(br#"{"op":"get","key":"../x","id":"r1"}"#, MAX).unwrap_err();
+        assert_eq!(
+            (err.code, err.id.as_deref()),
+            (ErrorCode::InvalidKey, Some("\"r1\""))
+        );
+        let err = parse_request(br#"{"op":"get","bogus":1,"id":3}"#, MAX).unwrap_err();
+        assert_eq!(err.id.as_deref(), Some("3"));
+    }
+
+    #[test]
+    fn responses_are_one_json_line() {
+        let cases = [
+            (Response::Rev(3), Some("7"), r#"{"ok":true,"rev":3,"id":7}"#),
+            (
+                Response::Value {
+                    key: key("a.b"),
+                    value: Value::from("{\"x\":1}"),
+                    rev: 2,
+                },
+                None,
+                r#"{"ok":true,"key":"a.b","value":{"x":1},"rev":2}"#,
+            ),
+            (Response::Values(vec![]), None, r#"{"ok":true,"values":{}}"#),
+            (
+                Response::Keys(vec![key("a"), key("b")]),
+                None,
+                r#"{"ok":true,"keys":["a","b"]}"#,
+            ),
+            (
+                Response::error(ErrorCode::NotFound, "no key \"a\""),
+                None,
+                r#"{"ok":false,"error":"not_found","message":"no key \"a\""}"#,
+            ),
+        ];
+        for (response, id, want) in cases {
+            let mut out = Vec::new();
+            response.write(id, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{want}\n"));
+        }
+    }
+}

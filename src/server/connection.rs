@@ -1,0 +1,349 @@
+//! One client connection: read a line, parse it, dispatch it with one `match`, answer.
+//!
+//! A connection starts in request mode, where responses are batched into one `write` per burst
+//! of pipelined requests. Its first `SUB` turns it into a subscriber connection: from then on a
+//! writer thread owns the sending side, and responses travel through the same mailbox as the
+//! events so they stay in order with them.
+
+use std::io::{BufWriter, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread;
+
+use crate::error::ErrorCode;
+use crate::key::Target;
+use crate::mailbox::{mailbox, Inbox, Mailbox, Outgoing};
+use crate::notify::SubError;
+use crate::protocol::{parse_request, Envelope, Request, Response, Stats};
+use crate::server::lines::{Line, LineReader};
+use crate::server::Shared;
+
+/// What to do after a request.
+enum Reply {
+    Send(Response),
+    /// Send, then close the connection.
+    SendAndClose(Response),
+    /// The response is already queued (a `SUB`'s acknowledgement precedes its snapshot).
+    Queued,
+}
+
+pub struct Connection<'a> {
+    shared: &'a Shared,
+    id: u64,
+    name: String,
+    stream: UnixStream,
+    /// Responses not yet written (request mode).
+    out: Vec<u8>,
+    /// Set once the connection has subscribed.
+    mailbox: Option<Arc<Mailbox>>,
+    requests: u64,
+}
+
+impl<'a> Connection<'a> {
+    pub fn new(shared: &'a Shared, id: u64, name: String, stream: UnixStream) -> Connection<'a> {
+        Connection {
+            shared,
+            id,
+            name,
+            stream,
+            out: Vec::with_capacity(4096),
+            mailbox: None,
+            requests: 0,
+        }
+    }
+
+    /// Serves the connection until the client leaves, quits, or the server stops.
+    pub fn serve(&mut self) {
+        let limits = &self.shared.limits;
+        let reader_stream = match self.stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("conn {}: cannot clone socket: {e}", self.id);
+                return;
+            }
+        };
+        let mut reader = LineReader::new(reader_stream, limits.max_line(), limits.idle_timeout);
+        loop {
+            let line = match reader.next_line() {
+                Ok(line) => line,
+                Err(e) => {
+                    log::debug!("conn {}: read failed: {e}", self.id);
+                    break;
+                }
+            };
+            let close = match line {
+                Line::Complete(bytes) => {
+                    self.requests += 1;
+                    match parse_request(bytes, limits.max_value_bytes) {
+                        Ok(envelope) => self.dispatch(envelope),
+                        Err(err) => {
+                            log::info!("conn {}: {}: {}", self.id, err.code, err.message);
+                            let (response, id) = err.into_response();
+                            self.respond(&response, id.as_deref());
+                            false
+                        }
+                    }
+                }
+                Line::Eof => break,
+                Line::TooLong => {
+                    let message = format!(
+                        "line longer than {} bytes; closing the connection (--max-value-bytes)",
+                        limits.max_line()
+                    );
+                    log::info!("conn {}: too_large: {message}", self.id);
+                    self.respond(&Response::error(ErrorCode::TooLarge, message), None);
+                    true
+                }
+                Line::TimedOut => {
+                    let message = "no complete line within the idle timeout; closing the connection (--idle-timeout)";
+                    log::info!("conn {}: timeout", self.id);
+                    self.respond(&Response::error(ErrorCode::Timeout, message), None);
+                    true
+                }
+            };
+            if close || (!reader.has_buffered() && !self.flush()) {
+                break;
+            }
+        }
+        self.finish();
+    }
+
+    /// Runs one request; returns whether the connection should close afterwards.
+    fn dispatch(&mut self, envelope: Envelope) -> bool {
+        let Envelope { request, id } = envelope;
+        let id = id.as_deref();
+        let reply = self.handle(request, id);
+        match reply {
+            Reply::Send(response) => {
+                self.respond(&response, id);
+                false
+            }
+            Reply::SendAndClose(response) => {
+                self.respond(&response, id);
+                true
+            }
+            Reply::Queued => false,
+        }
+    }
+
+    fn handle(&mut self, request: Request, id: Option<&str>) -> Reply {
+        let store = &self.shared.store;
+        if self.mailbox.is_some()
+            && !matches!(
+                request,
+                Request::Sub(_)
+                    | Request::Unsub(_)
+                    | Request::Hello(_)
+                    | Request::Health
+                    | Request::Quit
+            )
+        {
+            return Reply::Send(Response::error(
+                ErrorCode::WrongMode,
+                "this is a subscriber connection: only SUB, UNSUB, HELLO, HEALTH and QUIT are accepted; use another connection for other requests",
+            ));
+        }
+        let response = match request {
+            Request::Put { key, value } => match store.put(key, value) {
+                Ok(rev) => Response::Rev(rev),
+                Err(e) => self.internal(e),
+            },
+            Request::Get(Target::Key(key)) => match store.get(&key) {
+                Some((value, rev)) => Response::Value { key, value, rev },
+                None => not_found(&key),
+            },
+            Request::Get(Target::Pattern(pattern)) => {
+                Response::Values(store.get_matching(&pattern))
+            }
+            Request::Del(Target::Key(key)) => match store.delete(&key) {
+                Ok(Some(rev)) => Response::Rev(rev),
+                Ok(None) => not_found(&key),
+                Err(e) => self.internal(e),
+            },
+            Request::Del(Target::Pattern(pattern)) => match store.delete_matching(&pattern) {
+                Ok(n) => Response::Deleted(n),
+                Err(e) => self.internal(e),
+            },
+            Request::Keys(target) => Response::Keys(store.keys(target.as_ref())),
+            Request::Sub(target) => return self.subscribe(&target, id),
+            Request::Unsub(target) => match store.notifier().remove(self.id, &target) {
+                Ok(()) => Response::Ok,
+                Err(_) => Response::error(
+                    ErrorCode::NotFound,
+                    format!("this connection has no subscription {target}"),
+                ),
+            },
+            Request::Hello(name) => {
+                log::info!("conn {} is now named {name}", self.id);
+                store.notifier().rename(self.id, &name);
+                self.name = name;
+                Response::Ok
+            }
+            Request::Trace(key) => {
+                let subscribers = store.notifier().trace(&key);
+                Response::Trace(key, subscribers)
+            }
+            Request::Stats => Response::Stats(Stats {
+                connections: self.shared.connection_count(),
+                subscribers: store.notifier().subscriber_count(),
+                keys: store.len(),
+                rev: store.rev(),
+                events: store.notifier().events(),
+                coalesced: store.notifier().coalesced(),
+            }),
+            Request::Health => Response::Health,
+            Request::Version => Response::Version,
+            Request::Help => Response::Help,
+            Request::Quit => return Reply::SendAndClose(Response::Ok),
+        };
+        Reply::Send(response)
+    }
+
+    fn subscribe(&mut self, target: &Target, id: Option<&str>) -> Reply {
+        let mailbox = match &self.mailbox {
+            Some(mailbox) => mailbox.clone(),
+            None => match self.start_writer() {
+                Some(mailbox) => mailbox,
+                None => {
+                    return Reply::Send(Response::error(
+                        ErrorCode::Internal,
+                        "cannot start the subscriber's writer",
+                    ))
+                }
+            },
+        };
+        let mut ack = Vec::new();
+        Response::Ok.write(id, &mut ack);
+        let store = &self.shared.store;
+        let max = self.shared.limits.max_subscriptions;
+        match store.subscribe(self.id, &self.name, &mailbox, target, max, ack) {
+            Ok(count) => {
+                log::info!(
+                    "conn {} ({}) subscribed to {target}: {count} initial values",
+                    self.id,
+                    self.name
+                );
+                Reply::Queued
+            }
+            Err(SubError::Limit(max)) => Reply::Send(Response::error(
+                ErrorCode::WrongMode,
+                format!("this connection already has {max} subscriptions (--max-subscriptions)"),
+            )),
+            Err(SubError::NotSubscribed) => Reply::Send(Response::error(
+                ErrorCode::Internal,
+                "subscription table is inconsistent",
+            )),
+        }
+    }
+
+    /// Switches to subscriber mode: pending responses go out first, then a writer thread owns
+    /// the sending side.
+    fn start_writer(&mut self) -> Option<Arc<Mailbox>> {
+        if !self.flush() {
+            return None;
+        }
+        let stream = self.stream.try_clone().ok()?;
+        let (mailbox, inbox) = mailbox();
+        let id = self.id;
+        let spawned = thread::Builder::new()
+            .name(format!("nkv-sub-{id}"))
+            .stack_size(crate::server::THREAD_STACK)
+            .spawn(move || run_writer(id, inbox, stream));
+        match spawned {
+            Ok(_) => {
+                self.mailbox = Some(mailbox.clone());
+                Some(mailbox)
+            }
+            Err(e) => {
+                log::error!("conn {id}: cannot start writer thread: {e}");
+                None
+            }
+        }
+    }
+
+    fn internal(&self, err: impl std::fmt::Display) -> Response {
+        log::error!("conn {}: {err}", self.id);
+        Response::error(ErrorCode::Internal, err)
+    }
+
+    fn respond(&mut self, response: &Response, id: Option<&str>) {
+        match &self.mailbox {
+            Some(mailbox) => {
+                let mut line = Vec::new();
+                response.write(id, &mut line);
+                self.shared
+                    .store
+                    .notifier()
+                    .push(mailbox, Outgoing::Line(line));
+            }
+            None => response.write(id, &mut self.out),
+        }
+    }
+
+    /// Writes the batched responses; false when the client is gone.
+    fn flush(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let result = self.stream.write_all(&self.out);
+        self.out.clear();
+        if let Err(e) = result {
+            log::debug!("conn {}: write failed: {e}", self.id);
+            return false;
+        }
+        true
+    }
+
+    fn finish(&mut self) {
+        self.flush();
+        if self.mailbox.is_none() {
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+        log::info!(
+            "conn {} ({}) closed after {} requests",
+            self.id,
+            self.name,
+            self.requests
+        );
+    }
+}
+
+impl Drop for Connection<'_> {
+    /// Ends the subscriptions however the connection ends, a panic included: the writer sends
+    /// what is queued, then closes the socket.
+    fn drop(&mut self) {
+        if let Some(mailbox) = self.mailbox.take() {
+            self.shared.store.notifier().unregister(self.id);
+            mailbox.push(Outgoing::Close);
+        }
+    }
+}
+
+fn not_found(key: &crate::key::Key) -> Response {
+    Response::error(ErrorCode::NotFound, format!("no key {key}"))
+}
+
+/// A subscriber connection's sending side: drains the mailbox into the socket.
+fn run_writer(id: u64, inbox: Inbox, stream: UnixStream) {
+    let mut out = BufWriter::with_capacity(64 * 1024, &stream);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        let open = inbox.drain(|item| match item {
+            Outgoing::Event(event) => {
+                line.clear();
+                event.write(&mut line);
+                out.write_all(&line).is_ok()
+            }
+            Outgoing::Line(bytes) => out.write_all(&bytes).is_ok(),
+            Outgoing::Close => false,
+        });
+        if out.flush().is_err() || !open {
+            break;
+        }
+    }
+    inbox.close();
+    drop(out);
+    let _ = stream.shutdown(Shutdown::Both);
+    log::debug!("conn {id}: subscriber writer stopped");
+}

@@ -1,0 +1,147 @@
+//! Reading request lines from a client, with a length limit and an idle timeout.
+//!
+//! `BufRead::read_until` would buffer a hostile endless line into memory; this reader stops at
+//! `max_line` bytes and reports [`Line::TooLong`] without reading further.
+
+use std::io::{self, Read};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+const INITIAL_CAPACITY: usize = 16 * 1024;
+
+/// What the next read produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line<'a> {
+    /// One line, without its `\n`.
+    Complete(&'a [u8]),
+    /// The client closed its write side and nothing is pending.
+    Eof,
+    /// The pending line is longer than the limit.
+    TooLong,
+    /// The client held a partial line (or sent nothing at all) for longer than the idle timeout.
+    TimedOut,
+}
+
+pub struct LineReader {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// Unconsumed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// How far `buf[start..]` is known to have no `\n`.
+    scanned: usize,
+    max_line: usize,
+    idle: Option<Duration>,
+    /// The read timeout currently set on the socket.
+    armed: Option<Duration>,
+    /// Once a subscriber, a quiet client is normal: only partial lines time out.
+    seen_line: bool,
+    eof: bool,
+}
+
+impl LineReader {
+    pub fn new(stream: UnixStream, max_line: usize, idle: Option<Duration>) -> LineReader {
+        LineReader {
+            stream,
+            buf: vec![0; INITIAL_CAPACITY.min(max_line + 1)],
+            start: 0,
+            end: 0,
+            scanned: 0,
+            max_line,
+            idle,
+            armed: None,
+            seen_line: false,
+            eof: false,
+        }
+    }
+
+    /// Whether a complete line may already be buffered (so a response can wait to be batched).
+    pub fn has_buffered(&self) -> bool {
+        self.start < self.end
+    }
+
+    /// Reads the next line.
+    ///
+    /// # Errors
+    /// The socket failed (other than the idle timeout, which is [`Line::TimedOut`]).
+    pub fn next_line(&mut self) -> io::Result<Line<'_>> {
+        loop {
+            let pending = &self.buf[self.start + self.scanned..self.end];
+            if let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+                let line_end = self.start + self.scanned + pos;
+                if line_end - self.start > self.max_line {
+                    return Ok(Line::TooLong);
+                }
+                let line_start = self.start;
+                self.start = line_end + 1;
+                self.scanned = 0;
+                self.seen_line = true;
+                return Ok(Line::Complete(&self.buf[line_start..line_end]));
+            }
+            self.scanned = self.end - self.start;
+            if self.scanned > self.max_line {
+                return Ok(Line::TooLong);
+            }
+            if self.eof {
+                if self.start == self.end {
+                    return Ok(Line::Eof);
+                }
+                // A last line without `\n` (e.g. `printf 'GET k' | socat ...`) still counts.
+                let (line_start, line_end) = (self.start, self.end);
+                self.start = self.end;
+                self.scanned = 0;
+                return Ok(Line::Complete(&self.buf[line_start..line_end]));
+            }
+            self.make_room();
+            self.arm_timeout()?;
+            match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(Line::TimedOut)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Ensures there is space to read into, moving the pending bytes to the front or growing
+    /// the buffer (never past the line limit plus the `\n`).
+    fn make_room(&mut self) {
+        if self.end < self.buf.len() {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.end < self.buf.len() {
+                return;
+            }
+        }
+        let grown = (self.buf.len() * 2)
+            .min(self.max_line + 2)
+            .max(self.end + 1);
+        self.buf.resize(grown, 0);
+    }
+
+    /// A timeout applies before the first line and while a partial line is pending.
+    fn arm_timeout(&mut self) -> io::Result<()> {
+        let want = if !self.seen_line || self.start < self.end {
+            self.idle
+        } else {
+            None
+        };
+        if want != self.armed {
+            self.stream.set_read_timeout(want)?;
+            self.armed = want;
+        }
+        Ok(())
+    }
+}

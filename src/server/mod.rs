@@ -1,0 +1,331 @@
+//! The server: accept loop, one thread per connection, and an orderly shutdown.
+//!
+//! - [`socket`]: binding (or inheriting) the listening socket;
+//! - [`lines`]: reading request lines with limits;
+//! - [`connection`]: one connection's loop and the dispatch `match`.
+
+mod connection;
+mod lines;
+mod socket;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{self, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use parking_lot::{Condvar, Mutex};
+
+pub use socket::SocketError;
+
+use crate::disk::OpenError;
+use crate::error::ErrorCode;
+use crate::protocol::Response;
+use crate::store::Store;
+use connection::Connection;
+
+/// Stack size of connection threads: requests need little stack (JSON nesting is capped by
+/// serde_json), and hundreds of threads should not reserve megabytes each.
+pub(crate) const THREAD_STACK: usize = 256 * 1024;
+
+/// How long shutdown waits for connections to finish before closing them forcibly.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// Everything the server is configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    /// Mode of a socket file we create.
+    pub socket_mode: u32,
+    /// Group (name or gid) of a socket file we create.
+    pub socket_group: Option<String>,
+    pub fsync: bool,
+    pub limits: Limits,
+}
+
+/// Per-connection limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_value_bytes: usize,
+    pub max_subscriptions: usize,
+    /// How long a client may hold a partial line (or send nothing at first); `None` = forever.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Limits {
+    /// The longest request line: the largest value plus room for the rest of the request.
+    pub fn max_line(&self) -> usize {
+        self.max_value_bytes.saturating_add(64 * 1024)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 4096,
+            max_value_bytes: 16 << 20,
+            max_subscriptions: 1024,
+            idle_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Data(OpenError),
+    Socket(SocketError),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Data(e) => e.fmt(f),
+            StartError::Socket(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// State shared by the accept loop and every connection thread.
+pub(crate) struct Shared {
+    store: Store,
+    limits: Limits,
+    /// Open connections by id, with a handle to shut each down at stop. Locked briefly on
+    /// accept, on close, and at shutdown.
+    connections: Mutex<HashMap<u64, UnixStream>>,
+    /// Signalled when a connection closes, for the shutdown drain.
+    closed: Condvar,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    fn connection_count(&self) -> usize {
+        self.connections.lock().len()
+    }
+}
+
+/// A running server's listener and state.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: UnixListener,
+    path: PathBuf,
+    inherited: bool,
+    next_id: AtomicU64,
+}
+
+/// Stops a running [`Server`] from another thread (a signal handler thread, a test).
+#[derive(Clone)]
+pub struct StopHandle {
+    shared: Arc<Shared>,
+    path: PathBuf,
+}
+
+impl StopHandle {
+    /// Asks the server to stop: it stops accepting, lets in-flight requests finish, tells
+    /// subscribers, and [`Server::run`] returns.
+    pub fn stop(&self) {
+        if !self.shared.stopping.swap(true, Ordering::SeqCst) {
+            // Wake the blocking accept() with a connection of our own.
+            let _ = UnixStream::connect(&self.path);
+        }
+    }
+}
+
+impl Server {
+    /// Opens the data directory and binds the socket (or takes the one systemd passed).
+    ///
+    /// # Errors
+    /// The data directory is in use or unreadable, or the socket cannot be bound.
+    pub fn start(config: &Config) -> Result<Server, StartError> {
+        let store = Store::open(&config.data_dir, config.fsync).map_err(StartError::Data)?;
+        let socket_err = |action, source| {
+            StartError::Socket(SocketError::Io {
+                action,
+                path: config.socket.clone(),
+                source,
+            })
+        };
+        let (listener, path, inherited) = match socket::inherited() {
+            Ok(Some(listener)) => {
+                let path = listener
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(PathBuf::from))
+                    .unwrap_or_else(|| config.socket.clone());
+                (listener, path, true)
+            }
+            Ok(None) => {
+                let listener = socket::bind(
+                    &config.socket,
+                    config.socket_mode,
+                    config.socket_group.as_deref(),
+                )
+                .map_err(StartError::Socket)?;
+                (listener, config.socket.clone(), false)
+            }
+            Err(e) => return Err(socket_err("use the socket passed by systemd for", e)),
+        };
+        log::info!(
+            "nkv {} listening on {}{} with data in {} ({} keys, rev {})",
+            env!("CARGO_PKG_VERSION"),
+            path.display(),
+            if inherited { " (from systemd)" } else { "" },
+            config.data_dir.display(),
+            store.len(),
+            store.rev()
+        );
+        Ok(Server {
+            shared: Arc::new(Shared {
+                store,
+                limits: config.limits.clone(),
+                connections: Mutex::new(HashMap::new()),
+                closed: Condvar::new(),
+                stopping: AtomicBool::new(false),
+            }),
+            listener,
+            path,
+            inherited,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The socket path clients connect to.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            shared: self.shared.clone(),
+            path: self.path.clone(),
+        }
+    }
+
+    /// Accepts connections until stopped, then shuts down in order: subscribers get a
+    /// `shutdown` event, connections finish their in-flight request, the socket file goes.
+    pub fn run(self) {
+        for stream in self.listener.incoming() {
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            match stream {
+                Ok(stream) => self.accept(stream),
+                Err(e) => {
+                    log::error!("accept failed: {e}");
+                    // Out of descriptors or memory: give closing connections a moment.
+                    thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        self.shutdown();
+    }
+
+    fn accept(&self, mut stream: UnixStream) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (pid, uid) = match getsockopt(&stream, PeerCredentials) {
+            Ok(cred) => (cred.pid(), cred.uid()),
+            Err(_) => (0, u32::MAX),
+        };
+        let handle = match stream.try_clone() {
+            Ok(handle) => handle,
+            Err(e) => {
+                log::error!("conn {id}: cannot clone socket: {e}");
+                return;
+            }
+        };
+        {
+            let mut connections = self.shared.connections.lock();
+            if connections.len() >= self.shared.limits.max_connections {
+                drop(connections);
+                log::warn!("conn {id} (pid {pid}, uid {uid}) refused: too many connections");
+                let mut line = Vec::new();
+                Response::error(
+                    ErrorCode::TooManyConnections,
+                    format!(
+                        "the server has {} connections (--max-connections); try again later",
+                        self.shared.limits.max_connections
+                    ),
+                )
+                .write(None, &mut line);
+                let _ = stream.write_all(&line);
+                return;
+            }
+            connections.insert(id, handle);
+        }
+        log::info!("conn {id} opened (pid {pid}, uid {uid})");
+        let shared = self.shared.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("nkv-conn-{id}"))
+            .stack_size(THREAD_STACK)
+            .spawn(move || serve(&shared, id, format!("pid:{pid}"), stream));
+        if let Err(e) = spawned {
+            log::error!("conn {id}: cannot start a thread: {e}");
+            self.shared.connections.lock().remove(&id);
+        }
+    }
+
+    fn shutdown(self) {
+        log::info!("shutting down");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        self.shared.store.notifier().shutdown();
+        // Readers see end-of-file once they have answered what they already received.
+        for stream in self.shared.connections.lock().values() {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+        let deadline = Instant::now() + DRAIN_GRACE;
+        let mut connections = self.shared.connections.lock();
+        while !connections.is_empty() {
+            if self
+                .shared
+                .closed
+                .wait_until(&mut connections, deadline)
+                .timed_out()
+            {
+                log::warn!(
+                    "closing {} connections that did not finish in time",
+                    connections.len()
+                );
+                for stream in connections.values() {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+                break;
+            }
+        }
+        drop(connections);
+        if !self.inherited {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                log::warn!("cannot remove {}: {e}", self.path.display());
+            }
+        }
+        log::info!("stopped");
+    }
+}
+
+/// A connection thread's body. A panic is contained here: logged, the connection closed, the
+/// server and the shared state (parking_lot locks do not poison) unaffected.
+fn serve(shared: &Shared, id: u64, name: String, stream: UnixStream) {
+    let result = panic::catch_unwind(AssertUnwindSafe(|| {
+        Connection::new(shared, id, name, stream).serve();
+    }));
+    if let Err(panic) = result {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        log::error!("conn {id}: connection thread panicked: {what}; connection closed");
+        shared.store.notifier().unregister(id);
+    }
+    shared.connections.lock().remove(&id);
+    shared.closed.notify_all();
+}

@@ -1,0 +1,120 @@
+//! The listening socket: inherited from systemd, or bound by us without stealing a live one.
+
+use std::fs;
+use std::io;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::{Gid, Group};
+
+/// Why the socket could not be set up.
+#[derive(Debug)]
+pub enum SocketError {
+    /// A server answers on the path already.
+    InUse(PathBuf),
+    /// The path exists and is not a socket; we never delete such a file.
+    NotASocket(PathBuf),
+    UnknownGroup(String),
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+impl std::fmt::Display for SocketError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocketError::InUse(path) => write!(
+                f,
+                "another nkv-server is already listening on {}; stop it first or choose another --socket",
+                path.display()
+            ),
+            SocketError::NotASocket(path) => write!(
+                f,
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ),
+            SocketError::UnknownGroup(group) => write!(f, "--socket-group: no group {group:?}"),
+            SocketError::Io {
+                action,
+                path,
+                source,
+            } => write!(f, "cannot {action} {}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for SocketError {}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SocketError {
+    let path = path.to_owned();
+    move |source| SocketError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// The listener systemd passed (`LISTEN_FDS`/`LISTEN_PID`), if any.
+///
+/// # Errors
+/// The variables are malformed.
+pub fn inherited() -> io::Result<Option<UnixListener>> {
+    let mut fds = sd_notify::listen_fds()?;
+    // SAFETY: systemd passed this descriptor to this process (listen_fds checked LISTEN_PID)
+    // and nothing else in the process owns it.
+    Ok(fds
+        .next()
+        .map(|fd| unsafe { UnixListener::from_raw_fd(fd) }))
+}
+
+/// Binds `path` with `mode` (and `group`), creating parent directories. A stale socket file
+/// left by a crashed server is replaced; a live one is never touched.
+///
+/// # Errors
+/// See [`SocketError`].
+pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, SocketError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(SocketError::InUse(path.to_owned()));
+            }
+            log::info!("replacing stale socket {}", path.display());
+            fs::remove_file(path).map_err(io_err("remove stale socket", path))?;
+        }
+        Ok(_) => return Err(SocketError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("inspect", path)(e)),
+    }
+    let gid = group.map(resolve_group).transpose()?;
+    // Create the socket owner-only so no one can connect before its mode and group are set.
+    // Start-up is single-threaded here, so the process-wide umask is ours to change briefly.
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    let listener = bound.map_err(io_err("bind", path))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid.as_raw()))
+            .map_err(io_err("set the group of", path))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(io_err("set the mode of", path))?;
+    Ok(listener)
+}
+
+fn resolve_group(group: &str) -> Result<Gid, SocketError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(Gid::from_raw(gid));
+    }
+    match Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid),
+        _ => Err(SocketError::UnknownGroup(group.to_owned())),
+    }
+}

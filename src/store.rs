@@ -1,0 +1,300 @@
+//! The shared map of keys to values, kept on disk and announced to subscribers.
+//!
+//! A change of one key runs: take the key's stripe lock → next revision → write the file →
+//! take the map lock exclusively → update the map and publish the event → release. The map lock
+//! is never held across disk I/O; the stripe lock is what keeps file, map and events agreeing on
+//! the order of one key's changes, while changes of different keys write their files in parallel.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::disk::{Disk, OpenError};
+use crate::error::DiskError;
+use crate::key::{Key, Pattern, Target};
+use crate::mailbox::{Mailbox, Outgoing};
+use crate::notify::{Notifier, SubError};
+use crate::protocol::{write_ready, Event, EventKind};
+
+/// A value: its JSON text exactly as received, shared by the map, responses and events.
+pub type Value = Arc<str>;
+
+/// Number of per-key order locks. Keys hash onto them; more stripes, fewer false collisions.
+const STRIPES: usize = 256;
+
+#[derive(Clone)]
+struct Entry {
+    value: Value,
+    rev: u64,
+}
+
+/// The store: map, disk and subscriptions.
+pub struct Store {
+    /// Every key's current value and revision. Shared by GET, KEYS and subscription snapshots;
+    /// exclusive only for the instant a change is applied and published (never across I/O).
+    map: RwLock<BTreeMap<Key, Entry>>,
+    /// Per-key order: a change holds its key's stripe from revision to publish.
+    stripes: Box<[Mutex<()>]>,
+    hasher: RandomState,
+    /// The last revision handed out.
+    rev: AtomicU64,
+    disk: Disk,
+    notifier: Notifier,
+}
+
+impl Store {
+    /// Opens (and locks) the data directory and loads every key.
+    ///
+    /// # Errors
+    /// See [`Disk::open`].
+    pub fn open(dir: &Path, fsync: bool) -> Result<Store, OpenError> {
+        let (disk, contents) = Disk::open(dir, fsync)?;
+        let map = contents
+            .entries
+            .into_iter()
+            .map(|l| {
+                (
+                    l.key,
+                    Entry {
+                        value: l.value,
+                        rev: l.rev,
+                    },
+                )
+            })
+            .collect();
+        Ok(Store {
+            map: RwLock::new(map),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            hasher: RandomState::new(),
+            rev: AtomicU64::new(contents.max_rev),
+            disk,
+            notifier: Notifier::default(),
+        })
+    }
+
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.disk.dir()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The last revision handed out.
+    pub fn rev(&self) -> u64 {
+        self.rev.load(Ordering::Acquire)
+    }
+
+    fn stripe(&self, key: &Key) -> &Mutex<()> {
+        let slot = self.hasher.hash_one(key.as_str()) as usize % self.stripes.len();
+        &self.stripes[slot]
+    }
+
+    fn next_rev(&self) -> u64 {
+        self.rev.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// A key's value and revision.
+    pub fn get(&self, key: &Key) -> Option<(Value, u64)> {
+        self.map.read().get(key).map(|e| (e.value.clone(), e.rev))
+    }
+
+    /// The keys and values a pattern matches, sorted by key.
+    pub fn get_matching(&self, pattern: &Pattern) -> Vec<(Key, Value)> {
+        let map = self.map.read();
+        range(&map, &Target::Pattern(pattern.clone()))
+            .map(|(k, e)| (k.clone(), e.value.clone()))
+            .collect()
+    }
+
+    /// The keys a target covers (all keys for `None`), sorted.
+    pub fn keys(&self, target: Option<&Target>) -> Vec<Key> {
+        let map = self.map.read();
+        match target {
+            None => map.keys().cloned().collect(),
+            Some(t) => range(&map, t).map(|(k, _)| k.clone()).collect(),
+        }
+    }
+
+    /// Stores `value` under `key`; returns the change's revision once the file is in place.
+    ///
+    /// # Errors
+    /// The disk write failed; nothing changed (the revision number is skipped).
+    pub fn put(&self, key: Key, value: Value) -> Result<u64, DiskError> {
+        let _order = self.stripe(&key).lock();
+        let rev = self.next_rev();
+        self.disk.write(&key, rev, &value)?;
+        let mut map = self.map.write();
+        map.insert(
+            key.clone(),
+            Entry {
+                value: value.clone(),
+                rev,
+            },
+        );
+        self.notifier.publish(&Event {
+            kind: EventKind::Put,
+            key,
+            value: Some(value),
+            rev,
+        });
+        Ok(rev)
+    }
+
+    /// Deletes `key`; returns the delete's revision, or `None` if there was no such key.
+    ///
+    /// # Errors
+    /// The file could not be removed; nothing changed.
+    pub fn delete(&self, key: &Key) -> Result<Option<u64>, DiskError> {
+        let _order = self.stripe(key).lock();
+        if !self.map.read().contains_key(key) {
+            return Ok(None);
+        }
+        let rev = self.next_rev();
+        self.disk.remove(key, rev)?;
+        let mut map = self.map.write();
+        map.remove(key);
+        self.notifier.publish(&Event {
+            kind: EventKind::Del,
+            key: key.clone(),
+            value: None,
+            rev,
+        });
+        Ok(Some(rev))
+    }
+
+    /// Deletes every key the pattern matches (each is its own change, with its own event).
+    ///
+    /// # Errors
+    /// A file could not be removed; the keys deleted before it stay deleted.
+    pub fn delete_matching(&self, pattern: &Pattern) -> Result<usize, DiskError> {
+        let mut deleted = 0;
+        for (key, _) in self.get_matching(pattern) {
+            if self.delete(&key)?.is_some() {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Subscribes connection `id` to `target`: queues `ack`, an `init` event per covered key
+    /// and the `ready` marker, and registers the subscription, all in one step no change can
+    /// fall between. Returns the number of initial values.
+    ///
+    /// # Errors
+    /// The connection's subscription limit is reached; nothing was queued.
+    pub fn subscribe(
+        &self,
+        id: u64,
+        name: &str,
+        mailbox: &Arc<Mailbox>,
+        target: &Target,
+        max_subs: usize,
+        ack: Vec<u8>,
+    ) -> Result<usize, SubError> {
+        // Held shared until the snapshot is queued: no change can be applied meanwhile.
+        let map = self.map.read();
+        self.notifier.add(id, name, mailbox, target, max_subs)?;
+        self.notifier.push(mailbox, Outgoing::Line(ack));
+        let mut count = 0;
+        for (key, entry) in range(&map, target) {
+            count += 1;
+            self.notifier.push(
+                mailbox,
+                Outgoing::Event(Event {
+                    kind: EventKind::Init,
+                    key: key.clone(),
+                    value: Some(entry.value.clone()),
+                    rev: entry.rev,
+                }),
+            );
+        }
+        let mut ready = Vec::new();
+        write_ready(target, count, &mut ready);
+        self.notifier.push(mailbox, Outgoing::Line(ready));
+        Ok(count)
+    }
+}
+
+/// The entries a target covers, in key order, using the map's order: every key strictly
+/// below `p` sorts in [`p.`, `p/`) because `/` is the byte after `.`.
+fn range<'a>(
+    map: &'a BTreeMap<Key, Entry>,
+    target: &Target,
+) -> Box<dyn Iterator<Item = (&'a Key, &'a Entry)> + 'a> {
+    let (parent, include_self) = match target {
+        Target::Pattern(Pattern::All) => return Box::new(map.iter()),
+        Target::Pattern(Pattern::Below(parent)) => (parent, false),
+        Target::Key(root) => (root, true),
+    };
+    let itself = include_self
+        .then(|| map.get_key_value(parent.as_str()))
+        .flatten();
+    let lower = format!("{parent}.");
+    let upper = format!("{parent}/");
+    let below = map.range::<str, _>((
+        Bound::Included(lower.as_str()),
+        Bound::Excluded(upper.as_str()),
+    ));
+    Box::new(itself.into_iter().chain(below))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_follow_segment_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        for k in ["a", "a.b", "a.b.c", "ab", "a-b", "a.c", "b"] {
+            store.put(Key::parse(k).unwrap(), Value::from("1")).unwrap();
+        }
+        let keys = |t: &str| -> Vec<String> {
+            store
+                .keys(Some(&Target::parse(t).unwrap()))
+                .iter()
+                .map(Key::to_string)
+                .collect()
+        };
+        assert_eq!(keys("a"), ["a", "a.b", "a.b.c", "a.c"]);
+        assert_eq!(keys("a.*"), ["a.b", "a.b.c", "a.c"]);
+        assert_eq!(keys("a.b"), ["a.b", "a.b.c"]);
+        assert_eq!(keys("*").len(), 7);
+        assert_eq!(store.rev(), 7);
+    }
+
+    #[test]
+    fn revisions_survive_a_restart_even_after_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), true).unwrap();
+            let a = Key::parse("a").unwrap();
+            store.put(a.clone(), Value::from("1")).unwrap();
+            store
+                .put(Key::parse("b").unwrap(), Value::from("2"))
+                .unwrap();
+            assert_eq!(store.delete(&a).unwrap(), Some(3));
+            assert_eq!(store.delete(&a).unwrap(), None);
+        }
+        let store = Store::open(dir.path(), false).unwrap();
+        assert_eq!(store.rev(), 3);
+        assert_eq!(
+            store.get(&Key::parse("b").unwrap()),
+            Some((Value::from("2"), 2))
+        );
+    }
+}
