@@ -1,0 +1,14 @@
+//! Integration tests: every test starts the real `nkv-server` on its own socket and data
+//! directory and talks to it as users do — the Rust client, the CLI, raw socket lines, socat.
+
+mod support;
+
+mod access;
+mod cli;
+mod core;
+mod hostile;
+mod lifecycle;
+mod limits;
+mod props;
+mod soak;
+mod subscribe;
