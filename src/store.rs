@@ -107,6 +107,18 @@ impl Store {
         self.rev.fetch_add(1, Ordering::AcqRel) + 1
     }
 
+    /// Test hook, debug builds only: a put of the key named by `NKV_DEBUG_PANIC_KEY` panics
+    /// while holding its stripe lock and the map lock, to prove a panicking connection thread
+    /// neither takes the server down nor leaves shared state locked or poisoned.
+    fn debug_panic(&self, key: &Key) {
+        if cfg!(debug_assertions)
+            && std::env::var_os("NKV_DEBUG_PANIC_KEY").is_some_and(|k| k == key.as_str())
+        {
+            let _map = self.map.write();
+            panic!("NKV_DEBUG_PANIC_KEY: deliberate panic on put of {key}");
+        }
+    }
+
     /// A key's value and revision.
     pub fn get(&self, key: &Key) -> Option<(Value, u64)> {
         self.map.read().get(key).map(|e| (e.value.clone(), e.rev))
@@ -135,6 +147,7 @@ impl Store {
     /// The disk write failed; nothing changed (the revision number is skipped).
     pub fn put(&self, key: Key, value: Value) -> Result<u64, DiskError> {
         let _order = self.stripe(&key).lock();
+        self.debug_panic(&key);
         let rev = self.next_rev();
         self.disk.write(&key, rev, &value)?;
         let mut map = self.map.write();

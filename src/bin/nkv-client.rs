@@ -15,7 +15,7 @@ use nkv::{Client, Error, ErrorCode, Event};
 /// editing when it is a terminal): get, put, delete, keys, subscribe, health, version, stats,
 /// trace, help, quit.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(name = "nkv-client", version, about, long_about)]
 struct Cli {
     /// The server's Unix socket
     #[arg(
@@ -61,6 +61,10 @@ enum Command {
     Stats,
     /// List the subscribers that would be told of a change to a key
     Trace { key: String },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff)
+    Man,
 }
 
 /// How a command ended, for the exit status.
@@ -82,6 +86,25 @@ impl Outcome {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "nkv-client", &mut io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man) => {
+            let command = <Cli as clap::CommandFactory>::command();
+            return match clap_mangen::Man::new(command).render(&mut io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("nkv-client: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        _ => {}
+    }
     let mut client = match Client::connect(&cli.socket) {
         Ok(client) => client,
         Err(e) => {
@@ -127,7 +150,9 @@ fn request(command: &Command) -> Result<Value, Error> {
         Command::Version => json!({"op": "version"}),
         Command::Stats => json!({"op": "stats"}),
         Command::Trace { key } => json!({"op": "trace", "key": key}),
-        Command::Subscribe { .. } => unreachable!("subscribe has its own connection"),
+        Command::Subscribe { .. } | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled without a request")
+        }
     })
 }
 
@@ -188,8 +213,18 @@ fn execute(client: &mut Client, command: &Command, json: bool) -> Result<Outcome
         }
         Command::Put { .. } | Command::Delete { .. } => {}
         Command::Keys { .. } => {
-            for key in field("keys").as_array().into_iter().flatten() {
-                writeln!(out, "{}", display(key))?;
+            let keys: Vec<String> = field("keys")
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(display)
+                .collect();
+            if io::stdout().is_terminal() {
+                write_tree(&mut out, &keys)?;
+            } else {
+                for key in keys {
+                    writeln!(out, "{key}")?;
+                }
             }
         }
         Command::Health => writeln!(out, "ok")?,
@@ -210,9 +245,35 @@ fn execute(client: &mut Client, command: &Command, json: bool) -> Result<Outcome
                 )?;
             }
         }
-        Command::Subscribe { .. } => {}
+        Command::Subscribe { .. } | Command::Completions { .. } | Command::Man => {}
     }
     Ok(Outcome::Ok)
+}
+
+/// Sorted keys as an indented tree, for a person at a terminal. A segment that is only a
+/// branch (not itself a key) ends with `.`.
+fn write_tree(out: &mut impl Write, keys: &[String]) -> io::Result<()> {
+    let is_key: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    let mut previous: Vec<&str> = Vec::new();
+    for key in keys {
+        let segments: Vec<&str> = key.split('.').collect();
+        let common = previous
+            .iter()
+            .zip(&segments)
+            .take_while(|(a, b)| a == b)
+            .count();
+        for depth in common..segments.len() {
+            let path = segments[..=depth].join(".");
+            let dot = if is_key.contains(path.as_str()) {
+                ""
+            } else {
+                "."
+            };
+            writeln!(out, "{}{}{dot}", "  ".repeat(depth), segments[depth])?;
+        }
+        previous = segments;
+    }
+    Ok(())
 }
 
 /// A string raw, anything else as JSON.

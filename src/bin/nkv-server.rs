@@ -21,7 +21,7 @@ use nkv::server::{Config, Limits, Server};
 /// get a shutdown event, the socket file is removed, exit status 0); SIGHUP is logged and
 /// otherwise ignored.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(name = "nkv-server", version, about, long_about)]
 struct Args {
     /// Unix socket to listen on (parent directories are created)
     #[arg(

@@ -33,6 +33,8 @@ pub struct Server {
     pub data: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    /// Extra environment for the server process.
+    pub env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -51,6 +53,19 @@ impl Server {
         server
     }
 
+    /// A server with extra environment variables in a new temp dir.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut server = Server::new_in(tmp.path(), args);
+        server.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        server._tmp = Some(tmp);
+        server.spawn_and_wait();
+        server
+    }
+
     /// A server description in `dir` (socket `dir/nkv.sock`, data `dir/data`), not started.
     pub fn new_in(dir: &Path, args: &[&str]) -> Server {
         Server {
@@ -60,6 +75,7 @@ impl Server {
             data: dir.join("data"),
             log: dir.join("server.log"),
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             _tmp: None,
         }
     }
@@ -73,6 +89,7 @@ impl Server {
             .arg(&self.data)
             .args(&self.args)
             .env("RUST_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         cmd
