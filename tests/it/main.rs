@@ -9,6 +9,7 @@ mod core;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod ops;
 mod panic;
 mod props;
 mod soak;
