@@ -82,7 +82,8 @@ fn main() -> ExitCode {
         socket: args.socket,
         data_dir: args.data_dir,
         socket_mode: args.socket_mode,
-        socket_group: args.socket_group,
+        // An empty NKV_SOCKET_GROUP= in an environment file means "not set".
+        socket_group: args.socket_group.filter(|g| !g.is_empty()),
         fsync: args.fsync,
         limits: Limits {
             max_connections: args.max_connections,

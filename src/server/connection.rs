@@ -17,7 +17,7 @@ use crate::mailbox::{mailbox, Inbox, Mailbox, Outgoing};
 use crate::notify::SubError;
 use crate::protocol::{parse_request, Envelope, Request, Response, Stats};
 use crate::server::lines::{Line, LineReader};
-use crate::server::Shared;
+use crate::server::{Shared, WriterGuard};
 
 /// What to do after a request.
 enum Reply {
@@ -29,7 +29,7 @@ enum Reply {
 }
 
 pub struct Connection<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     id: u64,
     name: String,
     stream: UnixStream,
@@ -41,7 +41,12 @@ pub struct Connection<'a> {
 }
 
 impl<'a> Connection<'a> {
-    pub fn new(shared: &'a Shared, id: u64, name: String, stream: UnixStream) -> Connection<'a> {
+    pub fn new(
+        shared: &'a Arc<Shared>,
+        id: u64,
+        name: String,
+        stream: UnixStream,
+    ) -> Connection<'a> {
         Connection {
             shared,
             id,
@@ -246,10 +251,11 @@ impl<'a> Connection<'a> {
         let stream = self.stream.try_clone().ok()?;
         let (mailbox, inbox) = mailbox();
         let id = self.id;
+        let guard = self.shared.writer_running();
         let spawned = thread::Builder::new()
             .name(format!("nkv-sub-{id}"))
             .stack_size(crate::server::THREAD_STACK)
-            .spawn(move || run_writer(id, inbox, stream));
+            .spawn(move || run_writer(id, inbox, stream, guard));
         match spawned {
             Ok(_) => {
                 self.mailbox = Some(mailbox.clone());
@@ -324,8 +330,9 @@ fn not_found(key: &crate::key::Key) -> Response {
     Response::error(ErrorCode::NotFound, format!("no key {key}"))
 }
 
-/// A subscriber connection's sending side: drains the mailbox into the socket.
-fn run_writer(id: u64, inbox: Inbox, stream: UnixStream) {
+/// A subscriber connection's sending side: drains the mailbox into the socket. `_running`
+/// keeps shutdown waiting until the last queued line is written.
+fn run_writer(id: u64, inbox: Inbox, stream: UnixStream, _running: WriterGuard) {
     let mut out = BufWriter::with_capacity(64 * 1024, &stream);
     let mut line = Vec::with_capacity(256);
     loop {

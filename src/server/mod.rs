@@ -100,17 +100,48 @@ impl std::error::Error for StartError {}
 pub(crate) struct Shared {
     store: Store,
     limits: Limits,
-    /// Open connections by id, with a handle to shut each down at stop. Locked briefly on
-    /// accept, on close, and at shutdown.
-    connections: Mutex<HashMap<u64, UnixStream>>,
-    /// Signalled when a connection closes, for the shutdown drain.
+    /// Open connections and running subscriber writers. Locked briefly on accept, on close,
+    /// when a writer starts or stops, and at shutdown.
+    connections: Mutex<Connections>,
+    /// Signalled when a connection closes or a writer stops, for the shutdown drain.
     closed: Condvar,
     stopping: AtomicBool,
 }
 
+#[derive(Default)]
+struct Connections {
+    /// By connection id, with a handle to shut each down at stop.
+    streams: HashMap<u64, UnixStream>,
+    /// Subscriber writer threads still sending (they outlive their connection's reader until
+    /// the queued events, and at stop the `shutdown` event, are written).
+    writers: usize,
+}
+
+impl Connections {
+    fn is_idle(&self) -> bool {
+        self.streams.is_empty() && self.writers == 0
+    }
+}
+
 impl Shared {
     fn connection_count(&self) -> usize {
-        self.connections.lock().len()
+        self.connections.lock().streams.len()
+    }
+
+    /// Counts a subscriber writer thread until the returned guard is dropped.
+    fn writer_running(self: &Arc<Self>) -> WriterGuard {
+        self.connections.lock().writers += 1;
+        WriterGuard(self.clone())
+    }
+}
+
+/// Held by a subscriber writer thread; shutdown waits for all of them.
+pub(crate) struct WriterGuard(Arc<Shared>);
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.0.connections.lock().writers -= 1;
+        self.0.closed.notify_all();
     }
 }
 
@@ -188,7 +219,7 @@ impl Server {
             shared: Arc::new(Shared {
                 store,
                 limits: config.limits.clone(),
-                connections: Mutex::new(HashMap::new()),
+                connections: Mutex::new(Connections::default()),
                 closed: Condvar::new(),
                 stopping: AtomicBool::new(false),
             }),
@@ -245,7 +276,7 @@ impl Server {
         };
         {
             let mut connections = self.shared.connections.lock();
-            if connections.len() >= self.shared.limits.max_connections {
+            if connections.streams.len() >= self.shared.limits.max_connections {
                 drop(connections);
                 log::warn!("conn {id} (pid {pid}, uid {uid}) refused: too many connections");
                 let mut line = Vec::new();
@@ -260,7 +291,7 @@ impl Server {
                 let _ = stream.write_all(&line);
                 return;
             }
-            connections.insert(id, handle);
+            connections.streams.insert(id, handle);
         }
         log::info!("conn {id} opened (pid {pid}, uid {uid})");
         let shared = self.shared.clone();
@@ -270,7 +301,7 @@ impl Server {
             .spawn(move || serve(&shared, id, format!("pid:{pid}"), stream));
         if let Err(e) = spawned {
             log::error!("conn {id}: cannot start a thread: {e}");
-            self.shared.connections.lock().remove(&id);
+            self.shared.connections.lock().streams.remove(&id);
         }
     }
 
@@ -279,12 +310,12 @@ impl Server {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.shared.store.notifier().shutdown();
         // Readers see end-of-file once they have answered what they already received.
-        for stream in self.shared.connections.lock().values() {
+        for stream in self.shared.connections.lock().streams.values() {
             let _ = stream.shutdown(Shutdown::Read);
         }
         let deadline = Instant::now() + DRAIN_GRACE;
         let mut connections = self.shared.connections.lock();
-        while !connections.is_empty() {
+        while !connections.is_idle() {
             if self
                 .shared
                 .closed
@@ -293,9 +324,9 @@ impl Server {
             {
                 log::warn!(
                     "closing {} connections that did not finish in time",
-                    connections.len()
+                    connections.streams.len()
                 );
-                for stream in connections.values() {
+                for stream in connections.streams.values() {
                     let _ = stream.shutdown(Shutdown::Both);
                 }
                 break;
@@ -313,7 +344,7 @@ impl Server {
 
 /// A connection thread's body. A panic is contained here: logged, the connection closed, the
 /// server and the shared state (parking_lot locks do not poison) unaffected.
-fn serve(shared: &Shared, id: u64, name: String, stream: UnixStream) {
+fn serve(shared: &Arc<Shared>, id: u64, name: String, stream: UnixStream) {
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
         Connection::new(shared, id, name, stream).serve();
     }));
@@ -324,8 +355,7 @@ fn serve(shared: &Shared, id: u64, name: String, stream: UnixStream) {
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_default();
         log::error!("conn {id}: connection thread panicked: {what}; connection closed");
-        shared.store.notifier().unregister(id);
     }
-    shared.connections.lock().remove(&id);
+    shared.connections.lock().streams.remove(&id);
     shared.closed.notify_all();
 }
