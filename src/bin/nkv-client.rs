@@ -287,8 +287,10 @@ fn display(value: &Value) -> String {
 fn subscribe(client: &Client, key: &str, json: bool) -> Result<Outcome, Error> {
     exit_on_interrupt();
     let mut sub = client.subscribe(key)?;
-    let mut out = io::stdout().lock();
     while let Some(line) = sub.next_line()? {
+        // Stdout is locked per event, not across the blocking read, and flushed each time:
+        // an interrupt finds nothing pending and nothing locked.
+        let mut out = io::stdout().lock();
         if json {
             writeln!(out, "{line}")?;
         } else {
@@ -316,7 +318,6 @@ fn exit_on_interrupt() {
     if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
         std::thread::spawn(move || {
             if signals.forever().next().is_some() {
-                let _ = io::stdout().flush();
                 std::process::exit(0);
             }
         });
