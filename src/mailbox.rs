@@ -3,19 +3,25 @@
 //! Publishers [`Mailbox::push`] without ever blocking. Items go into a bounded
 //! `crossbeam-channel` queue while it has room (the common case: the subscriber keeps up and sees
 //! every change). When the queue is full, or holds too many value bytes, further items go to an
-//! *overflow* table that keeps only the latest event per key, ordered by when that latest event
-//! arrived. Once the overflow is non-empty every new item goes there too, until the writer has
-//! taken it, so an older event of a key can never overtake a newer one.
+//! *overflow* table that keeps only the latest event per key: a newer event of a key replaces the
+//! pending one in place. Once the overflow is non-empty every new item goes there too, until the
+//! writer has taken it, so an older event of a key can never overtake a newer one.
+//!
+//! Lines (responses, `ready` markers) are never replaced and are barriers: an event is never
+//! merged into one queued before a line, so a change made after a snapshot is still delivered
+//! after that snapshot's marker.
 //!
 //! The writer ([`Inbox`]) drains the queue, then the overflow, then the queue again. Memory held
-//! for a subscriber is therefore bounded by the queue plus one event per distinct key.
+//! for a subscriber is therefore bounded by the queue plus one event per distinct key for each
+//! line pending in the overflow; the connection's own requests wait ([`Mailbox::wait_caught_up`])
+//! while its overflow is not empty, so those lines cannot pile up either.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::key::Key;
 use crate::protocol::Event;
@@ -69,6 +75,8 @@ struct State {
     /// Items that did not fit in the queue. Publishers and the writer touch it under this mutex;
     /// the choice "queue or overflow" is made under it too, which is what keeps per-key order.
     overflow: Mutex<Overflow>,
+    /// Signalled when the writer empties the overflow or stops.
+    drained: Condvar,
     /// Set by the writer when it stops; pushes after that are dropped.
     closed: AtomicBool,
 }
@@ -79,31 +87,42 @@ pub struct Inbox {
     state: Arc<State>,
 }
 
-/// Pending items in arrival order of their latest version, at most one event per key.
+/// Pending items in order; after the last line, at most one event per key.
 #[derive(Default)]
 struct Overflow {
     next_seq: u64,
     items: BTreeMap<u64, Outgoing>,
+    /// The position of each key's latest pending event.
     seq_of_key: HashMap<Key, u64>,
+    /// The position of the last pending line: events before it are not merged into.
+    barrier: Option<u64>,
 }
 
 impl Overflow {
     fn insert(&mut self, item: Outgoing) -> Pushed {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let mut pushed = Pushed::Queued;
         if let Outgoing::Event(event) = &item {
-            if let Some(old) = self.seq_of_key.insert(event.key.clone(), seq) {
-                self.items.remove(&old);
-                pushed = Pushed::Coalesced;
+            if let Some(&old) = self.seq_of_key.get(&event.key) {
+                if self.barrier.is_none_or(|barrier| old > barrier) {
+                    self.items.insert(old, item);
+                    return Pushed::Coalesced;
+                }
             }
         }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        match &item {
+            Outgoing::Event(event) => {
+                self.seq_of_key.insert(event.key.clone(), seq);
+            }
+            Outgoing::Line(_) | Outgoing::Close => self.barrier = Some(seq),
+        }
         self.items.insert(seq, item);
-        pushed
+        Pushed::Queued
     }
 
     fn take(&mut self) -> BTreeMap<u64, Outgoing> {
         self.seq_of_key.clear();
+        self.barrier = None;
         std::mem::take(&mut self.items)
     }
 }
@@ -118,6 +137,7 @@ pub fn mailbox_with_capacity(items: usize) -> (Arc<Mailbox>, Inbox) {
     let state = Arc::new(State {
         queued_bytes: AtomicUsize::new(0),
         overflow: Mutex::new(Overflow::default()),
+        drained: Condvar::new(),
         closed: AtomicBool::new(false),
     });
     (
@@ -155,6 +175,16 @@ impl Mailbox {
         }
     }
 
+    /// Blocks until the writer has emptied the overflow (or stopped). The subscriber's own
+    /// connection calls this before queueing more for it (a new snapshot): a client that sends
+    /// requests but does not read is held back instead of growing the server's memory.
+    pub fn wait_caught_up(&self) {
+        let mut overflow = self.state.overflow.lock();
+        while !overflow.items.is_empty() && !self.state.closed.load(Ordering::Acquire) {
+            self.state.drained.wait(&mut overflow);
+        }
+    }
+
     /// Items waiting in the queue and the overflow (for tests and diagnostics).
     pub fn pending(&self) -> usize {
         self.tx.len() + self.state.overflow.lock().items.len()
@@ -180,6 +210,7 @@ impl Inbox {
                 }
             }
             let batch = self.state.overflow.lock().take();
+            self.state.drained.notify_all();
             if batch.is_empty() && !progressed {
                 break;
             }
@@ -203,6 +234,7 @@ impl Inbox {
     pub fn close(&self) {
         self.state.closed.store(true, Ordering::Release);
         self.state.overflow.lock().take();
+        self.state.drained.notify_all();
     }
 }
 
@@ -267,9 +299,9 @@ mod tests {
             results.iter().filter(|p| **p == Pushed::Coalesced).count(),
             1
         );
-        // Queue: a1 b2. Overflow: a3 c4, then a5 replaces a3 and b6 joins: c4 a5 b6.
+        // Queue: a1 b2. Overflow: a3 c4, then a5 replaces a3 in place and b6 joins: a5 c4 b6.
         let seen = drained(&inbox);
-        let expect = [("a", 1), ("b", 2), ("c", 4), ("a", 5), ("b", 6)];
+        let expect = [("a", 1), ("b", 2), ("a", 5), ("c", 4), ("b", 6)];
         assert_eq!(
             seen,
             expect
@@ -278,6 +310,35 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         assert_eq!(mb.pending(), 0);
+    }
+
+    #[test]
+    fn events_are_not_merged_across_a_line() {
+        let (mb, inbox) = mailbox_with_capacity(1);
+        mb.push(put("x", 1));
+        mb.push(put("a", 2)); // overflow
+        mb.push(Outgoing::Line(b"ready\n".to_vec()));
+        assert_eq!(
+            mb.push(put("a", 3)),
+            Pushed::Queued,
+            "not merged across the marker"
+        );
+        assert_eq!(
+            mb.push(put("a", 4)),
+            Pushed::Coalesced,
+            "merged after the marker"
+        );
+        let mut order = Vec::new();
+        inbox.drain(|item| {
+            order.push(match item {
+                Outgoing::Event(ev) => format!("{}{}", ev.key, ev.rev),
+                Outgoing::Line(_) => "ready".into(),
+                Outgoing::Close => "close".into(),
+            });
+            true
+        });
+        assert_eq!(order, ["x1", "a2", "ready", "a4"]);
+        mb.wait_caught_up();
     }
 
     #[test]

@@ -8,7 +8,6 @@ use std::borrow::Cow;
 use std::fmt;
 use std::io::Write;
 
-use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -202,8 +201,8 @@ impl<'a> Args<'a> {
 
 /// The text-form value: stored as the JSON it spells if it is JSON, else as a JSON string.
 fn text_value(text: &str, max_value: usize) -> Result<Value, RequestError> {
-    let trimmed = text.trim();
-    let json = if !trimmed.is_empty() && serde_json::from_str::<IgnoredAny>(trimmed).is_ok() {
+    let trimmed = text.trim_matches(|c| matches!(c, ' ' | '\t' | '\r' | '\n'));
+    let json = if !trimmed.is_empty() && readable_json(trimmed).is_ok() {
         trimmed.to_owned()
     } else {
         serde_json::to_string(text).map_err(|err| RequestError::bad(err.to_string()))?
@@ -224,6 +223,13 @@ fn check_size(json: &str, max_value: usize) -> Result<(), RequestError> {
         });
     }
     Ok(())
+}
+
+/// Whether `json` is JSON that every client can read back: serde_json's building parser
+/// enforces what capturing raw text does not — nesting at most 128 deep, numbers within `f64`,
+/// no lone UTF-16 surrogates.
+fn readable_json(json: &str) -> Result<(), serde_json::Error> {
+    serde_json::from_str::<serde_json::Value>(json).map(drop)
 }
 
 fn parse_name(name: &str) -> Result<String, RequestError> {
@@ -284,6 +290,10 @@ fn parse_json(line: &str, max_value: usize) -> Result<Envelope, RequestError> {
             .map(|raw| Box::from(raw.get()));
         RequestError::bad(format!("invalid JSON request: {err}")).with_id(id)
     })?;
+    if let Some(raw) = req.id {
+        readable_json(raw.get())
+            .map_err(|e| RequestError::bad(format!("invalid JSON request: id: {e}")))?;
+    }
     let id: Option<Box<str>> = req.id.map(|raw| Box::from(raw.get()));
     json_request(&req, max_value)
         .map(|request| Envelope {
@@ -336,6 +346,8 @@ fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestE
                 .value
                 .ok_or_else(|| RequestError::bad("op \"put\" needs a \"value\""))?;
             check_size(raw.get(), max_value)?;
+            readable_json(raw.get())
+                .map_err(|e| RequestError::bad(format!("invalid JSON request: value: {e}")))?;
             Request::Put {
                 key,
                 value: Value::from(raw.get()),

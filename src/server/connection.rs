@@ -19,6 +19,9 @@ use crate::protocol::{parse_request, Envelope, Request, Response, Stats};
 use crate::server::lines::{Line, LineReader};
 use crate::server::{Shared, WriterGuard};
 
+/// Batched responses are written once they reach this size.
+const FLUSH_AT: usize = 64 * 1024;
+
 /// What to do after a request.
 enum Reply {
     Send(Response),
@@ -107,7 +110,10 @@ impl<'a> Connection<'a> {
                     true
                 }
             };
-            if close || (!reader.has_buffered() && !self.flush()) {
+            // Batch responses to pipelined requests into one write, but never hold more than
+            // FLUSH_AT of them: a client that sends without reading must not grow our memory.
+            let batch_done = !reader.has_buffered() || self.out.len() >= FLUSH_AT;
+            if close || (batch_done && !self.flush()) {
                 break;
             }
         }
@@ -218,6 +224,8 @@ impl<'a> Connection<'a> {
                 }
             },
         };
+        // A new snapshot waits until this subscriber has read what is already pending.
+        mailbox.wait_caught_up();
         let mut ack = Vec::new();
         Response::Ok.write(id, &mut ack);
         let store = &self.shared.store;

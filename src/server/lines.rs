@@ -5,7 +5,7 @@
 
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const INITIAL_CAPACITY: usize = 16 * 1024;
 
@@ -34,7 +34,10 @@ pub struct LineReader {
     idle: Option<Duration>,
     /// The read timeout currently set on the socket.
     armed: Option<Duration>,
-    /// Once a subscriber, a quiet client is normal: only partial lines time out.
+    /// Since when the client has owed us the end of a line (or its first line): the idle
+    /// timeout counts from here, however the bytes trickle in.
+    waiting_since: Option<Instant>,
+    /// After a complete line a quiet client is normal: only partial lines time out.
     seen_line: bool,
     eof: bool,
 }
@@ -50,6 +53,7 @@ impl LineReader {
             max_line,
             idle,
             armed: None,
+            waiting_since: None,
             seen_line: false,
             eof: false,
         }
@@ -76,6 +80,7 @@ impl LineReader {
                 self.start = line_end + 1;
                 self.scanned = 0;
                 self.seen_line = true;
+                self.waiting_since = None;
                 return Ok(Line::Complete(&self.buf[line_start..line_end]));
             }
             self.scanned = self.end - self.start;
@@ -93,7 +98,9 @@ impl LineReader {
                 return Ok(Line::Complete(&self.buf[line_start..line_end]));
             }
             self.make_room();
-            self.arm_timeout()?;
+            if !self.arm_timeout()? {
+                return Ok(Line::TimedOut);
+            }
             match self.stream.read(&mut self.buf[self.end..]) {
                 Ok(0) => self.eof = true,
                 Ok(n) => self.end += n,
@@ -131,17 +138,26 @@ impl LineReader {
         self.buf.resize(grown, 0);
     }
 
-    /// A timeout applies before the first line and while a partial line is pending.
-    fn arm_timeout(&mut self) -> io::Result<()> {
-        let want = if !self.seen_line || self.start < self.end {
-            self.idle
-        } else {
-            None
+    /// A timeout applies before the first line and while a partial line is pending, counted
+    /// from when the wait began. Returns false when that time is already up.
+    fn arm_timeout(&mut self) -> io::Result<bool> {
+        let owed = !self.seen_line || self.start < self.end;
+        let want = match self.idle {
+            Some(idle) if owed => {
+                let since = *self.waiting_since.get_or_insert_with(Instant::now);
+                let left = idle.saturating_sub(since.elapsed());
+                if left.is_zero() {
+                    return Ok(false);
+                }
+                Some(left)
+            }
+            _ => None,
         };
+        // Re-arm only when needed: a client sending whole lines costs no extra system call.
         if want != self.armed {
             self.stream.set_read_timeout(want)?;
             self.armed = want;
         }
-        Ok(())
+        Ok(true)
     }
 }
