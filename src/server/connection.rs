@@ -112,7 +112,7 @@ impl<'a> Connection<'a> {
             };
             // Batch responses to pipelined requests into one write, but never hold more than
             // FLUSH_AT of them: a client that sends without reading must not grow our memory.
-            let batch_done = !reader.has_buffered() || self.out.len() >= FLUSH_AT;
+            let batch_done = !reader.has_buffered_line() || self.out.len() >= FLUSH_AT;
             if close || (batch_done && !self.flush()) {
                 break;
             }

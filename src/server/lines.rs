@@ -59,9 +59,17 @@ impl LineReader {
         }
     }
 
-    /// Whether a complete line may already be buffered (so a response can wait to be batched).
-    pub fn has_buffered(&self) -> bool {
-        self.start < self.end
+    /// Whether a complete line is already buffered, so a response may wait to be batched with
+    /// the next one: the next read will not block.
+    pub fn has_buffered_line(&mut self) -> bool {
+        let pending = &self.buf[self.start + self.scanned..self.end];
+        match pending.iter().position(|&b| b == b'\n') {
+            Some(_) => true,
+            None => {
+                self.scanned = self.end - self.start;
+                false
+            }
+        }
     }
 
     /// Reads the next line.

@@ -997,3 +997,16 @@ fn rust_client_api() {
         Ok(_) => panic!("connected to nothing"),
     }
 }
+
+/// A client that pipelines may split a request across writes and wait for the answers to the
+/// complete ones before sending the rest: they must not be held back behind the partial line.
+#[test]
+fn responses_are_not_held_behind_a_partial_line() {
+    let server = Server::start();
+    let mut raw = server.raw();
+    raw.send_bytes(b"PUT a 1\nHEALTH\nGET");
+    assert_eq!(raw.json()["rev"], 1);
+    assert_eq!(raw.json()["status"], "ok");
+    raw.send_bytes(b" a\n");
+    assert_eq!(raw.json()["value"], 1);
+}
