@@ -22,6 +22,9 @@ use crate::server::{Shared, WriterGuard};
 /// Batched responses are written once they reach this size.
 const FLUSH_AT: usize = 64 * 1024;
 
+/// Buffers keep at most this much capacity between uses (a large value passes through once).
+const KEEP_CAPACITY: usize = 64 * 1024;
+
 /// What to do after a request.
 enum Reply {
     Send(Response),
@@ -302,6 +305,7 @@ impl<'a> Connection<'a> {
         }
         let result = self.stream.write_all(&self.out);
         self.out.clear();
+        self.out.shrink_to(KEEP_CAPACITY);
         if let Err(e) = result {
             log::debug!("conn {}: write failed: {e}", self.id);
             return false;
@@ -347,6 +351,7 @@ fn run_writer(id: u64, inbox: Inbox, stream: UnixStream, _running: WriterGuard) 
         let open = inbox.drain(|item| match item {
             Outgoing::Event(event) => {
                 line.clear();
+                line.shrink_to(KEEP_CAPACITY);
                 event.write(&mut line);
                 out.write_all(&line).is_ok()
             }

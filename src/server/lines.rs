@@ -77,6 +77,7 @@ impl LineReader {
     /// # Errors
     /// The socket failed (other than the idle timeout, which is [`Line::TimedOut`]).
     pub fn next_line(&mut self) -> io::Result<Line<'_>> {
+        self.shrink();
         loop {
             let pending = &self.buf[self.start + self.scanned..self.end];
             if let Some(pos) = pending.iter().position(|&b| b == b'\n') {
@@ -123,6 +124,19 @@ impl LineReader {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Gives back the memory of a large line once it has been handled: a connection that sent
+    /// one big value should not hold a buffer of that size for the rest of its life.
+    fn shrink(&mut self) {
+        let pending = self.end - self.start;
+        if self.buf.len() > INITIAL_CAPACITY && pending <= INITIAL_CAPACITY / 2 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.start = 0;
+            self.end = pending;
+            self.buf.truncate(INITIAL_CAPACITY);
+            self.buf.shrink_to_fit();
         }
     }
 

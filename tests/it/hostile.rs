@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{wait_until, Server};
+use crate::support::{proc_status, wait_until, Server};
 
 /// How long one response may take before the test calls it a hang.
 const ANSWER: Duration = Duration::from_secs(10);
@@ -80,16 +80,6 @@ fn read_to_close(stream: &mut UnixStream) -> Vec<u8> {
             Err(e) => panic!("expected the server to close the connection, got {e}"),
         }
     }
-}
-
-/// A key from `/proc/<pid>/status`, in KiB.
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 fn names_in(dir: &Path) -> BTreeSet<String> {
@@ -531,7 +521,7 @@ fn an_endless_line_is_refused_without_buffering_it() {
     let server = Server::start_with(&["--max-value-bytes", "1000"]);
     let pid = server.pid();
     assert!(Conn::connect(&server.socket).healthy());
-    let rss_before = proc_kib(pid, "VmRSS");
+    let rss_before = proc_status(pid, "VmRSS");
 
     let mut stream = UnixStream::connect(&server.socket).unwrap();
     let mut writer = stream.try_clone().unwrap();
@@ -557,7 +547,7 @@ fn an_endless_line_is_refused_without_buffering_it() {
         sent < SENT,
         "the server read all {sent} bytes of an over-long line instead of closing"
     );
-    let peak = proc_kib(pid, "VmHWM");
+    let peak = proc_status(pid, "VmHWM");
     let grown = peak.saturating_sub(rss_before);
     eprintln!("endless line: server peak RSS {peak} KiB, {grown} KiB above the idle RSS");
     assert!(
@@ -674,7 +664,7 @@ fn pipelined_requests_do_not_buffer_responses_without_bound() {
         conn.request(format!("PUT big {value}").as_bytes()).unwrap()["ok"],
         true
     );
-    let rss_before = proc_kib(pid, "VmRSS");
+    let rss_before = proc_status(pid, "VmRSS");
 
     let stream = UnixStream::connect(&server.socket).unwrap();
     let mut writer = stream.try_clone().unwrap();
@@ -691,7 +681,7 @@ fn pipelined_requests_do_not_buffer_responses_without_bound() {
         );
     }
     sender.join().unwrap().unwrap();
-    let grown = proc_kib(pid, "VmHWM").saturating_sub(rss_before);
+    let grown = proc_status(pid, "VmHWM").saturating_sub(rss_before);
     assert!(
         grown < 16 * 1024,
         "the server's peak RSS grew by {grown} KiB serving {REQUESTS} pipelined GETs of a 64 KiB value"

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{wait_until, Server};
+use crate::support::{rss_kib, wait_until, Server};
 
 /// How long a response may take before the test calls it a hang.
 const ANSWER: Duration = Duration::from_secs(5);
@@ -342,4 +342,27 @@ fn a_thousand_simultaneous_connections_are_all_answered() {
     wait_until("the thousand connections to be closed", || {
         probe.request("STATS")["connections"] == 1
     });
+}
+
+/// A connection that once sent or received a large value gives that memory back: twenty
+/// connections that each put and read a 4 MiB value, and stay open, leave the server holding
+/// roughly one copy of the value, not twenty line buffers.
+#[test]
+fn large_values_do_not_pin_buffer_memory_per_connection() {
+    let server = Server::start();
+    let value = format!("\"{}\"", "v".repeat(4 << 20));
+    let before = rss_kib(server.pid());
+    let mut connections: Vec<_> = (0..20).map(|_| server.raw()).collect();
+    for raw in &mut connections {
+        assert_eq!(raw.request(&format!("PUT big {value}"))["ok"], true);
+        let got = raw.request("GET big");
+        assert_eq!(got["value"].as_str().map(str::len), Some(4 << 20));
+        assert_eq!(raw.request("HEALTH")["ok"], true);
+    }
+    let grown_mib = (rss_kib(server.pid()).saturating_sub(before)) / 1024;
+    eprintln!("RSS growth with 20 open connections after 4 MiB values: {grown_mib} MiB");
+    assert!(
+        grown_mib < 40,
+        "the server kept {grown_mib} MiB (20 buffers would be 80+)"
+    );
 }

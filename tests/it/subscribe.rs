@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{libc_sigterm, wait_until, Raw, Server, DEADLINE};
+use crate::support::{libc_sigterm, rss_kib, wait_until, Raw, Server, DEADLINE};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -202,16 +202,6 @@ impl std::ops::Deref for MemServer {
 /// `GET pattern` as a map.
 fn get_all(client: &mut nkv::Client, pattern: &str) -> BTreeMap<String, Value> {
     client.get_matching(pattern).expect("GET pattern")
-}
-
-/// The server's resident set size in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
