@@ -287,6 +287,7 @@ fn parse_json(line: &str, max_value: usize) -> Result<Envelope, RequestError> {
         let id = serde_json::from_str::<JsonId>(line)
             .ok()
             .and_then(|j| j.id)
+            .filter(|raw| readable_json(raw.get()).is_ok())
             .map(|raw| Box::from(raw.get()));
         RequestError::bad(format!("invalid JSON request: {err}")).with_id(id)
     })?;
