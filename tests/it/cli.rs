@@ -446,3 +446,70 @@ fn subscribe_with_json_prints_event_lines() {
         format!("{{\"event\":\"put\",\"key\":\"k.b\",\"value\":\"t\",\"rev\":{rev}}}")
     );
 }
+
+#[test]
+fn completions_and_man_page_are_generated_without_a_server() {
+    for (shell, marker) in [
+        ("bash", "complete"),
+        ("zsh", "#compdef nkv-client"),
+        ("fish", "complete -c nkv-client"),
+    ] {
+        let out = Command::new(CLIENT)
+            .args(["--socket", "/nonexistent/nkv.sock", "completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = stdout(&out);
+        assert!(
+            script.contains(marker),
+            "{shell} completion lacks {marker:?}"
+        );
+        assert!(
+            script.contains("subscribe"),
+            "{shell} completion lacks the subcommands"
+        );
+    }
+    let out = Command::new(CLIENT).arg("man").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let page = stdout(&out);
+    assert!(
+        page.contains(".TH nkv-client 1"),
+        "{}",
+        &page[..page.len().min(300)]
+    );
+    assert!(page.contains("subscribe"));
+}
+
+#[test]
+fn keys_output_is_one_key_per_line_when_piped() {
+    let server = Server::start();
+    for key in ["a", "a.b.c", "b.x"] {
+        ok(server.cli(&["put", key, "1"]), "");
+    }
+    ok(server.cli(&["keys"]), "a\na.b.c\nb.x\n");
+}
+
+/// On a terminal, `keys` draws the key tree; a segment that is only a branch ends with `.`.
+#[test]
+fn keys_output_is_a_tree_on_a_terminal() {
+    let Ok(status) = Command::new("script").arg("--version").output() else {
+        eprintln!("SKIP: script (util-linux) is not installed");
+        return;
+    };
+    assert!(status.status.success());
+    let server = Server::start();
+    for key in ["a", "a.b.c", "a.b.d", "b.x"] {
+        ok(server.cli(&["put", key, "1"]), "");
+    }
+    // `script` runs the command on a pseudo-terminal.
+    let command = format!("{CLIENT} --socket {} keys", server.socket.display());
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out).replace("\r\n", "\n"),
+        "a\n  b.\n    c\n    d\nb.\n  x\n"
+    );
+}
