@@ -41,3 +41,8 @@ pub mod store;
 
 pub use client::{Client, Entry, Event, Subscription};
 pub use error::{Error, ErrorCode};
+
+// The README's Rust example is compiled as a doctest, so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
