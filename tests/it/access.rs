@@ -4,13 +4,11 @@
 //! user they print why they are skipped.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use crate::support::{Server, CLIENT};
+use crate::support::{Raw, Server, CLIENT};
 
 const NOBODY: u32 = 65534;
 /// A group no test user belongs to (it need not exist in /etc/group).
@@ -28,11 +26,12 @@ fn mode_of(path: &Path) -> u32 {
 
 /// One request on a raw connection, for the log check.
 fn health(path: &Path) {
-    let mut stream = UnixStream::connect(path).expect("connect");
-    stream.write_all(b"HEALTH\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).unwrap();
-    assert_eq!(line, "{\"ok\":true,\"status\":\"ok\"}\n");
+    let mut raw = Raw::connect(path);
+    raw.send("HEALTH");
+    assert_eq!(
+        raw.line().as_deref(),
+        Some("{\"ok\":true,\"status\":\"ok\"}")
+    );
 }
 
 #[test]

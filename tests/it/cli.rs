@@ -341,10 +341,8 @@ struct Subscriber {
 
 impl Subscriber {
     fn spawn(server: &Server, args: &[&str]) -> Subscriber {
-        let mut child = Command::new(CLIENT)
-            .arg("--socket")
-            .arg(&server.socket)
-            .args(args)
+        let mut child = server
+            .cli_command(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

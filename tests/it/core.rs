@@ -2,7 +2,7 @@
 //! rules, concurrency, persistence across restarts, hostile keys, and the Rust client.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::Shutdown;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
@@ -10,12 +10,7 @@ use std::sync::{Arc, Barrier};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::support::{Raw, Server};
-
-/// Parses one response line.
-fn parse(line: &str) -> Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
-}
+use crate::support::{parse, Server};
 
 /// The response lines of a socat session.
 fn lines(out: &str) -> Vec<&str> {
@@ -34,20 +29,6 @@ fn expect_error(response: &Value, code: &str) -> String {
     let message = response["message"].as_str().expect("a message");
     assert!(!message.is_empty(), "empty message: {response}");
     message.to_owned()
-}
-
-/// Reads lines until the server closes the connection (EOF or reset); returns them.
-fn read_until_closed(raw: &mut Raw) -> Vec<String> {
-    let mut out = Vec::new();
-    loop {
-        let mut line = String::new();
-        match raw.reader.read_line(&mut line) {
-            Ok(0) => return out,
-            Ok(_) => out.push(line.trim_end_matches('\n').to_owned()),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
-            Err(e) => panic!("reading until closed: {e}"),
-        }
-    }
 }
 
 /// The contents of a key's file, parsed.
@@ -267,13 +248,13 @@ fn health_version_help_and_quit() {
     let mut raw = server.raw();
     raw.send_bytes(b"HEALTH\nQUIT\nGET a\n");
     assert_eq!(
-        read_until_closed(&mut raw),
+        raw.lines_until_closed(),
         [r#"{"ok":true,"status":"ok"}"#, r#"{"ok":true}"#]
     );
     // The JSON form too, echoing the id.
     let mut raw = server.raw();
     raw.send(r#"{"op":"quit","id":9}"#);
-    assert_eq!(read_until_closed(&mut raw), [r#"{"ok":true,"id":9}"#]);
+    assert_eq!(raw.lines_until_closed(), [r#"{"ok":true,"id":9}"#]);
     // Over socat the session ends at QUIT.
     assert_eq!(
         server.socat("QUIT\nPUT after 1\n"),
@@ -505,8 +486,8 @@ fn too_large_values_and_lines() {
     line.extend(std::iter::repeat_n(b'z', 1000 + 64 * 1024 + 100));
     line.push(b'\n');
     // The server may close before reading it all; a failed write is expected then.
-    let _ = raw.writer.write_all(&line);
-    let got = read_until_closed(&mut raw);
+    let _ = raw.stream().write_all(&line);
+    let got = raw.lines_until_closed();
     assert_eq!(got.len(), 1, "one response, then closed: {got:?}");
     expect_error(&parse(&got[0]), "too_large");
     expect_error(&server.raw().request("GET big"), "not_found");
@@ -523,7 +504,7 @@ fn pipelined_requests_are_answered_in_order() {
     }
     batch.push_str("KEYS p.*\n");
     // Write from another thread: the responses fill our receive buffer while we write.
-    let mut writer = raw.writer.try_clone().expect("clone");
+    let mut writer = raw.stream().try_clone().expect("clone");
     let sender = std::thread::spawn(move || writer.write_all(batch.as_bytes()).expect("send"));
     let mut raw = raw;
     for i in 0..n {
@@ -560,9 +541,9 @@ fn half_close_unterminated_last_line_and_crlf() {
     // Half-close: the server answers everything sent, then closes.
     let mut raw = server.raw();
     raw.send_bytes(b"PUT h 1\nGET h\nKEYS\n");
-    raw.writer.shutdown(Shutdown::Write).expect("shutdown");
+    raw.stream().shutdown(Shutdown::Write).expect("shutdown");
     assert_eq!(
-        read_until_closed(&mut raw),
+        raw.lines_until_closed(),
         [
             r#"{"ok":true,"rev":1}"#,
             r#"{"ok":true,"key":"h","value":1,"rev":1}"#,
@@ -572,9 +553,9 @@ fn half_close_unterminated_last_line_and_crlf() {
     // A final line without `\n` is answered.
     let mut raw = server.raw();
     raw.send_bytes(b"PUT u hello\nGET u");
-    raw.writer.shutdown(Shutdown::Write).expect("shutdown");
+    raw.stream().shutdown(Shutdown::Write).expect("shutdown");
     assert_eq!(
-        read_until_closed(&mut raw),
+        raw.lines_until_closed(),
         [
             r#"{"ok":true,"rev":2}"#,
             r#"{"ok":true,"key":"u","value":"hello","rev":2}"#

@@ -3,7 +3,7 @@
 //! that vanish or never read hurt no one, and nothing is written outside the data directory.
 
 use std::collections::BTreeSet;
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::thread;
@@ -11,59 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{proc_status, wait_until, Server};
+use crate::support::{proc_status, wait_until, Raw, Server};
 
-/// How long one response may take before the test calls it a hang.
+/// How long one response may take before the test calls it a hang (shorter than the harness's
+/// `DEADLINE`: the corpus goes on after a hang, to list every mismatch at once).
 const ANSWER: Duration = Duration::from_secs(10);
-
-/// A raw connection whose reads report failures instead of panicking, so the corpus test can
-/// list every mismatch at once.
-struct Conn {
-    reader: BufReader<UnixStream>,
-}
-
-impl Conn {
-    fn connect(path: &Path) -> Conn {
-        let stream = UnixStream::connect(path).expect("connect");
-        stream.set_read_timeout(Some(ANSWER)).expect("timeout");
-        Conn {
-            reader: BufReader::new(stream),
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.reader.get_mut().write_all(bytes)
-    }
-
-    /// One response line as JSON; an error names what came instead.
-    fn json(&mut self) -> Result<Value, String> {
-        let mut line = Vec::new();
-        match self.reader.read_until(b'\n', &mut line) {
-            Ok(0) => return Err("connection closed".into()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("read failed: {e}")),
-        }
-        if line.pop() != Some(b'\n') {
-            return Err(format!(
-                "unterminated line {:?}",
-                String::from_utf8_lossy(&line)
-            ));
-        }
-        serde_json::from_slice(&line)
-            .map_err(|e| format!("not JSON ({e}): {:?}", String::from_utf8_lossy(&line)))
-    }
-
-    fn request(&mut self, line: &[u8]) -> Result<Value, String> {
-        let mut bytes = line.to_vec();
-        bytes.push(b'\n');
-        self.send(&bytes).map_err(|e| format!("send failed: {e}"))?;
-        self.json()
-    }
-
-    fn healthy(&mut self) -> bool {
-        self.request(b"HEALTH") == Ok(json!({"ok": true, "status": "ok"}))
-    }
-}
 
 /// Reads what is left on `stream` until the server closes it (end of stream, or a reset when
 /// the server closed with our unread bytes in its queue).
@@ -314,10 +266,10 @@ fn show(line: &[u8]) -> String {
 /// every mismatch.
 fn run_corpus(server: &Server) -> Vec<String> {
     let mut failures = Vec::new();
-    let mut conn = Conn::connect(&server.socket);
+    let mut conn = corpus_conn(server);
     for (line, code) in corpus() {
         let what = show(&line);
-        match conn.request(&line) {
+        match conn.try_request(&line) {
             Ok(v) => {
                 let message_ok = v["message"].as_str().is_some_and(|m| !m.is_empty());
                 if v["ok"] != false || v["error"] != code || !message_ok {
@@ -332,10 +284,17 @@ fn run_corpus(server: &Server) -> Vec<String> {
         }
         if !conn.healthy() {
             failures.push(format!("{what}: connection unusable afterwards"));
-            conn = Conn::connect(&server.socket);
+            conn = corpus_conn(server);
         }
     }
     failures
+}
+
+/// A connection for the corpus, whose reads give up after `ANSWER`.
+fn corpus_conn(server: &Server) -> Raw {
+    let conn = server.raw();
+    conn.set_read_timeout(ANSWER);
+    conn
 }
 
 #[test]
@@ -355,18 +314,18 @@ fn malformed_requests_get_their_error_code_and_the_connection_stays_usable() {
     );
 
     // Keys at the limits are fine, and a text value that is not JSON is stored as a string.
-    let mut conn = Conn::connect(&server.socket);
+    let mut conn = server.raw();
     let longest = "k".repeat(200);
-    let put = conn.request(format!("PUT {longest} 1").as_bytes()).unwrap();
+    let put = conn.request(&format!("PUT {longest} 1"));
     assert_eq!(put["ok"], true, "200-byte key: {put}");
     let open = "[".repeat(100_000);
-    let put = conn.request(format!("PUT deep {open}").as_bytes()).unwrap();
+    let put = conn.request(&format!("PUT deep {open}"));
     assert_eq!(put["ok"], true, "text PUT of unparsable nesting: {put}");
-    let got = conn.request(b"GET deep").unwrap();
+    let got = conn.request("GET deep");
     assert_eq!(got["value"], Value::String(open), "stored as a string");
 
     // Nothing but the two keys was stored, and nothing was written outside the data dir.
-    let keys = conn.request(b"KEYS").unwrap();
+    let keys = conn.request("KEYS");
     assert_eq!(keys, json!({"ok": true, "keys": ["deep", longest]}));
     assert!(conn.healthy());
     assert!(
@@ -402,14 +361,14 @@ fn malformed_requests_get_their_error_code_and_the_connection_stays_usable() {
 #[test]
 fn deeply_nested_json_values_and_ids_are_rejected() {
     let server = Server::start();
-    let mut conn = Conn::connect(&server.socket);
+    let mut conn = server.raw();
     let closed = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     for line in [
         format!("{{\"op\":\"put\",\"key\":\"deep\",\"value\":{closed}}}"),
         format!("{{\"op\":\"health\",\"id\":{closed}}}"),
         format!("{{\"op\":\"put\",\"key\":\"deep\",\"value\":{{\"a\":{closed}}}}}"),
     ] {
-        let v = conn.request(line.as_bytes());
+        let v = conn.try_request(&line);
         assert!(
             matches!(&v, Ok(v) if v["error"] == "bad_request"),
             "{}: {}",
@@ -418,16 +377,13 @@ fn deeply_nested_json_values_and_ids_are_rejected() {
         );
         assert!(conn.healthy());
     }
-    assert_eq!(
-        conn.request(b"KEYS").unwrap(),
-        json!({"ok": true, "keys": []})
-    );
+    assert_eq!(conn.request("KEYS"), json!({"ok": true, "keys": []}));
 }
 
 #[test]
 fn json_errors_echo_the_request_id() {
     let server = Server::start();
-    let mut conn = Conn::connect(&server.socket);
+    let mut conn = server.raw();
     for (line, code, id) in [
         (
             json!({"op": "get", "key": "a", "bogus": 1, "id": 9}),
@@ -451,10 +407,8 @@ fn json_errors_echo_the_request_id() {
         ),
     ] {
         let text = line.to_string();
-        let mut raw = Vec::new();
-        conn.send(format!("{text}\n").as_bytes()).unwrap();
-        conn.reader.read_until(b'\n', &mut raw).unwrap();
-        let response = String::from_utf8(raw).unwrap();
+        conn.send(&text);
+        let response = conn.line().expect("a response");
         let v: Value = serde_json::from_str(&response).unwrap();
         assert_eq!(v["error"], code, "{text} -> {response}");
         assert_eq!(v["id"], id, "{text} -> {response}");
@@ -469,21 +423,16 @@ fn json_errors_echo_the_request_id() {
 #[test]
 fn oversized_values_are_refused_and_the_connection_stays_usable() {
     let server = Server::start_with(&["--max-value-bytes", "1000"]);
-    let mut conn = Conn::connect(&server.socket);
+    let mut conn = server.raw();
     let fits = format!("\"{}\"", "x".repeat(998));
     let over = format!("\"{}\"", "x".repeat(999));
-    assert_eq!(
-        conn.request(format!("PUT fits {fits}").as_bytes()).unwrap()["ok"],
-        true
-    );
-    let v = conn.request(format!("PUT over {over}").as_bytes()).unwrap();
+    assert_eq!(conn.request(&format!("PUT fits {fits}"))["ok"], true);
+    let v = conn.request(&format!("PUT over {over}"));
     assert_eq!(v["error"], "too_large", "{v}");
     assert!(conn.healthy());
-    let v = conn
-        .request(&json_line(
-            json!({"op": "put", "key": "over", "value": "x".repeat(999), "id": 1}),
-        ))
-        .unwrap();
+    let v = conn.request(
+        &json!({"op": "put", "key": "over", "value": "x".repeat(999), "id": 1}).to_string(),
+    );
     assert_eq!(
         (&v["error"], &v["id"]),
         (&json!("too_large"), &json!(1)),
@@ -494,11 +443,11 @@ fn oversized_values_are_refused_and_the_connection_stays_usable() {
     let max_line = 1000 + 64 * 1024;
     let line = format!("PUT over \"{}\"", "y".repeat(max_line - 11));
     assert_eq!(line.len(), max_line);
-    let v = conn.request(line.as_bytes()).unwrap();
+    let v = conn.request(&line);
     assert_eq!(v["error"], "too_large", "{v}");
     assert!(conn.healthy(), "a line at the limit keeps the connection");
     assert_eq!(
-        conn.request(b"GET over").unwrap()["error"],
+        conn.request("GET over")["error"],
         "not_found",
         "nothing stored"
     );
@@ -512,7 +461,7 @@ fn oversized_values_are_refused_and_the_connection_stays_usable() {
     assert_eq!(lines.len(), 1, "one error line, then closed: {text:?}");
     let v: Value = serde_json::from_str(lines[0]).unwrap();
     assert_eq!(v["error"], "too_large", "{v}");
-    assert!(Conn::connect(&server.socket).healthy());
+    assert!(server.raw().healthy());
 }
 
 #[test]
@@ -520,7 +469,7 @@ fn an_endless_line_is_refused_without_buffering_it() {
     const SENT: usize = 10 << 20;
     let server = Server::start_with(&["--max-value-bytes", "1000"]);
     let pid = server.pid();
-    assert!(Conn::connect(&server.socket).healthy());
+    assert!(server.raw().healthy());
     let rss_before = proc_status(pid, "VmRSS");
 
     let mut stream = UnixStream::connect(&server.socket).unwrap();
@@ -554,14 +503,14 @@ fn an_endless_line_is_refused_without_buffering_it() {
         grown < 4 * 1024,
         "the server's peak RSS grew by {grown} KiB for a {SENT}-byte line"
     );
-    assert!(Conn::connect(&server.socket).healthy());
+    assert!(server.raw().healthy());
 }
 
 #[test]
 fn clients_that_vanish_mid_request_do_not_hurt_the_server() {
     let server = Server::start();
-    let mut conn = Conn::connect(&server.socket);
-    assert_eq!(conn.request(b"PUT k 1").unwrap()["rev"], 1);
+    let mut conn = server.raw();
+    assert_eq!(conn.request("PUT k 1")["rev"], 1);
     // A partial line, then gone.
     for partial in [
         &b"PUT k"[..],
@@ -587,9 +536,9 @@ fn clients_that_vanish_mid_request_do_not_hurt_the_server() {
     drop(s);
 
     wait_until("the vanished connections to be closed", || {
-        conn.request(b"STATS").unwrap()["connections"] == 1
+        conn.request("STATS")["connections"] == 1
     });
-    let stats = conn.request(b"STATS").unwrap();
+    let stats = conn.request("STATS");
     assert_eq!(stats["subscribers"], 0, "{stats}");
     assert!(conn.healthy());
     assert!(
@@ -602,16 +551,13 @@ fn clients_that_vanish_mid_request_do_not_hurt_the_server() {
 #[test]
 fn a_client_that_never_reads_does_not_block_others() {
     let server = Server::start();
-    let mut conn = Conn::connect(&server.socket);
+    let mut conn = server.raw();
     let value = json!("v".repeat(1000));
-    assert_eq!(
-        conn.request(format!("PUT k {value}").as_bytes()).unwrap()["ok"],
-        true
-    );
-    let mut sub = Conn::connect(&server.socket);
-    assert_eq!(sub.request(b"SUB k").unwrap(), json!({"ok": true}));
-    assert_eq!(sub.json().unwrap()["event"], "init");
-    assert_eq!(sub.json().unwrap()["event"], "ready");
+    assert_eq!(conn.request(&format!("PUT k {value}"))["ok"], true);
+    let mut sub = server.raw();
+    assert_eq!(sub.request("SUB k"), json!({"ok": true}));
+    assert_eq!(sub.json()["event"], "init");
+    assert_eq!(sub.json()["event"], "ready");
 
     // Pipeline GETs without reading until the socket is full both ways: the server's
     // connection thread is then stuck writing responses nobody reads.
@@ -632,12 +578,12 @@ fn a_client_that_never_reads_does_not_block_others() {
 
     // Everyone else is served promptly.
     let started = Instant::now();
-    let mut other = Conn::connect(&server.socket);
-    assert_eq!(other.request(b"GET k").unwrap()["value"], value);
-    let put = other.request(b"PUT k 2").unwrap();
+    let mut other = server.raw();
+    assert_eq!(other.request("GET k")["value"], value);
+    let put = other.request("PUT k 2");
     assert_eq!(put["ok"], true, "{put}");
     assert!(other.healthy());
-    let event = sub.json().unwrap();
+    let event = sub.json();
     assert_eq!(event["event"], "put", "{event}");
     assert_eq!(event["value"], 2, "{event}");
     let took = started.elapsed();
@@ -658,12 +604,9 @@ fn pipelined_requests_do_not_buffer_responses_without_bound() {
     const REQUESTS: usize = 2048;
     let server = Server::start();
     let pid = server.pid();
-    let mut conn = Conn::connect(&server.socket);
+    let mut conn = server.raw();
     let value = json!("b".repeat(64 * 1024 - 2));
-    assert_eq!(
-        conn.request(format!("PUT big {value}").as_bytes()).unwrap()["ok"],
-        true
-    );
+    assert_eq!(conn.request(&format!("PUT big {value}"))["ok"], true);
     let rss_before = proc_status(pid, "VmRSS");
 
     let stream = UnixStream::connect(&server.socket).unwrap();

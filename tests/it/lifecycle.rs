@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -16,76 +16,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
-use crate::support::{wait_until, Server, SERVER};
+use crate::support::{wait_until, Raw, Server, SERVER};
 
-/// How long a response may take before the test calls it a hang.
-const ANSWER: Duration = Duration::from_secs(10);
-
-/// A raw connection whose reads report a closed connection instead of panicking.
-struct Conn {
-    reader: BufReader<UnixStream>,
-}
-
-impl Conn {
-    fn connect(path: &Path) -> std::io::Result<Conn> {
-        let stream = UnixStream::connect(path)?;
-        stream.set_read_timeout(Some(ANSWER))?;
-        Ok(Conn {
-            reader: BufReader::new(stream),
-        })
-    }
-
-    fn open(path: &Path) -> Conn {
-        Conn::connect(path).expect("connect")
-    }
-
-    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.reader.get_mut().write_all(bytes)
-    }
-
-    /// The next line; `None` once the server closed the connection (end of stream, or reset).
-    fn line(&mut self) -> Option<String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => None,
-            Ok(_) if !line.ends_with('\n') => None,
-            Ok(_) => Some(line.trim_end_matches('\n').to_owned()),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => None,
-            Err(e) => panic!("reading a line: {e}"),
-        }
-    }
-
-    fn json(&mut self) -> Value {
-        let line = self.line().expect("a line, not end of stream");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
-    }
-
-    /// Sends a request and reads its response; `None` if the connection failed.
-    fn try_request(&mut self, line: &str) -> Option<Value> {
-        self.send(format!("{line}\n").as_bytes()).ok()?;
-        let line = self.line()?;
-        Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}")))
-    }
-
-    fn request(&mut self, line: &str) -> Value {
-        self.try_request(line).expect("a response")
-    }
-
-    fn healthy(&mut self) -> bool {
-        self.try_request("HEALTH") == Some(json!({"ok": true, "status": "ok"}))
-    }
-
-    fn subscribe(&mut self, target: &str) {
-        assert_eq!(self.request(&format!("SUB {target}")), json!({"ok": true}));
-        loop {
-            let event = self.json();
-            if event["event"] == "ready" {
-                return;
-            }
-            assert_eq!(event["event"], "init", "{event}");
-        }
-    }
-}
+/// How long a second server may take to refuse to start before the test calls it a hang.
+const REFUSAL: Duration = Duration::from_secs(10);
 
 fn is_socket(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
@@ -95,17 +29,19 @@ fn is_socket(path: &Path) -> bool {
 /// subscribers are told, the socket file goes, and the process exits 0 within a second.
 fn stops_cleanly_on(signal: Signal) {
     let mut server = Server::start();
-    let mut sub = Conn::open(&server.socket);
+    let mut sub = server.raw();
     sub.subscribe("s");
-    let mut idle = Conn::open(&server.socket);
+    let mut idle = server.raw();
     assert!(idle.healthy());
     // A burst of requests, all in the server's queue when the signal arrives.
     const IN_FLIGHT: usize = 100;
-    let mut busy = Conn::open(&server.socket);
+    let mut busy = server.raw();
+    // Accepted before the signal: a connection still in the listen backlog is not in flight.
+    assert!(busy.healthy());
     let burst: String = (0..IN_FLIGHT)
         .map(|i| format!("PUT r.k{} {i}\n", i % 10))
         .collect();
-    busy.send(burst.as_bytes()).unwrap();
+    busy.send_bytes(burst.as_bytes());
 
     server.signal(signal as i32);
     let signalled = Instant::now();
@@ -115,9 +51,9 @@ fn stops_cleanly_on(signal: Signal) {
             || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err()
     });
     // No longer accepting: a new client is refused, or never answered.
-    if let Ok(mut late) = Conn::connect(&server.socket) {
+    if let Ok(mut late) = Raw::try_connect(&server.socket) {
         assert_eq!(
-            late.try_request("HEALTH"),
+            late.try_request("HEALTH").ok(),
             None,
             "a connection made during shutdown was served"
         );
@@ -152,7 +88,7 @@ fn stops_cleanly_on(signal: Signal) {
 
     // The data made it: a new server on the same directory has every write.
     server.spawn_and_wait();
-    let mut conn = Conn::open(&server.socket);
+    let mut conn = server.raw();
     assert_eq!(
         conn.request("KEYS r.*")["keys"].as_array().unwrap().len(),
         10
@@ -175,9 +111,9 @@ fn sigint_stops_the_server_cleanly() {
 #[test]
 fn sigterm_stops_the_server_despite_clients_that_do_not_read() {
     let mut server = Server::start();
-    let mut stalled_sub = Conn::open(&server.socket);
+    let mut stalled_sub = server.raw();
     stalled_sub.subscribe("*");
-    let mut writer = Conn::open(&server.socket);
+    let mut writer = server.raw();
     let big = json!("x".repeat(100_000));
     for i in 0..50 {
         assert_eq!(writer.request(&format!("PUT k{i} {big}"))["ok"], true);
@@ -205,9 +141,9 @@ fn sigterm_stops_the_server_despite_clients_that_do_not_read() {
 #[test]
 fn sighup_is_logged_and_the_server_keeps_serving() {
     let mut server = Server::start();
-    let mut sub = Conn::open(&server.socket);
+    let mut sub = server.raw();
     sub.subscribe("h");
-    let mut conn = Conn::open(&server.socket);
+    let mut conn = server.raw();
     assert_eq!(conn.request("PUT h.a 1")["rev"], 1);
     assert_eq!(sub.json()["rev"], 1);
 
@@ -223,7 +159,7 @@ fn sighup_is_logged_and_the_server_keeps_serving() {
         (&event["event"], &event["value"]),
         (&json!("put"), &json!(2))
     );
-    let mut fresh = Conn::open(&server.socket);
+    let mut fresh = server.raw();
     assert_eq!(fresh.request("GET h.a")["value"], 2);
     assert!(is_socket(&server.socket));
     assert!(server.stop().success());
@@ -233,7 +169,7 @@ fn sighup_is_logged_and_the_server_keeps_serving() {
 fn run_refused(mut cmd: Command, stderr: &Path) -> (ExitStatus, String) {
     let file = fs::File::create(stderr).expect("stderr file");
     let mut child = cmd.stderr(file).spawn().expect("spawn nkv-server");
-    let end = Instant::now() + ANSWER;
+    let end = Instant::now() + REFUSAL;
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
@@ -254,7 +190,7 @@ fn run_refused(mut cmd: Command, stderr: &Path) -> (ExitStatus, String) {
 #[test]
 fn a_second_server_on_the_same_socket_refuses_and_leaves_the_first_alone() {
     let first = Server::start();
-    let mut conn = Conn::open(&first.socket);
+    let mut conn = first.raw();
     assert_eq!(conn.request("PUT k 1")["rev"], 1);
     let inode = fs::metadata(&first.socket).unwrap().ino();
 
@@ -275,14 +211,14 @@ fn a_second_server_on_the_same_socket_refuses_and_leaves_the_first_alone() {
         "the socket file was replaced"
     );
     assert!(conn.healthy(), "the first server's clients are unaffected");
-    let mut fresh = Conn::open(&first.socket);
+    let mut fresh = first.raw();
     assert_eq!(fresh.request("GET k")["value"], 1);
 }
 
 #[test]
 fn a_second_server_on_the_same_data_dir_refuses() {
     let mut first = Server::start();
-    let mut conn = Conn::open(&first.socket);
+    let mut conn = first.raw();
     assert_eq!(conn.request("PUT k 1")["rev"], 1);
 
     let tmp = tempfile::tempdir().unwrap();
@@ -304,20 +240,20 @@ fn a_second_server_on_the_same_data_dir_refuses() {
     // Once the first is gone, the directory is free.
     assert!(first.stop().success());
     second.spawn_and_wait();
-    assert_eq!(Conn::open(&second.socket).request("GET k")["value"], 2);
+    assert_eq!(second.raw().request("GET k")["value"], 2);
 }
 
 #[test]
 fn a_stale_socket_left_by_sigkill_is_replaced() {
     let mut server = Server::start();
-    assert_eq!(Conn::open(&server.socket).request("PUT k 1")["rev"], 1);
+    assert_eq!(server.raw().request("PUT k 1")["rev"], 1);
     server.kill();
     assert!(is_socket(&server.socket), "SIGKILL leaves the socket file");
     let err = UnixStream::connect(&server.socket).expect_err("nobody listens");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
 
     server.spawn_and_wait();
-    let mut conn = Conn::open(&server.socket);
+    let mut conn = server.raw();
     assert!(conn.healthy());
     assert_eq!(conn.request("GET k")["value"], 1);
 }
@@ -374,7 +310,7 @@ fn write_until_killed(
     acked_this_round: &AtomicU64,
 ) {
     let mut rng = Rng(seed);
-    let Ok(mut conn) = Conn::connect(socket) else {
+    let Ok(mut conn) = Raw::try_connect(socket) else {
         return;
     };
     loop {
@@ -392,7 +328,7 @@ fn write_until_killed(
             (format!("PUT {key} {value}"), State::Put { n })
         };
         ledger.lock().unwrap().pending = Some((key.clone(), state));
-        let Some(response) = conn.try_request(&line) else {
+        let Ok(response) = conn.try_request(&line) else {
             return;
         };
         assert_eq!(response["ok"], true, "{line}: {response}");
@@ -440,7 +376,7 @@ fn check_files_after_kill(data: &Path) -> usize {
 
 /// After a restart: every key holds its acknowledged state, or the state of the one request
 /// that was in flight. Reconciles the ledger with what was found.
-fn check_and_reconcile(conn: &mut Conn, writer: usize, ledger: &mut Ledger) -> bool {
+fn check_and_reconcile(conn: &mut Raw, writer: usize, ledger: &mut Ledger) -> bool {
     let mut pending_applied = false;
     for i in 0..KEYS_PER_WRITER {
         let key = key_of(writer, i);
@@ -529,7 +465,7 @@ fn acknowledged_writes_survive_sigkill_at_random_moments() {
             leftovers.is_empty(),
             "temp files survived the start: {leftovers:?}"
         );
-        let mut conn = Conn::open(&server.socket);
+        let mut conn = server.raw();
         let stats_rev = conn.request("STATS")["rev"].as_u64().unwrap();
         for (w, ledger) in ledgers.iter().enumerate() {
             let mut ledger = ledger.lock().unwrap();
@@ -557,7 +493,7 @@ fn acknowledged_writes_survive_sigkill_at_random_moments() {
 
 /// Median wall time of `n` sequential puts on one connection.
 fn median_put(socket: &Path, n: usize) -> Duration {
-    let mut conn = Conn::open(socket);
+    let mut conn = Raw::connect(socket);
     let mut times: Vec<Duration> = (0..n)
         .map(|i| {
             let started = Instant::now();
@@ -581,7 +517,7 @@ fn fsync_mode_acknowledges_writes_that_survive_sigkill() {
     let with = median_put(&server.socket, PUTS);
     server.kill();
     server.spawn_and_wait();
-    let mut conn = Conn::open(&server.socket);
+    let mut conn = server.raw();
     let keys = conn.request("KEYS f.*");
     assert_eq!(keys["keys"].as_array().unwrap().len(), 50, "{keys}");
     for k in 0..50 {
@@ -624,7 +560,7 @@ fn traced_syncs(dir: &Path, flags: &[&str], puts: usize) -> usize {
     wait_until("the traced server to listen", || {
         UnixStream::connect(&server.socket).is_ok()
     });
-    let mut conn = Conn::open(&server.socket);
+    let mut conn = server.raw();
     let before = fs::read_to_string(&trace)
         .unwrap_or_default()
         .lines()

@@ -1,104 +1,25 @@
 //! Every limit is enforced as documented: connections, value size, subscriptions per
 //! connection, the idle timeout; and a thousand simultaneous connections are all served.
 
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{rss_kib, wait_until, Server};
+use crate::support::{rss_kib, wait_until, Raw, Server};
 
 /// How long a response may take before the test calls it a hang.
 const ANSWER: Duration = Duration::from_secs(5);
 
-/// A raw connection on one descriptor (a thousand of them must fit the open-file limit).
-struct Conn {
-    reader: BufReader<UnixStream>,
-}
-
-impl Conn {
-    fn connect(path: &Path) -> Conn {
-        let stream = UnixStream::connect(path).expect("connect");
-        stream.set_read_timeout(Some(ANSWER)).expect("timeout");
-        Conn {
-            reader: BufReader::new(stream),
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.reader.get_mut().write_all(bytes).expect("send");
-    }
-
-    /// Sends unless the server has already closed the connection.
-    fn try_send(&mut self, bytes: &[u8]) -> bool {
-        match self.reader.get_mut().write_all(bytes) {
-            Ok(()) => true,
-            Err(e) if e.kind() == ErrorKind::BrokenPipe => false,
-            Err(e) => panic!("send: {e}"),
-        }
-    }
-
-    /// The next line, `None` when the server closed the connection (end of stream, or a reset
-    /// because it closed with our request unread).
-    fn line(&mut self) -> Option<String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => None,
-            Ok(_) => Some(line.trim_end_matches('\n').to_owned()),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => None,
-            Err(e) => panic!("reading a line: {e}"),
-        }
-    }
-
-    fn json(&mut self) -> Value {
-        let line = self.line().expect("a line, not end of stream");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
-    }
-
-    fn request(&mut self, line: &str) -> Value {
-        self.send(format!("{line}\n").as_bytes());
-        self.json()
-    }
-
-    fn healthy(&mut self) -> bool {
-        self.request("HEALTH") == json!({"ok": true, "status": "ok"})
-    }
-
-    /// Subscribes and reads the acknowledgement and the snapshot; returns the `init` count.
-    fn subscribe(&mut self, target: &str) -> u64 {
-        assert_eq!(self.request(&format!("SUB {target}")), json!({"ok": true}));
-        let mut inits = 0;
-        loop {
-            let event = self.json();
-            match event["event"].as_str() {
-                Some("init") => inits += 1,
-                Some("ready") => {
-                    assert_eq!(event["sub"], target);
-                    assert_eq!(event["count"], inits);
-                    return inits;
-                }
-                _ => panic!("unexpected line in the snapshot of {target}: {event}"),
-            }
-        }
-    }
-
-    /// Asserts the server closed the connection (after everything already read).
-    fn assert_closed(&mut self) {
-        if let Some(line) = self.line() {
-            panic!("expected the connection to be closed, got {line:?}");
-        }
-    }
-}
-
 /// A connection that the server admitted. A closed connection leaves the count only once the
 /// server has noticed (the harness's start-up probe, a dropped client), so a refusal is retried.
-fn admit(path: &Path) -> Conn {
+fn admit(path: &Path) -> Raw {
     let mut admitted = None;
     wait_until("a connection to be admitted", || {
-        let mut conn = Conn::connect(path);
-        let first = conn.try_send(b"HEALTH\n").then(|| conn.json());
+        let mut conn = Raw::connect(path);
+        let first = conn.try_send(b"HEALTH\n").is_ok().then(|| conn.json());
         match first {
             Some(v) if v["ok"] == true => {
                 admitted = Some(conn);
@@ -116,10 +37,10 @@ fn admit(path: &Path) -> Conn {
 #[test]
 fn the_connection_after_max_connections_gets_one_error_line_then_eof() {
     let server = Server::start_with(&["--max-connections", "5"]);
-    let mut held: Vec<Conn> = (0..5).map(|_| admit(&server.socket)).collect();
+    let mut held: Vec<Raw> = (0..5).map(|_| admit(&server.socket)).collect();
 
     let started = Instant::now();
-    let mut sixth = Conn::connect(&server.socket);
+    let mut sixth = server.raw();
     let refused = sixth.json();
     assert_eq!(refused["ok"], false, "{refused}");
     assert_eq!(refused["error"], "too_many_connections", "{refused}");
@@ -128,8 +49,8 @@ fn the_connection_after_max_connections_gets_one_error_line_then_eof() {
     assert!(started.elapsed() < ANSWER, "the refusal hung");
 
     // A request sent by a refused client is not answered (it may even find the socket closed).
-    let mut seventh = Conn::connect(&server.socket);
-    seventh.try_send(b"HEALTH\n");
+    let mut seventh = server.raw();
+    let _ = seventh.try_send(b"HEALTH\n");
     assert_eq!(seventh.json()["error"], "too_many_connections");
     seventh.assert_closed();
 
@@ -143,7 +64,7 @@ fn the_connection_after_max_connections_gets_one_error_line_then_eof() {
     let mut admitted = admit(&server.socket);
     assert_eq!(admitted.request("STATS")["connections"], 5);
     // And the limit holds again.
-    let mut over = Conn::connect(&server.socket);
+    let mut over = server.raw();
     assert_eq!(over.json()["error"], "too_many_connections");
     over.assert_closed();
     assert!(admitted.healthy());
@@ -152,7 +73,7 @@ fn the_connection_after_max_connections_gets_one_error_line_then_eof() {
 #[test]
 fn max_value_bytes_is_enforced_in_both_forms() {
     let server = Server::start_with(&["--max-value-bytes", "100"]);
-    let mut conn = Conn::connect(&server.socket);
+    let mut conn = server.raw();
     // 100 bytes of JSON text: a string of 98 characters plus its quotes.
     let fits = json!("f".repeat(98)).to_string();
     let over = json!("o".repeat(99)).to_string();
@@ -181,10 +102,10 @@ fn max_value_bytes_is_enforced_in_both_forms() {
 #[test]
 fn max_subscriptions_is_enforced_per_connection() {
     let server = Server::start_with(&["--max-subscriptions", "2"]);
-    let mut writer = Conn::connect(&server.socket);
+    let mut writer = server.raw();
     assert_eq!(writer.request("PUT a.x 1")["ok"], true);
 
-    let mut sub = Conn::connect(&server.socket);
+    let mut sub = server.raw();
     assert_eq!(sub.subscribe("a"), 1);
     assert_eq!(sub.subscribe("b.*"), 0);
     let v = sub.request("SUB c");
@@ -207,7 +128,7 @@ fn max_subscriptions_is_enforced_per_connection() {
     assert_eq!(sub.subscribe("c"), 1);
     assert_eq!(sub.request("SUB d")["error"], "wrong_mode");
     // The limit is per connection.
-    let mut other = Conn::connect(&server.socket);
+    let mut other = server.raw();
     other.subscribe("a");
     other.subscribe("c");
     assert_eq!(other.request("SUB e")["error"], "wrong_mode");
@@ -217,21 +138,21 @@ fn max_subscriptions_is_enforced_per_connection() {
 fn idle_timeout_closes_partial_lines_but_not_idle_connections() {
     let server = Server::start_with(&["--idle-timeout", "1"]);
     // Idle between complete requests: must stay open.
-    let mut idle = Conn::connect(&server.socket);
+    let mut idle = server.raw();
     assert!(idle.healthy());
     // An idle subscriber: must stay open and keep receiving events.
-    let mut sub = Conn::connect(&server.socket);
+    let mut sub = server.raw();
     sub.subscribe("s");
     let idle_since = Instant::now();
 
     // Holding a partial line, from the start or after complete requests: timed out.
-    let mut partial = Conn::connect(&server.socket);
-    partial.send(b"GET a");
-    let mut later_partial = Conn::connect(&server.socket);
+    let mut partial = server.raw();
+    partial.send_bytes(b"GET a");
+    let mut later_partial = server.raw();
     assert!(later_partial.healthy());
-    later_partial.send(b"PUT a");
+    later_partial.send_bytes(b"PUT a");
     // Connected but silent: timed out too (documented in `nkv-server --help`).
-    let mut silent = Conn::connect(&server.socket);
+    let mut silent = server.raw();
     let sent = Instant::now();
     for conn in [&mut partial, &mut later_partial, &mut silent] {
         let v = conn.json();
@@ -324,15 +245,15 @@ fn a_thousand_simultaneous_connections_are_all_answered() {
     // Our side holds N descriptors; other tests in this process hold some too.
     ensure_open_files(4 * N as u64).expect("open-file limit");
     let server = Server::start();
-    let mut conns: Vec<Conn> = (0..N).map(|_| Conn::connect(&server.socket)).collect();
+    let mut conns: Vec<Raw> = (0..N).map(|_| server.raw()).collect();
     // Every request is sent before any response is read: all N are open and pending at once.
     for (i, conn) in conns.iter_mut().enumerate() {
-        conn.send(format!("{{\"op\":\"health\",\"id\":{i}}}\n").as_bytes());
+        conn.send(&format!("{{\"op\":\"health\",\"id\":{i}}}"));
     }
     for (i, conn) in conns.iter_mut().enumerate() {
         assert_eq!(conn.json(), json!({"ok": true, "status": "ok", "id": i}));
     }
-    let mut probe = Conn::connect(&server.socket);
+    let mut probe = server.raw();
     assert_eq!(probe.request("STATS")["connections"], N + 1);
     // And they all still work after the others have been served.
     for conn in conns.iter_mut().step_by(97) {

@@ -4,10 +4,7 @@
 //! server's memory flat after warm-up and its threads back to the baseline once clients leave.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
 use std::net::Shutdown;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
@@ -16,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{proc_status, rss_kib, Server, DEADLINE};
+use crate::support::{proc_status, rss_kib, wait_until, Raw, Server, DEADLINE};
 
 const CONNECTIONS: usize = 200;
 /// Of the connections, how many subscribe; half before the writers start, half while they run.
@@ -49,54 +46,16 @@ fn threads(pid: u32) -> u64 {
     proc_status(pid, "Threads")
 }
 
-/// A raw connection that reports problems instead of panicking, so a writer or subscriber
-/// thread can record them and stop.
-struct Conn {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Conn {
-    fn connect(socket: &Path) -> Result<Conn, String> {
-        let stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-        stream
-            .set_read_timeout(Some(DEADLINE))
-            .map_err(|e| format!("set timeout: {e}"))?;
-        Ok(Conn {
-            writer: stream.try_clone().map_err(|e| format!("clone: {e}"))?,
-            reader: BufReader::new(stream),
-        })
+/// Sends a request on `conn`; returns its response, which must be a success. Problems are
+/// reported, not panicked on, so a writer or subscriber thread can record them and stop.
+fn request_ok(conn: &mut Raw, line: &str) -> Result<Value, String> {
+    let response = conn
+        .try_request(line)
+        .map_err(|e| format!("{line:?}: {e}"))?;
+    if response["ok"] != true {
+        return Err(format!("{line:?} -> {response}"));
     }
-
-    fn send(&mut self, line: &str) -> Result<(), String> {
-        self.writer
-            .write_all(format!("{line}\n").as_bytes())
-            .map_err(|e| format!("send {line:?}: {e}"))
-    }
-
-    /// The next line as JSON; `Ok(None)` at end of stream.
-    fn read(&mut self) -> Result<Option<Value>, String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Ok(None),
-            Ok(_) => serde_json::from_str(&line)
-                .map(Some)
-                .map_err(|e| format!("not JSON ({e}): {line:?}")),
-            Err(e) => Err(format!("read: {e}")),
-        }
-    }
-
-    /// Sends a request; returns its response, which must be a success.
-    fn request(&mut self, line: &str) -> Result<Value, String> {
-        self.send(line)?;
-        let response = self
-            .read()?
-            .ok_or_else(|| format!("{line:?}: connection closed"))?;
-        if response["ok"] != true {
-            return Err(format!("{line:?} -> {response}"));
-        }
-        Ok(response)
-    }
+    Ok(response)
 }
 
 /// What a writer last had acknowledged for each of its keys (`None` = deleted).
@@ -104,7 +63,7 @@ type Written = BTreeMap<String, Option<Value>>;
 
 struct Writer {
     id: usize,
-    conn: Conn,
+    conn: Raw,
     written: Written,
     rng: u64,
     ops: u64,
@@ -174,7 +133,7 @@ impl Writer {
     }
 
     fn request(&mut self, line: &str) -> Result<Value, String> {
-        self.conn.request(line)
+        request_ok(&mut self.conn, line)
     }
 }
 
@@ -191,16 +150,18 @@ type View = Arc<Mutex<HashMap<String, (u64, Option<Value>)>>>;
 /// Subscribes to `soak.g<group>`, reports readiness, then applies events to `view` until the
 /// connection is shut down.
 fn subscribe(
-    conn: &mut Conn,
+    conn: &mut Raw,
     group: usize,
     view: &View,
     ready: &mpsc::Sender<()>,
 ) -> Result<(), String> {
     let root = format!("soak.g{group}");
     let below = format!("{root}.");
-    conn.request(&format!("SUB {root}"))?;
+    request_ok(conn, &format!("SUB {root}"))?;
     let mut inits = 0u64;
-    while let Some(line) = conn.read()? {
+    while let Some(line) = conn.try_line()? {
+        let line: Value =
+            serde_json::from_str(&line).map_err(|e| format!("not JSON ({e}): {line:?}"))?;
         let event = line["event"].as_str().unwrap_or_default();
         if event == "ready" {
             if line["sub"] != root.as_str() || line["count"] != inits {
@@ -246,8 +207,8 @@ fn present(view: &View) -> BTreeMap<String, Value> {
         .collect()
 }
 
-fn stats(conn: &mut Conn) -> Value {
-    conn.request("STATS").expect("STATS")
+fn stats(conn: &mut Raw) -> Value {
+    request_ok(conn, "STATS").expect("STATS")
 }
 
 #[test]
@@ -259,15 +220,10 @@ fn soak_mixed_clients_keep_state_memory_and_threads() {
     let warm_up = (run_for / 3).clamp(Duration::from_millis(500), Duration::from_secs(5));
 
     // Baseline: only our monitor connection open (the harness's start-up probe has gone).
-    let mut monitor = Conn::connect(&socket).expect("monitor connection");
-    let deadline = Instant::now() + DEADLINE;
-    while stats(&mut monitor)["connections"] != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the start-up probe connection never closed"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    let mut monitor = Raw::connect(&socket);
+    wait_until("the start-up probe connection to close", || {
+        stats(&mut monitor)["connections"] == 1
+    });
     let (threads_before, rss_before) = (threads(pid), rss_kib(pid));
     eprintln!(
         "soak: {run_for:?} (warm-up {warm_up:?}), {WRITERS} writers, {SUBSCRIBERS} subscribers"
@@ -281,8 +237,8 @@ fn soak_mixed_clients_keep_state_memory_and_threads() {
     // Subscribers: each keeps a handle to its socket so the test can end it.
     let mut subscribers = Vec::new();
     let spawn_subscriber = |s: usize, subscribers: &mut Vec<_>| {
-        let mut conn = Conn::connect(&socket).expect("subscriber connection");
-        let handle = conn.writer.try_clone().expect("clone");
+        let mut conn = Raw::connect(&socket);
+        let handle = conn.stream().try_clone().expect("clone");
         let view = View::default();
         let (view2, failures, ready) = (view.clone(), failures.clone(), ready_tx.clone());
         let thread = thread::spawn(move || {
@@ -304,7 +260,7 @@ fn soak_mixed_clients_keep_state_memory_and_threads() {
     let start = Arc::new(Barrier::new(WRITERS + 1));
     let writers: Vec<_> = (0..WRITERS)
         .map(|id| {
-            let conn = Conn::connect(&socket).expect("writer connection");
+            let conn = Raw::connect(&socket);
             let (start, stop, failures) = (start.clone(), stop.clone(), failures.clone());
             thread::spawn(move || {
                 let mut writer = Writer {
@@ -361,8 +317,8 @@ fn soak_mixed_clients_keep_state_memory_and_threads() {
         .flat_map(|w| &w.written)
         .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
         .collect();
-    let mut checker = Conn::connect(&socket).expect("checker connection");
-    let all = checker.request("GET soak.*").expect("GET soak.*");
+    let mut checker = Raw::connect(&socket);
+    let all = request_ok(&mut checker, "GET soak.*").expect("GET soak.*");
     let stored: BTreeMap<String, Value> = all["values"]
         .as_object()
         .expect("values")
@@ -374,7 +330,7 @@ fn soak_mixed_clients_keep_state_memory_and_threads() {
         "GET soak.* differs from the acknowledged writes"
     );
     for (key, value) in &expected {
-        let got = checker.request(&format!("GET {key}")).expect("GET");
+        let got = request_ok(&mut checker, &format!("GET {key}")).expect("GET");
         assert_eq!(&got["value"], value, "GET {key}");
     }
 

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -17,16 +17,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{libc_sigterm, rss_kib, wait_until, Raw, Server, DEADLINE};
+use crate::support::{libc_sigterm, parse, rss_kib, wait_until, Raw, Server, DEADLINE};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Parses a line as JSON, naming the line when it is not.
-fn parse(line: &str) -> Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
-}
 
 /// The next line on `raw` as JSON; panics at end of stream or after the read deadline.
 fn next(raw: &mut Raw) -> Value {
@@ -112,10 +107,7 @@ impl View {
             let read = if left.is_zero() {
                 Ok(0)
             } else {
-                raw.reader
-                    .get_ref()
-                    .set_read_timeout(Some(left))
-                    .expect("read timeout");
+                raw.set_read_timeout(left);
                 raw.reader.read_line(&mut line)
             };
             if !matches!(read, Ok(n) if n > 0) {
@@ -1029,9 +1021,8 @@ fn socat_subscriber_streams_events() {
     let mut client = server.client();
     let r1 = client.put("a.b", &json!(1)).unwrap();
 
-    let mut socat = Command::new("socat")
-        .arg("-")
-        .arg(format!("UNIX-CONNECT:{}", server.socket.display()))
+    let mut socat = server
+        .socat_command()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -1094,9 +1085,7 @@ fn sigterm_tells_every_subscriber_then_closes() {
 
     server.signal(libc_sigterm());
     for (i, sub) in subs.iter_mut().enumerate() {
-        let lines: Vec<Value> = std::iter::from_fn(|| sub.line())
-            .map(|l| parse(&l))
-            .collect();
+        let lines: Vec<Value> = sub.lines_until_closed().iter().map(|l| parse(l)).collect();
         assert_eq!(
             lines,
             [event.clone(), json!({"event": "shutdown"})],

@@ -2,13 +2,13 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 pub const SERVER: &str = env!("CARGO_BIN_EXE_nkv-server");
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_nkv-client");
@@ -198,43 +198,29 @@ impl Server {
     }
 
     pub fn cli_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = Command::new(CLIENT)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nkv-client");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin.as_bytes())
-            .expect("write stdin");
-        child.wait_with_output().expect("nkv-client output")
+        output_with_input(self.cli_command(args), stdin, "nkv-client")
+    }
+
+    /// `nkv-client --socket <socket> args...`, not started.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(CLIENT);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        cmd
     }
 
     /// `printf '%s' input | socat - UNIX-CONNECT:<socket>`, exactly as a script would.
     pub fn socat(&self, input: &str) -> String {
-        let mut child = Command::new("socat")
-            .arg("-")
-            .arg(format!("UNIX-CONNECT:{}", self.socket.display()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("socat must be installed (apt-get install socat)");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write to socat");
-        let out = child.wait_with_output().expect("socat output");
+        let out = output_with_input(self.socat_command(), input, "socat");
         assert!(out.status.success(), "socat failed: {out:?}");
         String::from_utf8(out.stdout).expect("utf-8 from socat")
+    }
+
+    /// `socat - UNIX-CONNECT:<socket>`, not started.
+    pub fn socat_command(&self) -> Command {
+        let mut cmd = Command::new("socat");
+        cmd.arg("-")
+            .arg(format!("UNIX-CONNECT:{}", self.socket.display()));
+        cmd
     }
 }
 
@@ -242,6 +228,25 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs `cmd` with `input` on its stdin and returns its output; `what` names it in a panic.
+fn output_with_input(mut cmd: Command, input: &str, what: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what} (is it installed?): {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .unwrap_or_else(|e| panic!("write to {what}: {e}"));
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("{what} output: {e}"))
 }
 
 /// A numeric field of `/proc/<pid>/status` (`VmRSS`, `VmHWM` in KiB; `Threads`).
@@ -263,27 +268,68 @@ pub fn libc_sigterm() -> i32 {
     nix::sys::signal::Signal::SIGTERM as i32
 }
 
-/// A raw socket connection speaking lines.
+/// Parses one line as JSON, naming the line when it is not.
+pub fn parse(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
+}
+
+/// A raw socket connection speaking lines, byte for byte as socat would, on one file descriptor
+/// (a test holds a thousand at once).
+///
+/// Two families: `connect`, `send`, `line`, `json`, `request`, `subscribe` and `assert_closed`
+/// panic on anything unexpected; `try_connect`, `try_send`, `try_line`, `try_json` and
+/// `try_request` report it instead, for tests that list every failure or race a server that may
+/// be gone.
+///
+/// The server closing the connection is the end of the stream, whether it arrives as end of file
+/// or as a reset (the server closed with our bytes unread). A line the close cuts short is not a
+/// line: `line` panics on it and the `try_` reads report it.
 pub struct Raw {
+    /// Reads buffer here; writes go straight to `reader.get_ref()` (`&UnixStream` is `Write`).
     pub reader: BufReader<UnixStream>,
-    pub writer: UnixStream,
 }
 
 impl Raw {
+    /// Connects to `path`; reads time out after `DEADLINE`.
     pub fn connect(path: &Path) -> Raw {
-        let stream = UnixStream::connect(path).expect("connect");
-        stream
-            .set_read_timeout(Some(DEADLINE))
-            .expect("read timeout");
-        Raw {
-            writer: stream.try_clone().expect("clone"),
+        Raw::try_connect(path).unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()))
+    }
+
+    /// Connects to `path`; reads time out after `DEADLINE`.
+    ///
+    /// # Errors
+    /// When nobody accepts on `path`.
+    pub fn try_connect(path: &Path) -> io::Result<Raw> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(DEADLINE))?;
+        Ok(Raw {
             reader: BufReader::new(stream),
-        }
+        })
+    }
+
+    /// The socket, to write, clone or shut down beside the helpers.
+    pub fn stream(&self) -> &UnixStream {
+        self.reader.get_ref()
+    }
+
+    /// Replaces the read timeout (`DEADLINE` from `connect`).
+    pub fn set_read_timeout(&self, timeout: Duration) {
+        self.stream()
+            .set_read_timeout(Some(timeout))
+            .expect("read timeout");
+    }
+
+    /// Sends bytes as they are.
+    ///
+    /// # Errors
+    /// When the write fails, e.g. the server has closed the connection (broken pipe).
+    pub fn try_send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream().write_all(bytes)
     }
 
     /// Sends bytes as they are.
     pub fn send_bytes(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).expect("send");
+        self.try_send(bytes).expect("send");
     }
 
     /// Sends one line (adds `\n`).
@@ -291,25 +337,107 @@ impl Raw {
         self.send_bytes(format!("{line}\n").as_bytes());
     }
 
-    /// Reads one line (without `\n`); `None` at end of stream.
-    pub fn line(&mut self) -> Option<String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => None,
-            Ok(_) => Some(line.trim_end_matches('\n').to_owned()),
-            Err(e) => panic!("reading a line: {e}"),
+    /// Reads one line (without `\n`); `Ok(None)` once the server has closed the connection.
+    ///
+    /// # Errors
+    /// A failed read (a timeout, say), a line cut short by the close, or a line not UTF-8.
+    pub fn try_line(&mut self) -> Result<Option<String>, String> {
+        let mut bytes = Vec::new();
+        match self.reader.read_until(b'\n', &mut bytes) {
+            Ok(_) => {}
+            // What was read before a reset is kept in `bytes`, and judged below.
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => return Err(format!("read failed: {e}")),
         }
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        if bytes.pop_if(|b| *b == b'\n').is_none() {
+            return Err(format!(
+                "unterminated line at the end of the stream: {:?}",
+                String::from_utf8_lossy(&bytes)
+            ));
+        }
+        String::from_utf8(bytes).map(Some).map_err(|e| {
+            let line = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            format!("not UTF-8: {line:?}")
+        })
+    }
+
+    /// Reads one line (without `\n`); `None` once the server has closed the connection.
+    ///
+    /// # Panics
+    /// On what `try_line` reports as an error.
+    pub fn line(&mut self) -> Option<String> {
+        self.try_line()
+            .unwrap_or_else(|e| panic!("reading a line: {e}"))
+    }
+
+    /// Reads the lines left until the server closes the connection.
+    pub fn lines_until_closed(&mut self) -> Vec<String> {
+        std::iter::from_fn(|| self.line()).collect()
+    }
+
+    /// Reads one line as JSON.
+    ///
+    /// # Errors
+    /// What `try_line` reports, a closed connection, or a line that is not JSON.
+    pub fn try_json(&mut self) -> Result<Value, String> {
+        let line = self.try_line()?.ok_or("connection closed")?;
+        serde_json::from_str(&line).map_err(|e| format!("not JSON ({e}): {line:?}"))
     }
 
     /// Reads one line as JSON.
     pub fn json(&mut self) -> Value {
-        let line = self.line().expect("a line, not end of stream");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
+        parse(&self.line().expect("a line, not end of stream"))
+    }
+
+    /// Sends a request line (bytes as they are, plus `\n`) and reads its JSON response.
+    ///
+    /// # Errors
+    /// A failed send, or what `try_json` reports.
+    pub fn try_request(&mut self, line: impl AsRef<[u8]>) -> Result<Value, String> {
+        let mut bytes = line.as_ref().to_vec();
+        bytes.push(b'\n');
+        self.try_send(&bytes)
+            .map_err(|e| format!("send failed: {e}"))?;
+        self.try_json()
     }
 
     /// Sends a request line and reads its JSON response.
     pub fn request(&mut self, line: &str) -> Value {
         self.send(line);
         self.json()
+    }
+
+    /// Whether `HEALTH` is answered `ok`; false, not a panic, when the connection is unusable.
+    pub fn healthy(&mut self) -> bool {
+        self.try_request("HEALTH") == Ok(json!({"ok": true, "status": "ok"}))
+    }
+
+    /// Sends `SUB target` and reads the acknowledgement, the `init` events and the `ready`
+    /// marker (which must name `target` and count the inits); returns the number of inits.
+    pub fn subscribe(&mut self, target: &str) -> u64 {
+        assert_eq!(self.request(&format!("SUB {target}")), json!({"ok": true}));
+        let mut inits = 0;
+        loop {
+            let event = self.json();
+            match event["event"].as_str() {
+                Some("init") => inits += 1,
+                Some("ready") => {
+                    assert_eq!(event["sub"], target);
+                    assert_eq!(event["count"], inits);
+                    return inits;
+                }
+                _ => panic!("unexpected line in the snapshot of {target}: {event}"),
+            }
+        }
+    }
+
+    /// Asserts the server closed the connection (after everything already read).
+    pub fn assert_closed(&mut self) {
+        if let Some(line) = self.line() {
+            panic!("expected the connection to be closed, got {line:?}");
+        }
     }
 }
