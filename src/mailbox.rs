@@ -1,27 +1,44 @@
-//! One subscriber's queue: bounded, and never losing the latest state of a key.
+//! One subscriber's queue and its delivery: bounded, never blocking a publisher, never losing the
+//! latest state of a key.
 //!
-//! Publishers [`Mailbox::push`] without ever blocking. Items go into a bounded
-//! `crossbeam-channel` queue while it has room (the common case: the subscriber keeps up and sees
-//! every change). When the queue is full, or holds too many value bytes, further items go to an
-//! *overflow* table that keeps only the latest event per key: a newer event of a key replaces the
-//! pending one in place. Once the overflow is non-empty every new item goes there too, until the
-//! writer has taken it, so an older event of a key can never overtake a newer one.
+//! # Queueing
+//!
+//! [`Mailbox::push`] never blocks. Items go into a bounded `crossbeam-channel` queue while it has
+//! room (the common case: the subscriber keeps up and sees every change). When the queue is full,
+//! or holds too many value bytes, further items go to an *overflow* table that keeps only the
+//! latest event per key: a newer event of a key replaces the pending one in place. Once the
+//! overflow is non-empty every new item goes there too, until it has been taken, so an older
+//! event of a key can never overtake a newer one.
 //!
 //! Lines (responses, `ready` markers) are never replaced and are barriers: an event is never
 //! merged into one queued before a line, so a change made after a snapshot is still delivered
 //! after that snapshot's marker.
 //!
-//! The writer ([`Inbox`]) drains the queue, then the overflow, then the queue again. Memory held
-//! for a subscriber is therefore bounded by the queue plus one event per distinct key for each
+//! # Delivery
+//!
+//! Whoever holds the *sink* (the socket plus any half-sent bytes) sends: the queue first, then the
+//! overflow, then the queue again, so order is the same whoever sends. After queueing, the
+//! publishing thread [`kick`](Mailbox::kick)s: it takes the sink if it is free and sends what it
+//! can *without blocking* — no thread switch on the hot path, which is what keeps put→event
+//! latency low. Whatever cannot be sent at once (the subscriber is slow, or someone else holds
+//! the sink) is left to the subscriber's own writer thread ([`Writer`]), woken by a one-slot
+//! doorbell, which sends with blocking writes. A stalled subscriber therefore only ever blocks
+//! its own writer thread.
+//!
+//! Memory held for a subscriber is bounded by the queue plus one event per distinct key for each
 //! line pending in the overflow; the connection's own requests wait ([`Mailbox::wait_caught_up`])
 //! while its overflow is not empty, so those lines cannot pile up either.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use parking_lot::{Condvar, Mutex};
+use nix::sys::socket::{send, MsgFlags};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::key::Key;
 use crate::protocol::Event;
@@ -30,16 +47,16 @@ use crate::protocol::Event;
 pub const QUEUE_ITEMS: usize = 4096;
 /// Value bytes the queue holds before overflowing, so large values cannot pile up in it.
 pub const QUEUE_BYTES: usize = 8 << 20;
+/// Bytes gathered from the queue before they are sent.
+const BATCH_BYTES: usize = 64 * 1024;
 
-/// What a subscriber connection's writer sends.
+/// What a subscriber connection is sent.
 #[derive(Debug)]
 pub enum Outgoing {
     /// A change of a key; the only kind of item that may be coalesced.
     Event(Event),
     /// A response or marker line, `\n` included; never dropped.
     Line(Vec<u8>),
-    /// Send what is queued before this, then close the connection.
-    Close,
 }
 
 impl Outgoing {
@@ -47,7 +64,13 @@ impl Outgoing {
         match self {
             Outgoing::Event(ev) => ev.value.as_ref().map_or(0, |v| v.len()),
             Outgoing::Line(line) => line.len(),
-            Outgoing::Close => 0,
+        }
+    }
+
+    fn write_to(&self, out: &mut Vec<u8>) {
+        match self {
+            Outgoing::Event(event) => event.write(out),
+            Outgoing::Line(line) => out.extend_from_slice(line),
         }
     }
 }
@@ -57,34 +80,44 @@ impl Outgoing {
 pub enum Pushed {
     Queued,
     Coalesced,
-    /// The writer is gone; the item was dropped.
+    /// The subscriber is gone; the item was dropped.
     Closed,
 }
 
-/// The publishing side of a subscriber's queue. When every `Mailbox` is gone the writer sees
-/// the queue disconnect and stops.
+/// A subscriber's queue and the means to send it. Shared by the publishers (through the
+/// subscription table), the subscriber's connection thread and its writer thread.
 pub struct Mailbox {
     tx: Sender<Outgoing>,
-    state: Arc<State>,
-}
-
-/// What the publishers and the writer share besides the queue itself.
-struct State {
-    /// Value bytes in the queue: added by publishers, taken off by the writer.
-    queued_bytes: AtomicUsize,
-    /// Items that did not fit in the queue. Publishers and the writer touch it under this mutex;
-    /// the choice "queue or overflow" is made under it too, which is what keeps per-key order.
-    overflow: Mutex<Overflow>,
-    /// Signalled when the writer empties the overflow or stops.
-    drained: Condvar,
-    /// Set by the writer when it stops; pushes after that are dropped.
-    closed: AtomicBool,
-}
-
-/// The writing side: owned by the subscriber connection's writer thread.
-pub struct Inbox {
+    /// Taken from only by whoever holds `sink`, which is what keeps the sending order.
     rx: Receiver<Outgoing>,
-    state: Arc<State>,
+    /// Value bytes in the queue: added by publishers, taken off by the sender.
+    queued_bytes: AtomicUsize,
+    /// Items that did not fit in the queue. The choice "queue or overflow" is made under this
+    /// mutex, which is what keeps per-key order. Lock order: sink, then overflow.
+    overflow: Mutex<Overflow>,
+    /// Signalled when the overflow is emptied or the mailbox dies.
+    drained: Condvar,
+    /// The socket and the bytes taken from the queue but not yet sent.
+    sink: Mutex<Sink>,
+    /// Wakes the writer thread; one slot, so ringing never blocks and never piles up.
+    doorbell: Sender<()>,
+    /// No more items will come: the writer stops once everything queued is sent.
+    closing: AtomicBool,
+    /// The socket is broken or the writer stopped: pushes are dropped.
+    dead: AtomicBool,
+}
+
+struct Sink {
+    stream: UnixStream,
+    out: Vec<u8>,
+    /// How much of `out` has been sent.
+    sent: usize,
+}
+
+/// The subscriber's writer thread's side: see [`Writer::run`].
+pub struct Writer {
+    mailbox: Arc<Mailbox>,
+    doorbell: Receiver<()>,
 }
 
 /// Pending items in order; after the last line, at most one event per key.
@@ -114,7 +147,7 @@ impl Overflow {
             Outgoing::Event(event) => {
                 self.seq_of_key.insert(event.key.clone(), seq);
             }
-            Outgoing::Line(_) | Outgoing::Close => self.barrier = Some(seq),
+            Outgoing::Line(_) => self.barrier = Some(seq),
         }
         self.items.insert(seq, item);
         Pushed::Queued
@@ -127,127 +160,196 @@ impl Overflow {
     }
 }
 
-/// A new mailbox and the inbox its writer drains.
-pub fn mailbox() -> (Arc<Mailbox>, Inbox) {
-    mailbox_with_capacity(QUEUE_ITEMS)
+/// How a delivery attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivery {
+    /// Everything queued was sent.
+    Done,
+    /// The socket is full; the rest is still queued.
+    WouldBlock,
+    /// The socket is broken.
+    Broken,
 }
 
-pub fn mailbox_with_capacity(items: usize) -> (Arc<Mailbox>, Inbox) {
+/// A mailbox sending to `stream`, and the writer its thread runs.
+pub fn mailbox(stream: UnixStream) -> (Arc<Mailbox>, Writer) {
+    mailbox_with_capacity(stream, QUEUE_ITEMS)
+}
+
+pub fn mailbox_with_capacity(stream: UnixStream, items: usize) -> (Arc<Mailbox>, Writer) {
     let (tx, rx) = crossbeam_channel::bounded(items);
-    let state = Arc::new(State {
+    let (doorbell, bell) = crossbeam_channel::bounded(1);
+    let mailbox = Arc::new(Mailbox {
+        tx,
+        rx,
         queued_bytes: AtomicUsize::new(0),
         overflow: Mutex::new(Overflow::default()),
         drained: Condvar::new(),
-        closed: AtomicBool::new(false),
-    });
-    (
-        Arc::new(Mailbox {
-            tx,
-            state: state.clone(),
+        sink: Mutex::new(Sink {
+            stream,
+            out: Vec::new(),
+            sent: 0,
         }),
-        Inbox { rx, state },
-    )
+        doorbell,
+        closing: AtomicBool::new(false),
+        dead: AtomicBool::new(false),
+    });
+    let writer = Writer {
+        mailbox: mailbox.clone(),
+        doorbell: bell,
+    };
+    (mailbox, writer)
 }
 
 impl Mailbox {
-    /// Queues `item` without blocking.
+    /// Queues `item` without blocking. Nothing is sent until [`kick`](Mailbox::kick).
     pub fn push(&self, item: Outgoing) -> Pushed {
-        let state = &*self.state;
-        if state.closed.load(Ordering::Acquire) {
+        if self.dead.load(Ordering::Acquire) {
             return Pushed::Closed;
         }
-        let mut overflow = state.overflow.lock();
+        let mut overflow = self.overflow.lock();
         if !overflow.items.is_empty() {
             return overflow.insert(item);
         }
         let weight = item.weight();
-        if state.queued_bytes.load(Ordering::Acquire) + weight > QUEUE_BYTES && weight > 0 {
+        if weight > 0 && self.queued_bytes.load(Ordering::Acquire) + weight > QUEUE_BYTES {
             return overflow.insert(item);
         }
-        state.queued_bytes.fetch_add(weight, Ordering::AcqRel);
+        self.queued_bytes.fetch_add(weight, Ordering::AcqRel);
         match self.tx.try_send(item) {
             Ok(()) => Pushed::Queued,
-            Err(TrySendError::Full(item)) => {
-                state.queued_bytes.fetch_sub(weight, Ordering::AcqRel);
+            Err(TrySendError::Full(item)) | Err(TrySendError::Disconnected(item)) => {
+                self.queued_bytes.fetch_sub(weight, Ordering::AcqRel);
                 overflow.insert(item)
             }
-            Err(TrySendError::Disconnected(_)) => Pushed::Closed,
         }
     }
 
-    /// Blocks until the writer has emptied the overflow (or stopped). The subscriber's own
+    /// Sends what is queued from the calling thread, as far as the socket takes it without
+    /// blocking; leaves the rest to the writer thread. Never blocks on the subscriber.
+    pub fn kick(&self) {
+        if self.dead.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(mut sink) = self.sink.try_lock() else {
+            // The sink's holder may be finishing just before our item arrived: let the writer
+            // look again.
+            self.ring();
+            return;
+        };
+        match self.deliver(&mut sink, MsgFlags::MSG_DONTWAIT) {
+            Delivery::Done => {}
+            Delivery::WouldBlock => self.ring(),
+            Delivery::Broken => {
+                drop(sink);
+                self.die();
+            }
+        }
+    }
+
+    /// No more items will be queued: the writer sends what is queued, then closes the socket.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.ring();
+    }
+
+    fn ring(&self) {
+        // Full means a wake-up is already pending, which is all we need.
+        let _ = self.doorbell.try_send(());
+    }
+
+    /// Sends queue, overflow, queue… until both are empty or the socket says stop.
+    fn deliver(&self, sink: &mut MutexGuard<'_, Sink>, flags: MsgFlags) -> Delivery {
+        loop {
+            while sink.sent < sink.out.len() {
+                let Sink { stream, out, sent } = &mut **sink;
+                match send_some(stream, &out[*sent..], flags) {
+                    Ok(n) => *sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Delivery::WouldBlock,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Delivery::Broken,
+                }
+            }
+            sink.out.clear();
+            sink.sent = 0;
+            if sink.out.capacity() > 4 * BATCH_BYTES {
+                sink.out.shrink_to(BATCH_BYTES);
+            }
+            if !self.gather(&mut sink.out) {
+                return Delivery::Done;
+            }
+        }
+    }
+
+    /// Moves the next batch into `out`: from the queue while it has items, else the whole
+    /// overflow. False when there was nothing.
+    fn gather(&self, out: &mut Vec<u8>) -> bool {
+        while out.len() < BATCH_BYTES {
+            let Ok(item) = self.rx.try_recv() else { break };
+            self.queued_bytes.fetch_sub(item.weight(), Ordering::AcqRel);
+            item.write_to(out);
+        }
+        if !out.is_empty() {
+            return true;
+        }
+        let batch = self.overflow.lock().take();
+        self.drained.notify_all();
+        for item in batch.values() {
+            item.write_to(out);
+        }
+        !out.is_empty()
+    }
+
+    /// The socket is broken or the writer has stopped: drop what is pending and refuse more.
+    fn die(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.overflow.lock().take();
+        while self.rx.try_recv().is_ok() {}
+        self.drained.notify_all();
+        self.ring();
+    }
+
+    /// Blocks until the overflow is empty (or the subscriber is gone). The subscriber's own
     /// connection calls this before queueing more for it (a new snapshot): a client that sends
     /// requests but does not read is held back instead of growing the server's memory.
     pub fn wait_caught_up(&self) {
-        let mut overflow = self.state.overflow.lock();
-        while !overflow.items.is_empty() && !self.state.closed.load(Ordering::Acquire) {
-            self.state.drained.wait(&mut overflow);
+        let mut overflow = self.overflow.lock();
+        while !overflow.items.is_empty() && !self.dead.load(Ordering::Acquire) {
+            self.drained.wait(&mut overflow);
         }
     }
 
     /// Items waiting in the queue and the overflow (for tests and diagnostics).
     pub fn pending(&self) -> usize {
-        self.tx.len() + self.state.overflow.lock().items.len()
+        self.rx.len() + self.overflow.lock().items.len()
     }
 }
 
-impl Inbox {
-    /// Waits for the next batch and hands each item to `send`, in order: first the queue, then
-    /// the overflow, repeated until both are empty. Returns `false` once the mailbox is closed
-    /// (a [`Outgoing::Close`] was taken, or every publisher is gone).
-    pub fn drain(&self, mut send: impl FnMut(Outgoing) -> bool) -> bool {
-        let Ok(first) = self.rx.recv() else {
-            return false;
-        };
-        let mut open = self.deliver(first, &mut send);
-        while open {
-            let mut progressed = false;
-            while let Ok(item) = self.rx.try_recv() {
-                progressed = true;
-                open = self.deliver(item, &mut send);
-                if !open {
-                    return false;
-                }
-            }
-            let batch = self.state.overflow.lock().take();
-            self.state.drained.notify_all();
-            if batch.is_empty() && !progressed {
+/// One `send`; `MSG_NOSIGNAL` because a vanished subscriber must be an error, not a signal.
+fn send_some(stream: &UnixStream, bytes: &[u8], flags: MsgFlags) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    send(stream.as_raw_fd(), bytes, flags | MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
+}
+
+impl Writer {
+    /// The writer thread's loop: waits for the doorbell, then sends with blocking writes until
+    /// everything queued is out. Returns when the mailbox is closed and drained, or the socket
+    /// breaks; then closes the socket.
+    pub fn run(self) {
+        let mailbox = &self.mailbox;
+        while self.doorbell.recv().is_ok() {
+            if mailbox.dead.load(Ordering::Acquire) {
                 break;
             }
-            for item in batch.into_values() {
-                if !send_one(item, &mut send) {
-                    return false;
-                }
+            let mut sink = mailbox.sink.lock();
+            match mailbox.deliver(&mut sink, MsgFlags::empty()) {
+                Delivery::Done if mailbox.closing.load(Ordering::Acquire) => break,
+                Delivery::Done | Delivery::WouldBlock => {}
+                Delivery::Broken => break,
             }
         }
-        open
-    }
-
-    fn deliver(&self, item: Outgoing, send: &mut impl FnMut(Outgoing) -> bool) -> bool {
-        self.state
-            .queued_bytes
-            .fetch_sub(item.weight(), Ordering::AcqRel);
-        send_one(item, send)
-    }
-
-    /// Marks the mailbox closed: later pushes are dropped instead of piling up.
-    pub fn close(&self) {
-        self.state.closed.store(true, Ordering::Release);
-        self.state.overflow.lock().take();
-        self.state.drained.notify_all();
-    }
-}
-
-fn send_one(item: Outgoing, send: &mut impl FnMut(Outgoing) -> bool) -> bool {
-    match item {
-        Outgoing::Close => false,
-        item => send(item),
-    }
-}
-
-impl Drop for Inbox {
-    fn drop(&mut self) {
-        self.close();
+        mailbox.die();
+        let _ = mailbox.sink.lock().stream.shutdown(Shutdown::Both);
     }
 }
 
@@ -256,6 +358,7 @@ mod tests {
     use super::*;
     use crate::protocol::EventKind;
     use crate::store::Value;
+    use std::io::{BufRead, BufReader};
 
     fn put(key: &str, rev: u64) -> Outgoing {
         Outgoing::Event(Event {
@@ -266,33 +369,44 @@ mod tests {
         })
     }
 
-    fn drained(inbox: &Inbox) -> Vec<(String, u64)> {
-        let mut seen = Vec::new();
-        inbox.drain(|item| {
-            if let Outgoing::Event(ev) = item {
-                seen.push((ev.key.to_string(), ev.rev));
-            }
-            true
-        });
-        seen
+    /// A mailbox on one end of a socket pair, and a reader of the other end.
+    fn pair(capacity: usize) -> (Arc<Mailbox>, Writer, BufReader<UnixStream>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (mailbox, writer) = mailbox_with_capacity(ours, capacity);
+        (mailbox, writer, BufReader::new(theirs))
+    }
+
+    /// `key+rev` of each event line, or the line itself.
+    fn read(reader: &mut BufReader<UnixStream>, lines: usize) -> Vec<String> {
+        (0..lines)
+            .map(|_| {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                match (&v["key"], &v["rev"]) {
+                    (serde_json::Value::String(k), serde_json::Value::Number(r)) => {
+                        format!("{k}{r}")
+                    }
+                    _ => line.trim_end().to_owned(),
+                }
+            })
+            .collect()
     }
 
     #[test]
-    fn keeps_every_event_while_there_is_room() {
-        let (mb, inbox) = mailbox_with_capacity(8);
+    fn a_kick_sends_everything_in_order_while_there_is_room() {
+        let (mb, _writer, mut reader) = pair(8);
         for rev in 1..=5 {
             assert_eq!(mb.push(put("a", rev)), Pushed::Queued);
         }
-        let seen = drained(&inbox);
-        assert_eq!(
-            seen,
-            (1..=5).map(|r| ("a".to_string(), r)).collect::<Vec<_>>()
-        );
+        mb.kick();
+        assert_eq!(read(&mut reader, 5), ["a1", "a2", "a3", "a4", "a5"]);
+        assert_eq!(mb.pending(), 0);
     }
 
     #[test]
     fn overflow_keeps_the_latest_per_key_in_order() {
-        let (mb, inbox) = mailbox_with_capacity(2);
+        let (mb, _writer, mut reader) = pair(2);
         let pushes = [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("a", 5), ("b", 6)];
         let results: Vec<_> = pushes.iter().map(|(k, r)| mb.push(put(k, *r))).collect();
         assert_eq!(
@@ -300,24 +414,16 @@ mod tests {
             1
         );
         // Queue: a1 b2. Overflow: a3 c4, then a5 replaces a3 in place and b6 joins: a5 c4 b6.
-        let seen = drained(&inbox);
-        let expect = [("a", 1), ("b", 2), ("a", 5), ("c", 4), ("b", 6)];
-        assert_eq!(
-            seen,
-            expect
-                .iter()
-                .map(|(k, r)| (k.to_string(), *r))
-                .collect::<Vec<_>>()
-        );
-        assert_eq!(mb.pending(), 0);
+        mb.kick();
+        assert_eq!(read(&mut reader, 5), ["a1", "b2", "a5", "c4", "b6"]);
     }
 
     #[test]
     fn events_are_not_merged_across_a_line() {
-        let (mb, inbox) = mailbox_with_capacity(1);
+        let (mb, _writer, mut reader) = pair(1);
         mb.push(put("x", 1));
         mb.push(put("a", 2)); // overflow
-        mb.push(Outgoing::Line(b"ready\n".to_vec()));
+        mb.push(Outgoing::Line(b"{\"event\":\"ready\"}\n".to_vec()));
         assert_eq!(
             mb.push(put("a", 3)),
             Pushed::Queued,
@@ -328,33 +434,43 @@ mod tests {
             Pushed::Coalesced,
             "merged after the marker"
         );
-        let mut order = Vec::new();
-        inbox.drain(|item| {
-            order.push(match item {
-                Outgoing::Event(ev) => format!("{}{}", ev.key, ev.rev),
-                Outgoing::Line(_) => "ready".into(),
-                Outgoing::Close => "close".into(),
-            });
-            true
-        });
-        assert_eq!(order, ["x1", "a2", "ready", "a4"]);
+        mb.kick();
+        assert_eq!(
+            read(&mut reader, 4),
+            ["x1", "a2", "{\"event\":\"ready\"}", "a4"]
+        );
         mb.wait_caught_up();
     }
 
     #[test]
-    fn lines_are_never_coalesced_and_close_stops() {
-        let (mb, inbox) = mailbox_with_capacity(1);
-        mb.push(put("a", 1));
-        mb.push(Outgoing::Line(b"x\n".to_vec()));
-        mb.push(Outgoing::Line(b"y\n".to_vec()));
-        mb.push(Outgoing::Close);
-        let mut lines = 0;
-        assert!(!inbox.drain(|item| {
-            lines += matches!(item, Outgoing::Line(_)) as usize;
-            true
-        }));
-        assert_eq!(lines, 2);
-        drop(inbox);
-        assert_eq!(mb.push(put("a", 2)), Pushed::Closed);
+    fn a_full_socket_leaves_the_rest_to_the_writer_thread() {
+        let (mb, writer, mut reader) = pair(16);
+        let thread = std::thread::spawn(move || writer.run());
+        // Far more than a socket buffer holds: the kick stops at WouldBlock, the writer
+        // thread finishes once the reader reads.
+        let big = Value::from(format!("\"{}\"", "x".repeat(64 * 1024)));
+        for rev in 1..=64 {
+            mb.push(Outgoing::Event(Event {
+                kind: EventKind::Put,
+                key: Key::parse(&format!("k{}", rev % 8)).unwrap(),
+                value: Some(big.clone()),
+                rev,
+            }));
+            mb.kick();
+        }
+        mb.close();
+        let mut last = HashMap::new();
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 0 {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let rev = v["rev"].as_u64().unwrap();
+            let previous = last.insert(v["key"].as_str().unwrap().to_owned(), rev);
+            assert!(previous < Some(rev), "per-key order");
+            line.clear();
+        }
+        thread.join().unwrap();
+        assert_eq!(last.len(), 8, "every key's latest state arrived");
+        assert!(last.values().all(|rev| *rev > 56));
+        assert_eq!(mb.push(put("a", 99)), Pushed::Closed);
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Lock order: the store's map lock, then this table's lock, then a mailbox's mutex. Every
 //! publish runs while the store holds its map lock exclusively, and every snapshot is taken while
-//! it holds the map lock shared — that is what makes "snapshot + register" atomic.
+//! it holds the map lock shared — that is what makes "snapshot + register" atomic. Sending (a
+//! mailbox's kick) happens after the map lock is released.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,15 +44,20 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// Sends `event` to every subscriber that covers its key. Never blocks on a subscriber.
-    /// The caller holds the store's map lock exclusively.
-    pub fn publish(&self, event: &Event) {
+    /// Queues `event` for every subscriber that covers its key and returns their mailboxes, to
+    /// be [kicked](Mailbox::kick) once the caller has released the map lock. Never blocks on a
+    /// subscriber. The caller holds the store's map lock exclusively.
+    #[must_use = "queued events are sent when their mailboxes are kicked"]
+    pub fn publish(&self, event: &Event) -> Vec<Arc<Mailbox>> {
         let subscribers = self.subscribers.read();
+        let mut touched = Vec::new();
         for sub in subscribers.values() {
             if sub.targets.iter().any(|t| t.covers(&event.key)) {
                 self.push(&sub.mailbox, Outgoing::Event(event.clone()));
+                touched.push(sub.mailbox.clone());
             }
         }
+        touched
     }
 
     /// Pushes to one mailbox and counts what happened.
@@ -157,7 +163,7 @@ impl Notifier {
     pub fn shutdown(&self) {
         for sub in self.subscribers.read().values() {
             sub.mailbox.push(Outgoing::Line(SHUTDOWN_EVENT.to_vec()));
-            sub.mailbox.push(Outgoing::Close);
+            sub.mailbox.close();
         }
     }
 }

@@ -146,24 +146,28 @@ impl Store {
     /// # Errors
     /// The disk write failed; nothing changed (the revision number is skipped).
     pub fn put(&self, key: Key, value: Value) -> Result<u64, DiskError> {
-        let _order = self.stripe(&key).lock();
+        let order = self.stripe(&key).lock();
         self.debug_panic(&key);
         let rev = self.next_rev();
         self.disk.write(&key, rev, &value)?;
-        let mut map = self.map.write();
-        map.insert(
-            key.clone(),
-            Entry {
-                value: value.clone(),
+        let touched = {
+            let mut map = self.map.write();
+            map.insert(
+                key.clone(),
+                Entry {
+                    value: value.clone(),
+                    rev,
+                },
+            );
+            self.notifier.publish(&Event {
+                kind: EventKind::Put,
+                key,
+                value: Some(value),
                 rev,
-            },
-        );
-        self.notifier.publish(&Event {
-            kind: EventKind::Put,
-            key,
-            value: Some(value),
-            rev,
-        });
+            })
+        };
+        drop(order);
+        kick(touched);
         Ok(rev)
     }
 
@@ -172,20 +176,24 @@ impl Store {
     /// # Errors
     /// The file could not be removed; nothing changed.
     pub fn delete(&self, key: &Key) -> Result<Option<u64>, DiskError> {
-        let _order = self.stripe(key).lock();
+        let order = self.stripe(key).lock();
         if !self.map.read().contains_key(key) {
             return Ok(None);
         }
         let rev = self.next_rev();
         self.disk.remove(key, rev)?;
-        let mut map = self.map.write();
-        map.remove(key);
-        self.notifier.publish(&Event {
-            kind: EventKind::Del,
-            key: key.clone(),
-            value: None,
-            rev,
-        });
+        let touched = {
+            let mut map = self.map.write();
+            map.remove(key);
+            self.notifier.publish(&Event {
+                kind: EventKind::Del,
+                key: key.clone(),
+                value: None,
+                rev,
+            })
+        };
+        drop(order);
+        kick(touched);
         Ok(Some(rev))
     }
 
@@ -238,7 +246,18 @@ impl Store {
         let mut ready = Vec::new();
         write_ready(target, count, &mut ready);
         self.notifier.push(mailbox, Outgoing::Line(ready));
+        drop(map);
+        mailbox.kick();
         Ok(count)
+    }
+}
+
+/// Sends what a change queued, from the changing thread, as far as each subscriber's socket
+/// takes it without blocking (the rest goes to the subscriber's writer thread). Runs after
+/// the locks are released: per-key order is already fixed by each mailbox's queue.
+fn kick(touched: Vec<Arc<Mailbox>>) {
+    for mailbox in touched {
+        mailbox.kick();
     }
 }
 

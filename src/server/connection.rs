@@ -5,7 +5,7 @@
 //! writer thread owns the sending side, and responses travel through the same mailbox as the
 //! events so they stay in order with them.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use std::thread;
 
 use crate::error::ErrorCode;
 use crate::key::Target;
-use crate::mailbox::{mailbox, Inbox, Mailbox, Outgoing};
+use crate::mailbox::{mailbox, Mailbox, Outgoing, Writer};
 use crate::notify::SubError;
 use crate::protocol::{parse_request, Envelope, Request, Response, Stats};
 use crate::server::lines::{Line, LineReader};
@@ -260,13 +260,13 @@ impl<'a> Connection<'a> {
             return None;
         }
         let stream = self.stream.try_clone().ok()?;
-        let (mailbox, inbox) = mailbox();
+        let (mailbox, writer) = mailbox(stream);
         let id = self.id;
         let guard = self.shared.writer_running();
         let spawned = thread::Builder::new()
             .name(format!("nkv-sub-{id}"))
             .stack_size(crate::server::THREAD_STACK)
-            .spawn(move || run_writer(id, inbox, stream, guard));
+            .spawn(move || run_writer(id, writer, guard));
         match spawned {
             Ok(_) => {
                 self.mailbox = Some(mailbox.clone());
@@ -293,6 +293,7 @@ impl<'a> Connection<'a> {
                     .store
                     .notifier()
                     .push(mailbox, Outgoing::Line(line));
+                mailbox.kick();
             }
             None => response.write(id, &mut self.out),
         }
@@ -333,7 +334,7 @@ impl Drop for Connection<'_> {
     fn drop(&mut self) {
         if let Some(mailbox) = self.mailbox.take() {
             self.shared.store.notifier().unregister(self.id);
-            mailbox.push(Outgoing::Close);
+            mailbox.close();
         }
     }
 }
@@ -342,28 +343,9 @@ fn not_found(key: &crate::key::Key) -> Response {
     Response::error(ErrorCode::NotFound, format!("no key {key}"))
 }
 
-/// A subscriber connection's sending side: drains the mailbox into the socket. `_running`
-/// keeps shutdown waiting until the last queued line is written.
-fn run_writer(id: u64, inbox: Inbox, stream: UnixStream, _running: WriterGuard) {
-    let mut out = BufWriter::with_capacity(64 * 1024, &stream);
-    let mut line = Vec::with_capacity(256);
-    loop {
-        let open = inbox.drain(|item| match item {
-            Outgoing::Event(event) => {
-                line.clear();
-                line.shrink_to(KEEP_CAPACITY);
-                event.write(&mut line);
-                out.write_all(&line).is_ok()
-            }
-            Outgoing::Line(bytes) => out.write_all(&bytes).is_ok(),
-            Outgoing::Close => false,
-        });
-        if out.flush().is_err() || !open {
-            break;
-        }
-    }
-    inbox.close();
-    drop(out);
-    let _ = stream.shutdown(Shutdown::Both);
+/// A subscriber connection's writer thread. `_running` keeps shutdown waiting until the last
+/// queued line is written.
+fn run_writer(id: u64, writer: Writer, _running: WriterGuard) {
+    writer.run();
     log::debug!("conn {id}: subscriber writer stopped");
 }
