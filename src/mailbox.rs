@@ -325,6 +325,46 @@ impl Mailbox {
     }
 }
 
+/// Mailboxes that were given events and still need a [kick](Mailbox::kick). Whoever makes a
+/// change collects them and kicks once its own reply is on its way, so a writer's
+/// acknowledgement never waits for the fan-out. Dropping it kicks what is left: events are
+/// never left queued without someone to send them.
+#[derive(Default)]
+pub struct Kicks(Vec<Arc<Mailbox>>);
+
+impl Kicks {
+    pub fn add(&mut self, touched: Vec<Arc<Mailbox>>) {
+        self.0.extend(touched);
+        // A long pipelined batch touches the same subscribers again and again.
+        if self.0.len() > 1024 {
+            self.dedup();
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Kicks every collected mailbox once.
+    pub fn run(&mut self) {
+        self.dedup();
+        for mailbox in self.0.drain(..) {
+            mailbox.kick();
+        }
+    }
+
+    fn dedup(&mut self) {
+        self.0.sort_unstable_by_key(|m| Arc::as_ptr(m) as usize);
+        self.0.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    }
+}
+
+impl Drop for Kicks {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
 /// One `send`; `MSG_NOSIGNAL` because a vanished subscriber must be an error, not a signal.
 fn send_some(stream: &UnixStream, bytes: &[u8], flags: MsgFlags) -> io::Result<usize> {
     use std::os::fd::AsRawFd;

@@ -17,7 +17,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::disk::{Disk, OpenError};
 use crate::error::DiskError;
 use crate::key::{Key, Pattern, Target};
-use crate::mailbox::{Mailbox, Outgoing};
+use crate::mailbox::{Kicks, Mailbox, Outgoing};
 use crate::notify::{Notifier, SubError};
 use crate::protocol::{write_ready, Event, EventKind};
 
@@ -142,10 +142,12 @@ impl Store {
     }
 
     /// Stores `value` under `key`; returns the change's revision once the file is in place.
+    /// The subscribers given the event are added to `kicks`, for the caller to kick once its
+    /// reply is sent.
     ///
     /// # Errors
     /// The disk write failed; nothing changed (the revision number is skipped).
-    pub fn put(&self, key: Key, value: Value) -> Result<u64, DiskError> {
+    pub fn put(&self, key: Key, value: Value, kicks: &mut Kicks) -> Result<u64, DiskError> {
         let order = self.stripe(&key).lock();
         self.debug_panic(&key);
         let rev = self.next_rev();
@@ -167,15 +169,16 @@ impl Store {
             })
         };
         drop(order);
-        kick(touched);
+        kicks.add(touched);
         Ok(rev)
     }
 
     /// Deletes `key`; returns the delete's revision, or `None` if there was no such key.
+    /// Subscribers to kick are added to `kicks`, as for [`put`](Store::put).
     ///
     /// # Errors
     /// The file could not be removed; nothing changed.
-    pub fn delete(&self, key: &Key) -> Result<Option<u64>, DiskError> {
+    pub fn delete(&self, key: &Key, kicks: &mut Kicks) -> Result<Option<u64>, DiskError> {
         let order = self.stripe(key).lock();
         if !self.map.read().contains_key(key) {
             return Ok(None);
@@ -193,7 +196,7 @@ impl Store {
             })
         };
         drop(order);
-        kick(touched);
+        kicks.add(touched);
         Ok(Some(rev))
     }
 
@@ -201,10 +204,14 @@ impl Store {
     ///
     /// # Errors
     /// A file could not be removed; the keys deleted before it stay deleted.
-    pub fn delete_matching(&self, pattern: &Pattern) -> Result<usize, DiskError> {
+    pub fn delete_matching(
+        &self,
+        pattern: &Pattern,
+        kicks: &mut Kicks,
+    ) -> Result<usize, DiskError> {
         let mut deleted = 0;
         for (key, _) in self.get_matching(pattern) {
-            if self.delete(&key)?.is_some() {
+            if self.delete(&key, kicks)?.is_some() {
                 deleted += 1;
             }
         }
@@ -252,15 +259,6 @@ impl Store {
     }
 }
 
-/// Sends what a change queued, from the changing thread, as far as each subscriber's socket
-/// takes it without blocking (the rest goes to the subscriber's writer thread). Runs after
-/// the locks are released: per-key order is already fixed by each mailbox's queue.
-fn kick(touched: Vec<Arc<Mailbox>>) {
-    for mailbox in touched {
-        mailbox.kick();
-    }
-}
-
 /// The entries a target covers, in key order, using the map's order: every key strictly
 /// below `p` sorts in [`p.`, `p/`) because `/` is the byte after `.`.
 fn range<'a>(
@@ -293,7 +291,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), false).unwrap();
         for k in ["a", "a.b", "a.b.c", "ab", "a-b", "a.c", "b"] {
-            store.put(Key::parse(k).unwrap(), Value::from("1")).unwrap();
+            store
+                .put(
+                    Key::parse(k).unwrap(),
+                    Value::from("1"),
+                    &mut Kicks::default(),
+                )
+                .unwrap();
         }
         let keys = |t: &str| -> Vec<String> {
             store
@@ -315,12 +319,18 @@ mod tests {
         {
             let store = Store::open(dir.path(), true).unwrap();
             let a = Key::parse("a").unwrap();
-            store.put(a.clone(), Value::from("1")).unwrap();
             store
-                .put(Key::parse("b").unwrap(), Value::from("2"))
+                .put(a.clone(), Value::from("1"), &mut Kicks::default())
                 .unwrap();
-            assert_eq!(store.delete(&a).unwrap(), Some(3));
-            assert_eq!(store.delete(&a).unwrap(), None);
+            store
+                .put(
+                    Key::parse("b").unwrap(),
+                    Value::from("2"),
+                    &mut Kicks::default(),
+                )
+                .unwrap();
+            assert_eq!(store.delete(&a, &mut Kicks::default()).unwrap(), Some(3));
+            assert_eq!(store.delete(&a, &mut Kicks::default()).unwrap(), None);
         }
         let store = Store::open(dir.path(), false).unwrap();
         assert_eq!(store.rev(), 3);

@@ -13,7 +13,7 @@ use std::thread;
 
 use crate::error::ErrorCode;
 use crate::key::Target;
-use crate::mailbox::{mailbox, Mailbox, Outgoing, Writer};
+use crate::mailbox::{mailbox, Kicks, Mailbox, Outgoing, Writer};
 use crate::notify::SubError;
 use crate::protocol::{parse_request, Envelope, Request, Response, Stats};
 use crate::server::lines::{Line, LineReader};
@@ -43,6 +43,9 @@ pub struct Connection<'a> {
     out: Vec<u8>,
     /// Set once the connection has subscribed.
     mailbox: Option<Arc<Mailbox>>,
+    /// Subscribers given events by this connection's changes, kicked after the responses are
+    /// written (see [`Connection::flush`]).
+    kicks: Kicks,
     requests: u64,
 }
 
@@ -60,6 +63,7 @@ impl<'a> Connection<'a> {
             stream,
             out: Vec::with_capacity(4096),
             mailbox: None,
+            kicks: Kicks::default(),
             requests: 0,
         }
     }
@@ -159,7 +163,7 @@ impl<'a> Connection<'a> {
             ));
         }
         let response = match request {
-            Request::Put { key, value } => match store.put(key, value) {
+            Request::Put { key, value } => match store.put(key, value, &mut self.kicks) {
                 Ok(rev) => Response::Rev(rev),
                 Err(e) => self.internal(e),
             },
@@ -170,15 +174,17 @@ impl<'a> Connection<'a> {
             Request::Get(Target::Pattern(pattern)) => {
                 Response::Values(store.get_matching(&pattern))
             }
-            Request::Del(Target::Key(key)) => match store.delete(&key) {
+            Request::Del(Target::Key(key)) => match store.delete(&key, &mut self.kicks) {
                 Ok(Some(rev)) => Response::Rev(rev),
                 Ok(None) => not_found(&key),
                 Err(e) => self.internal(e),
             },
-            Request::Del(Target::Pattern(pattern)) => match store.delete_matching(&pattern) {
-                Ok(n) => Response::Deleted(n),
-                Err(e) => self.internal(e),
-            },
+            Request::Del(Target::Pattern(pattern)) => {
+                match store.delete_matching(&pattern, &mut self.kicks) {
+                    Ok(n) => Response::Deleted(n),
+                    Err(e) => self.internal(e),
+                }
+            }
             Request::Keys(target) => Response::Keys(store.keys(target.as_ref())),
             Request::Sub(target) => return self.subscribe(&target, id),
             Request::Unsub(target) => match store.notifier().remove(self.id, &target) {
@@ -299,14 +305,16 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Writes the batched responses; false when the client is gone.
+    /// Writes the batched responses, then sends the events our changes queued for subscribers:
+    /// a writer's acknowledgement never waits for the fan-out. False when the client is gone.
     fn flush(&mut self) -> bool {
-        if self.out.is_empty() {
-            return true;
+        let mut result = Ok(());
+        if !self.out.is_empty() {
+            result = self.stream.write_all(&self.out);
+            self.out.clear();
+            self.out.shrink_to(KEEP_CAPACITY);
         }
-        let result = self.stream.write_all(&self.out);
-        self.out.clear();
-        self.out.shrink_to(KEEP_CAPACITY);
+        self.kicks.run();
         if let Err(e) = result {
             log::debug!("conn {}: write failed: {e}", self.id);
             return false;
