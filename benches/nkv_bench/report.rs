@@ -9,6 +9,23 @@ pub struct Fs<'a> {
     pub shm: &'a str,
 }
 
+/// The three figures every load cell reports: ops/s, p50 and p99 latency.
+fn load_cells(res: &Results, key: &str) -> [String; 3] {
+    [
+        ops(res.get(key, "ops_per_s")),
+        num(res.get(key, "p50_us")),
+        num(res.get(key, "p99_us")),
+    ]
+}
+
+/// `numerator / denominator` of one metric of two cells, as `1.23×`.
+fn cell_ratio(res: &Results, numerator: &str, denominator: &str, metric: &str) -> String {
+    times(ratio(
+        res.get(numerator, metric),
+        res.get(denominator, metric),
+    ))
+}
+
 pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
     let mut out = Vec::new();
     let has = |prefix: &str| res.get_any(prefix);
@@ -35,19 +52,19 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
                 let n = format!("get/nkv/c{c}/v{v}");
                 let r = format!("get/redis/c{c}/v{v}");
                 let e = format!("echo/c{c}");
-                t.row(vec![
-                    c.to_string(),
-                    size_label(v),
-                    ops(res.get(&n, "ops_per_s")),
-                    num(res.get(&n, "p50_us")),
-                    num(res.get(&n, "p99_us")),
-                    ops(res.get(&r, "ops_per_s")),
-                    num(res.get(&r, "p50_us")),
-                    num(res.get(&r, "p99_us")),
-                    times(ratio(res.get(&n, "ops_per_s"), res.get(&r, "ops_per_s"))),
-                    num(res.get(&e, "p50_us")),
-                    times(ratio(res.get(&n, "p50_us"), res.get(&e, "p50_us"))),
-                ]);
+                t.row(
+                    [
+                        &[c.to_string(), size_label(v)][..],
+                        &load_cells(res, &n),
+                        &load_cells(res, &r),
+                        &[
+                            cell_ratio(res, &n, &r, "ops_per_s"),
+                            num(res.get(&e, "p50_us")),
+                            cell_ratio(res, &n, &e, "p50_us"),
+                        ],
+                    ]
+                    .concat(),
+                );
             }
         }
         out.push(t);
@@ -72,17 +89,15 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
             for &v in &plan.value_sizes {
                 let n = format!("put-disk/nkv/c{c}/v{v}");
                 let f = format!("put-disk/floor/c{c}/v{v}");
-                t.row(vec![
-                    c.to_string(),
-                    size_label(v),
-                    ops(res.get(&n, "ops_per_s")),
-                    num(res.get(&n, "p50_us")),
-                    num(res.get(&n, "p99_us")),
-                    ops(res.get(&f, "ops_per_s")),
-                    num(res.get(&f, "p50_us")),
-                    num(res.get(&f, "p99_us")),
-                    times(ratio(res.get(&n, "ops_per_s"), res.get(&f, "ops_per_s"))),
-                ]);
+                t.row(
+                    [
+                        &[c.to_string(), size_label(v)][..],
+                        &load_cells(res, &n),
+                        &load_cells(res, &f),
+                        &[cell_ratio(res, &n, &f, "ops_per_s")],
+                    ]
+                    .concat(),
+                );
             }
         }
         out.push(t);
@@ -113,19 +128,19 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
                 let n = format!("put-shm/nkv/c{c}/v{v}");
                 let r = format!("put/redis/c{c}/v{v}");
                 let f = format!("put-shm/floor/c{c}/v{v}");
-                t.row(vec![
-                    c.to_string(),
-                    size_label(v),
-                    ops(res.get(&n, "ops_per_s")),
-                    num(res.get(&n, "p50_us")),
-                    num(res.get(&n, "p99_us")),
-                    ops(res.get(&r, "ops_per_s")),
-                    num(res.get(&r, "p50_us")),
-                    num(res.get(&r, "p99_us")),
-                    times(ratio(res.get(&n, "ops_per_s"), res.get(&r, "ops_per_s"))),
-                    ops(res.get(&f, "ops_per_s")),
-                    times(ratio(res.get(&n, "ops_per_s"), res.get(&f, "ops_per_s"))),
-                ]);
+                t.row(
+                    [
+                        &[c.to_string(), size_label(v)][..],
+                        &load_cells(res, &n),
+                        &load_cells(res, &r),
+                        &[
+                            cell_ratio(res, &n, &r, "ops_per_s"),
+                            ops(res.get(&f, "ops_per_s")),
+                            cell_ratio(res, &n, &f, "ops_per_s"),
+                        ],
+                    ]
+                    .concat(),
+                );
             }
         }
         out.push(t);
@@ -138,12 +153,7 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
         );
         for &c in &plan.clients {
             let e = format!("echo/c{c}");
-            t.row(vec![
-                c.to_string(),
-                ops(res.get(&e, "ops_per_s")),
-                num(res.get(&e, "p50_us")),
-                num(res.get(&e, "p99_us")),
-            ]);
+            t.row([&[c.to_string()][..], &load_cells(res, &e)].concat());
         }
         out.push(t);
     }
@@ -211,7 +221,7 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
                 num(res.get(&r, "p50_us")),
                 num(res.get(&r, "p99_us")),
                 num(res.get(&r, "max_us")),
-                times(ratio(res.get(&n, "p99_us"), res.get(&r, "p99_us"))),
+                cell_ratio(res, &n, &r, "p99_us"),
                 ops(res.get(&n, "events_per_s")),
                 ops(res.get(&r, "events_per_s")),
                 res.get(&n, "delivered")
