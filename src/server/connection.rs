@@ -71,6 +71,11 @@ impl<'a> Connection<'a> {
     /// Serves the connection until the client leaves, quits, or the server stops.
     pub fn serve(&mut self) {
         let limits = &self.shared.limits;
+        // The framed protocol of the system nkv replaces shares the socket (server/framed/).
+        if crate::server::framed::detect(&self.stream, limits.idle_timeout) {
+            crate::server::framed::serve(self.shared, self.id, &self.stream);
+            return;
+        }
         let reader_stream = match self.stream.try_clone() {
             Ok(s) => s,
             Err(e) => {

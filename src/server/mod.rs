@@ -2,9 +2,11 @@
 //!
 //! - [`socket`]: binding (or inheriting) the listening socket;
 //! - [`lines`]: reading request lines with limits;
-//! - [`connection`]: one connection's loop and the dispatch `match`.
+//! - [`connection`]: one connection's loop and the dispatch `match`;
+//! - [`framed`]: the framed protocol of the system nkv replaces, on the same socket.
 
 mod connection;
+mod framed;
 mod lines;
 mod socket;
 
@@ -106,6 +108,8 @@ pub(crate) struct Shared {
     /// Signalled when a connection closes or a writer stops, for the shutdown drain.
     closed: Condvar,
     stopping: AtomicBool,
+    /// Framed subscriptions by (client id, key), for framed `UNSUB` (see `framed::Registry`).
+    framed: framed::Registry,
 }
 
 #[derive(Default)]
@@ -222,6 +226,7 @@ impl Server {
                 connections: Mutex::new(Connections::default()),
                 closed: Condvar::new(),
                 stopping: AtomicBool::new(false),
+                framed: framed::Registry::default(),
             }),
             listener,
             path,

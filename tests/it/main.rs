@@ -6,6 +6,7 @@ mod support;
 mod access;
 mod cli;
 mod core;
+mod framed;
 mod hostile;
 mod lifecycle;
 mod limits;
