@@ -1,0 +1,3 @@
+module github.com/nkv/nkv/clients/go
+
+go 1.19
