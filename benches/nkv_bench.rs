@@ -15,6 +15,7 @@
 //! - `floors`    the echo server, the temp+rename loop, reading a data directory
 //! - `kv`        GET / PUT / wildcard / floor measurements
 //! - `notify`    put-ack → event latency and fan-out rate
+//! - `framed`    the framed protocol (connection per request) beside the line protocol
 //! - `footprint` RSS, threads, binary sizes
 //! - `startup`   start-up time on N keys, beside reading the files
 //! - `results`, `report`, `targets`   medians, Markdown tables, target checks, JSON
@@ -27,6 +28,8 @@
 mod floors;
 #[path = "nkv_bench/footprint.rs"]
 mod footprint;
+#[path = "nkv_bench/framed.rs"]
+mod framed;
 #[path = "nkv_bench/kv.rs"]
 mod kv;
 #[path = "nkv_bench/loadgen.rs"]
@@ -186,6 +189,12 @@ fn run(opts: &Opts) -> Result<(), String> {
                 res.add(&format!("wildcard/nkv/c{c}"), &m);
             }
         }
+        if runs(Section::Framed) {
+            if let Some(s) = &rig.nkv {
+                eprint!(" framed");
+                framed::round(s, &plan, &mut res)?;
+            }
+        }
         if runs(Section::Notify) {
             eprint!(" notify");
             notify_round(&rig, &plan, nkv_first, &mut res)?;
@@ -216,6 +225,7 @@ fn run(opts: &Opts) -> Result<(), String> {
         shm: &env.shm_fs,
     };
     let mut tables = report::tables(&res, &plan, &fs);
+    tables.extend(framed::table(&res, &plan));
     let targets = targets::evaluate(&res, &plan);
     tables.push(targets::table(&targets));
     let md = render(&res, &tables);
@@ -241,14 +251,15 @@ fn run(opts: &Opts) -> Result<(), String> {
 
 fn setup(env: &Env, opts: &Opts, plan: &Plan, res: &mut Results) -> Result<Rig, String> {
     let runs = |s| opts.runs(s);
-    let (get, put, notify, floors) = (
+    let (get, put, notify, floors, framed) = (
         runs(Section::Get),
         runs(Section::Put),
         runs(Section::Notify),
         runs(Section::Floors),
+        runs(Section::Framed),
     );
     let nkv_dir = env.fresh_dir(Base::Disk, "nkv")?;
-    let nkv = if get || put || notify {
+    let nkv = if get || put || notify || framed {
         Some(env.start_nkv("nkv", &nkv_dir)?)
     } else {
         None
@@ -285,6 +296,11 @@ fn setup(env: &Env, opts: &Opts, plan: &Plan, res: &mut Results) -> Result<Rig, 
     }
     if get {
         for s in [&nkv, &redis].into_iter().flatten() {
+            kv::load_get_keys(s, plan)?;
+        }
+    } else if framed {
+        // The framed GET cells read the GET cells' keys.
+        for s in nkv.iter() {
             kv::load_get_keys(s, plan)?;
         }
     }

@@ -10,7 +10,7 @@ options:
   --quick            small op counts, one round, every section once (a few seconds, for CI)
   --rounds N         A/B rounds (nkv and Redis interleaved); medians are reported [5; quick 1]
   --out DIR          where results.md and results.json go [target/nkv-bench]
-  --only LIST        comma-separated sections: get,put,wildcard,notify,footprint,startup,floors
+  --only LIST        comma-separated sections: get,put,wildcard,notify,footprint,startup,floors,framed
   --fsync            start nkv with --fsync and fsync the temp+rename floor too
   --cpus LIST        run everything (load generator and servers) on these CPUs, via taskset
                      (e.g. 0: one core, so no cross-CPU wake-ups; see docs/PERFORMANCE.md)
@@ -30,10 +30,12 @@ pub enum Section {
     Footprint,
     Startup,
     Floors,
+    /// The framed protocol beside the line protocol, a connection per request.
+    Framed,
 }
 
 impl Section {
-    pub const ALL: [Section; 7] = [
+    pub const ALL: [Section; 8] = [
         Section::Get,
         Section::Put,
         Section::Wildcard,
@@ -41,6 +43,7 @@ impl Section {
         Section::Footprint,
         Section::Startup,
         Section::Floors,
+        Section::Framed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Section {
             Section::Footprint => "footprint",
             Section::Startup => "startup",
             Section::Floors => "floors",
+            Section::Framed => "framed",
         }
     }
 
