@@ -72,8 +72,7 @@ impl<'a> Connection<'a> {
     pub fn serve(&mut self) {
         let limits = &self.shared.limits;
         // The framed protocol of the system nkv replaces shares the socket (server/framed/).
-        if crate::server::framed::detect(&self.stream, limits.idle_timeout) {
-            crate::server::framed::serve(self.shared, self.id, &self.stream);
+        if crate::server::framed::serve_unless_line(self.shared, self.id, &self.stream) {
             return;
         }
         let reader_stream = match self.stream.try_clone() {

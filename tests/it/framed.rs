@@ -524,6 +524,46 @@ fn a_stalled_framed_subscriber_blocks_no_one_and_still_converges() {
 }
 
 #[test]
+fn a_stream_ignores_input_skips_unsendable_values_and_ends_with_its_client() {
+    let server = Server::start();
+    let mut sub = subscribe(&server, "watcher", "big");
+    assert_eq!(read_frame(&mut sub).as_deref(), Some("HELLO"));
+    sub.write_all(b"\x05\x00\x00\x00junk\ngarbage")
+        .expect("send junk");
+    let mut raw = server.raw();
+    // A value a line client may store but no frame can carry: skipped for framed subscribers.
+    raw.send(&format!("PUT big.huge {}", "x".repeat(7 << 20)));
+    assert_eq!(raw.json()["ok"], true);
+    raw.request("PUT big.small 1");
+    assert_eq!(
+        read_frame(&mut sub),
+        Some(format!("UPDATE big.small {}", b64(b"1")))
+    );
+    let trace = request(&server, b"TRACE t c big.small\n");
+    assert_eq!(trace, "trace t OK watcher");
+    drop(sub);
+    wait_until("the closed stream to leave the subscription table", || {
+        request(&server, b"TRACE t c big.small\n") == "trace t FAILED"
+    });
+    assert!(server.log_text().contains("does not fit in an 8 MiB frame"));
+}
+
+#[test]
+fn a_silent_connection_times_out_once_not_twice() {
+    let server = Server::start_with(&["--idle-timeout", "1"]);
+    let started = std::time::Instant::now();
+    let mut raw = server.raw();
+    let v = raw.json();
+    assert_eq!(v["error"], "timeout", "{v}");
+    raw.assert_closed();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(1900),
+        "timed out after {waited:?} with --idle-timeout 1"
+    );
+}
+
+#[test]
 fn shutdown_closes_framed_streams_and_exits_zero() {
     let mut server = Server::start();
     let mut sub = subscribe(&server, "c", "z");

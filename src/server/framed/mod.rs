@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, MsgFlags};
 
+use crate::error::ErrorCode;
 use crate::key::{Key, Pattern, Target};
 use crate::mailbox::Kicks;
+use crate::protocol::Response;
 use crate::server::Shared;
 use crate::store::Value;
 use wire::{BadRequest, Command, Frame, FramedRequest, ReplyKind, MAX_FRAME, PREFIX_OF_OVERSIZED};
@@ -40,10 +42,45 @@ pub const UPSTREAM_VERSION: &str = "0.1.1";
 /// Linux's "peer closed its write side" poll event, which nix 0.29 does not name.
 const POLLRDHUP: PollFlags = PollFlags::from_bits_retain(0x2000);
 
+/// What the first bytes of a connection say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    Framed,
+    Line,
+    /// Nothing decisive arrived within the idle timeout.
+    TimedOut,
+}
+
+/// Serves the connection if it is not a line connection: framed, or silent for the whole idle
+/// timeout (answered with the line protocol's `timeout`, as the line reader would have, so the
+/// wait is not doubled). False when the line protocol should serve it.
+pub fn serve_unless_line(shared: &Arc<Shared>, conn: u64, stream: &UnixStream) -> bool {
+    match detect(stream, shared.limits.idle_timeout) {
+        Detected::Line => false,
+        Detected::Framed => {
+            serve(shared, conn, stream);
+            true
+        }
+        Detected::TimedOut => {
+            log::info!("conn {conn}: timeout");
+            let mut line = Vec::new();
+            Response::error(
+                ErrorCode::Timeout,
+                "no complete line within the idle timeout; closing the connection (--idle-timeout)",
+            )
+            .write(None, &mut line);
+            let mut writer = stream;
+            let _ = writer.write_all(&line);
+            close(stream);
+            true
+        }
+    }
+}
+
 /// Whether the connection speaks frames. Peeks (consumes nothing): a frame's length is under
 /// 16 MiB, so one of its first 4 bytes is NUL; a line request never holds a NUL. Decides as
 /// soon as it sees a NUL, a `\n`, 4 bytes, or the end of the stream.
-pub fn detect(stream: &UnixStream, idle: Option<Duration>) -> bool {
+pub fn detect(stream: &UnixStream, idle: Option<Duration>) -> Detected {
     let mut head = [0u8; 4];
     let _ = stream.set_read_timeout(idle);
     let started = Instant::now();
@@ -52,33 +89,34 @@ pub fn detect(stream: &UnixStream, idle: Option<Duration>) -> bool {
         let n = match recv(stream.as_raw_fd(), &mut head, MsgFlags::MSG_PEEK) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => continue,
-            // A timeout or error: the line reader reports it as it always does.
-            Err(_) => return false,
+            Err(nix::errno::Errno::EAGAIN) => return Detected::TimedOut,
+            // Any other error: the line reader reports it as it always does.
+            Err(_) => return Detected::Line,
         };
         let seen = &head[..n];
         if seen.contains(&0) {
-            return true;
+            return Detected::Framed;
         }
         if n == 0 || n == head.len() || seen.contains(&b'\n') {
-            return false;
+            return Detected::Line;
         }
         // 1 to 3 bytes and no verdict yet: rare (clients write a request at once), and a peek
         // cannot wait for more, so look again shortly (at once if the client hangs up), for at
         // most the idle timeout.
         if idle.is_some_and(|idle| started.elapsed() >= idle) {
-            return false;
+            return Detected::TimedOut;
         }
         let mut fds = [PollFd::new(stream.as_fd(), POLLRDHUP)];
         let wait = PollTimeout::try_from(pause).unwrap_or(PollTimeout::MAX);
         if let Ok(1..) = poll(&mut fds, wait) {
-            return false;
+            return Detected::Line;
         }
         pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 
 /// Serves one framed connection: one request, or a subscription stream.
-pub fn serve(shared: &Arc<Shared>, conn: u64, stream: &UnixStream) {
+fn serve(shared: &Arc<Shared>, conn: u64, stream: &UnixStream) {
     let idle = shared.limits.idle_timeout;
     let _ = stream.set_read_timeout(idle);
     let mut reader = stream;
@@ -326,9 +364,9 @@ mod tests {
             b.write_all(bytes).unwrap();
             if bytes.len() < 4 && !bytes.contains(&b'\n') && !bytes.contains(&0) {
                 drop(b); // end of stream decides
-                return detect(&a, Some(Duration::from_secs(5)));
+                return detect(&a, Some(Duration::from_secs(5))) == Detected::Framed;
             }
-            let verdict = detect(&a, Some(Duration::from_secs(5)));
+            let verdict = detect(&a, Some(Duration::from_secs(5))) == Detected::Framed;
             // Nothing was consumed.
             let mut all = vec![0u8; bytes.len()];
             (&a).read_exact(&mut all).unwrap();
@@ -354,7 +392,22 @@ mod tests {
             b.write_all(b"\x00\x00\x00").unwrap();
             b
         });
-        assert!(detect(&a, Some(Duration::from_secs(5))));
+        assert_eq!(detect(&a, Some(Duration::from_secs(5))), Detected::Framed);
         drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn detection_times_out_on_silence_and_on_a_stalled_start() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert_eq!(
+            detect(&a, Some(Duration::from_millis(50))),
+            Detected::TimedOut
+        );
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"GE").unwrap();
+        assert_eq!(
+            detect(&a, Some(Duration::from_millis(50))),
+            Detected::TimedOut
+        );
     }
 }
