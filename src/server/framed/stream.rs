@@ -16,6 +16,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -151,7 +152,7 @@ pub fn serve(
         .map_err(|_| SubscribeError::Limit)?;
     shared.framed.add(client, target, conn, &mailbox);
     log::info!("conn {conn} (framed client {client}) subscribed to {target}");
-    relay(conn, &theirs, client_stream);
+    relay(conn, &theirs, client_stream, &shared.stopping);
     drop(subscription);
     Ok(())
 }
@@ -196,17 +197,25 @@ fn display_name(client: &str) -> String {
 
 /// Moves lines from the mailbox's socket to the client as frames, until the client closes,
 /// either socket fails, or the server's `shutdown` line arrives.
-fn relay(conn: u64, lines: &UnixStream, client: &UnixStream) {
+fn relay(conn: u64, lines: &UnixStream, client: &UnixStream, stopping: &AtomicBool) {
     let mut mailbox_side = lines;
     let mut client_side = client;
     let _ = client.set_read_timeout(None);
     let mut pending: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut chunk = vec![0u8; READ_CHUNK];
+    // Once the server is stopping, it has shut down our read side: what looks like the client
+    // leaving is that, and the queue is still relayed up to the shutdown line.
+    let mut watch_client = true;
     loop {
         let (lines_ready, client_ready) = {
+            let client_events = if watch_client {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::empty()
+            };
             let mut fds = [
                 PollFd::new(lines.as_fd(), PollFlags::POLLIN),
-                PollFd::new(client.as_fd(), PollFlags::POLLIN),
+                PollFd::new(client.as_fd(), client_events),
             ];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
@@ -217,12 +226,13 @@ fn relay(conn: u64, lines: &UnixStream, client: &UnixStream) {
                 }
             }
             let any = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            (any(&fds[0]), any(&fds[1]))
+            (any(&fds[0]), watch_client && any(&fds[1]))
         };
         if client_ready {
             // A framed subscriber sends nothing after SUB: anything it does send is ignored,
             // end of file or an error ends the subscription.
             match client_side.read(&mut chunk) {
+                Ok(0) if stopping.load(Ordering::SeqCst) => watch_client = false,
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
