@@ -25,7 +25,10 @@ else
 fi
 
 export CARGO_TARGET_DIR="$PWD/target/foreign"
-cargo build --quiet --release --manifest-path target/foreign-src/nkv-0.1.1/Cargo.toml --bin nkv-client
-cargo build --quiet --release --manifest-path tests/upstream-client/Cargo.toml
+# Both from the helper's workspace, so upstream's dependencies are compiled once (with the
+# helper's Cargo.lock, seeded from upstream's); nkv-client's source is upstream's, unchanged.
+manifest=tests/upstream-client/Cargo.toml
+cargo build --quiet --release --manifest-path "$manifest" -p nkv --bin nkv-client
+cargo build --quiet --release --manifest-path "$manifest"
 echo "NKV_UPSTREAM_CLIENT=$CARGO_TARGET_DIR/release/nkv-client"
 echo "NKV_UPSTREAM_MIXED=$CARGO_TARGET_DIR/release/nkv-upstream-mixed"
