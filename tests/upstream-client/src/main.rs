@@ -53,7 +53,10 @@ impl Line {
     }
 
     fn send(&mut self, line: &str) {
-        self.0.get_ref().write_all(format!("{line}\n").as_bytes()).expect("line send");
+        self.0
+            .get_ref()
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("line send");
     }
 
     fn json(&mut self) -> Value {
@@ -85,7 +88,9 @@ fn line_subscriber(socket: &str, target: &str) -> std::sync::mpsc::Receiver<Valu
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let Ok(event) = serde_json::from_str::<Value>(&text) else { return };
+        let Ok(event) = serde_json::from_str::<Value>(&text) else {
+            return;
+        };
         if tx.send(event).is_err() {
             return;
         }
@@ -94,7 +99,8 @@ fn line_subscriber(socket: &str, target: &str) -> std::sync::mpsc::Receiver<Valu
 }
 
 fn line_event(rx: &std::sync::mpsc::Receiver<Value>) -> Value {
-    rx.recv_timeout(DEADLINE).expect("a line event before the deadline")
+    rx.recv_timeout(DEADLINE)
+        .expect("a line event before the deadline")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -102,8 +108,14 @@ fn line_event(rx: &std::sync::mpsc::Receiver<Value>) -> Value {
 // ---------------------------------------------------------------------------------------------
 
 /// A subscription stream built from upstream's wire types: every message, in order.
-async fn stream_subscriber(socket: &str, client: &str, key: &str) -> mpsc::UnboundedReceiver<Message> {
-    let stream = tokio::net::UnixStream::connect(socket).await.expect("framed connect");
+async fn stream_subscriber(
+    socket: &str,
+    client: &str,
+    key: &str,
+) -> mpsc::UnboundedReceiver<Message> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("framed connect");
     let mut framed = LengthDelimitedCodec::builder()
         .little_endian()
         .length_field_type::<u32>()
@@ -113,7 +125,10 @@ async fn stream_subscriber(socket: &str, client: &str, key: &str) -> mpsc::Unbou
         client_uuid: client.to_string(),
         key: key.to_string(),
     });
-    framed.send(Bytes::from(format!("{req}\n"))).await.expect("send SUB");
+    framed
+        .send(Bytes::from(format!("{req}\n")))
+        .await
+        .expect("send SUB");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(Ok(bytes)) = framed.next().await {
@@ -148,7 +163,10 @@ fn close(key: &str) -> Message {
 }
 
 /// A handler for `NkvClient::subscribe` that forwards what it is handed.
-fn forward() -> (Box<dyn Fn(Message) + Send>, mpsc::UnboundedReceiver<Message>) {
+fn forward() -> (
+    Box<dyn Fn(Message) + Send>,
+    mpsc::UnboundedReceiver<Message>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
     (Box::new(move |msg| drop(tx.send(msg))), rx)
 }
@@ -189,7 +207,12 @@ fn trace(resp: ServerResponse) -> Vec<String> {
 /// Full snapshot on SUB; values both ways; framed and line subscribers see each other's writes.
 async fn snapshot(socket: &str) {
     let mut line = Line::connect(socket);
-    for req in ["PUT snap.a 42", "PUT snap.a.b {\"on\":true}", "PUT snap.a.c some text", "PUT snap.ab 1"] {
+    for req in [
+        "PUT snap.a 42",
+        "PUT snap.a.b {\"on\":true}",
+        "PUT snap.a.c some text",
+        "PUT snap.ab 1",
+    ] {
         assert_eq!(line.request(req)["ok"], true, "{req}");
     }
     let line_sub = line_subscriber(socket, "snap.a");
@@ -215,25 +238,47 @@ async fn snapshot(socket: &str) {
     .map(|(k, v)| (k.to_string(), v.to_vec()))
     .collect();
     assert_eq!(got, want, "GET a.* is a and below, not ab");
-    assert!(!ok(&client.get("snap.none".to_string()).await.expect("get")));
+    assert!(!ok(&client
+        .get("snap.none".to_string())
+        .await
+        .expect("get")));
 
     // Framed writes reach line and framed subscribers; line writes reach framed ones.
-    assert!(ok(&client.put("snap.a.d".to_string(), br#"{"x":1}"#.to_vec().into()).await.expect("put")));
+    assert!(ok(&client
+        .put("snap.a.d".to_string(), br#"{"x":1}"#.to_vec().into())
+        .await
+        .expect("put")));
     let event = line_event(&line_sub);
-    assert_eq!((&event["key"], &event["value"]), (&json!("snap.a.d"), &json!({"x": 1})));
+    assert_eq!(
+        (&event["key"], &event["value"]),
+        (&json!("snap.a.d"), &json!({"x": 1}))
+    );
     assert_eq!(next(&mut sub).await, update("snap.a.d", br#"{"x":1}"#));
     assert_eq!(line.request("PUT snap.a.e [1,2]")["ok"], true);
     assert_eq!(next(&mut sub).await, update("snap.a.e", b"[1,2]"));
     assert_eq!(line_event(&line_sub)["key"], "snap.a.e");
-    assert!(!ok(&client.put("snap.a.bin".to_string(), vec![0xff, 0x00].into()).await.expect("put")));
-    assert_eq!(line.request("GET snap.a.bin")["error"], "not_found", "a refused put stores nothing");
-    assert!(ok(&client.delete("snap.a.b".to_string()).await.expect("delete")));
+    assert!(!ok(&client
+        .put("snap.a.bin".to_string(), vec![0xff, 0x00].into())
+        .await
+        .expect("put")));
+    assert_eq!(
+        line.request("GET snap.a.bin")["error"],
+        "not_found",
+        "a refused put stores nothing"
+    );
+    assert!(ok(&client
+        .delete("snap.a.b".to_string())
+        .await
+        .expect("delete")));
     assert_eq!(next(&mut sub).await, close("snap.a.b"));
     assert_eq!(line_event(&line_sub)["event"], "del");
 
     // The library's own subscribe converges on the latest value.
     let (handler, mut handed) = forward();
-    assert!(ok(&client.subscribe("snap.w".to_string(), handler).await.expect("subscribe")));
+    assert!(ok(&client
+        .subscribe("snap.w".to_string(), handler)
+        .await
+        .expect("subscribe")));
     for i in 1..=50 {
         assert_eq!(line.request(&format!("PUT snap.w {i}"))["ok"], true);
     }
@@ -247,9 +292,18 @@ async fn isolation(socket: &str) {
     let (ha, mut a_k) = forward();
     let (ha2, mut a_k2) = forward();
     let (hb, mut b_k) = forward();
-    assert!(ok(&a.subscribe("iso.k".to_string(), ha).await.expect("sub")));
-    assert!(ok(&a.subscribe("iso.k2".to_string(), ha2).await.expect("sub")));
-    assert!(ok(&b.subscribe("iso.k".to_string(), hb).await.expect("sub")));
+    assert!(ok(&a
+        .subscribe("iso.k".to_string(), ha)
+        .await
+        .expect("sub")));
+    assert!(ok(&a
+        .subscribe("iso.k2".to_string(), ha2)
+        .await
+        .expect("sub")));
+    assert!(ok(&b
+        .subscribe("iso.k".to_string(), hb)
+        .await
+        .expect("sub")));
     let line_sub = line_subscriber(socket, "iso.k");
     // The library subscribes in the background: wait until TRACE lists everyone.
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -261,15 +315,27 @@ async fn isolation(socket: &str) {
         if names == ["iso-A", "iso-B"] && k2 == ["iso-A"] {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "subscribers never registered: {names:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscribers never registered: {names:?}"
+        );
         tokio::task::yield_now().await;
     }
 
-    assert!(ok(&a.unsubscribe("iso.k".to_string()).await.expect("unsub")));
+    assert!(ok(&a
+        .unsubscribe("iso.k".to_string())
+        .await
+        .expect("unsub")));
     converges(&mut a_k, &close("iso.k")).await;
     let names = trace(b.trace("iso.k".to_string()).await.expect("trace"));
-    assert!(names.contains(&"iso-B".to_string()) && !names.contains(&"iso-A".to_string()), "{names:?}");
-    assert_eq!(trace(b.trace("iso.k2".to_string()).await.expect("trace")), ["iso-A"]);
+    assert!(
+        names.contains(&"iso-B".to_string()) && !names.contains(&"iso-A".to_string()),
+        "{names:?}"
+    );
+    assert_eq!(
+        trace(b.trace("iso.k2".to_string()).await.expect("trace")),
+        ["iso-A"]
+    );
 
     let mut line = Line::connect(socket);
     assert_eq!(line.request("PUT iso.k after")["ok"], true);
@@ -277,16 +343,22 @@ async fn isolation(socket: &str) {
     assert_eq!(line_event(&line_sub)["value"], "after");
     assert_eq!(line.request("PUT iso.k2 still")["ok"], true);
     converges(&mut a_k2, &update("iso.k2", b"still")).await;
-    assert!(a_k.try_recv().is_err(), "nothing for the ended subscription");
+    assert!(
+        a_k.try_recv().is_err(),
+        "nothing for the ended subscription"
+    );
 
     // A framed subscriber that never reads: writers and the others carry on.
     let _stalled = {
         let mut s = StdStream::connect(socket).expect("connect");
-        let req = format!("{}\n", ServerRequest::Subscribe(BaseMessage {
-            id: "iso-S".into(),
-            client_uuid: "iso-S".into(),
-            key: "iso.k".into(),
-        }));
+        let req = format!(
+            "{}\n",
+            ServerRequest::Subscribe(BaseMessage {
+                id: "iso-S".into(),
+                client_uuid: "iso-S".into(),
+                key: "iso.k".into(),
+            })
+        );
         let mut framed = (req.len() as u32).to_le_bytes().to_vec();
         framed.extend_from_slice(req.as_bytes());
         s.write_all(&framed).expect("send SUB");
@@ -301,7 +373,10 @@ async fn isolation(socket: &str) {
             assert_eq!(line.json()["ok"], true);
         }
     }
-    assert!(ok(&b.put("iso.k".to_string(), b"final".to_vec().into()).await.expect("put")));
+    assert!(ok(&b
+        .put("iso.k".to_string(), b"final".to_vec().into())
+        .await
+        .expect("put")));
     converges(&mut b_k, &update("iso.k", b"final")).await;
     while line_event(&line_sub)["value"] != "final" {}
 }
@@ -339,7 +414,10 @@ async fn convergence(socket: &str) {
                 let mut line = Line::connect(&socket);
                 for n in 1..=ROUNDS {
                     for k in 0..KEYS {
-                        assert_eq!(line.request(&format!("PUT conv.{w}.{k} {}", value(w, k, n)))["ok"], true);
+                        assert_eq!(
+                            line.request(&format!("PUT conv.{w}.{k} {}", value(w, k, n)))["ok"],
+                            true
+                        );
                     }
                 }
             }));
@@ -355,7 +433,12 @@ async fn convergence(socket: &str) {
     };
     let total = WRITERS * KEYS;
     let mut framed_seen: HashMap<String, u64> = HashMap::new();
-    while framed_seen.values().filter(|n| **n == ROUNDS as u64).count() < total {
+    while framed_seen
+        .values()
+        .filter(|n| **n == ROUNDS as u64)
+        .count()
+        < total
+    {
         match next(&mut framed_sub).await {
             Message::Update { key, value } => {
                 let n = last_n(&value);
@@ -376,5 +459,8 @@ async fn convergence(socket: &str) {
     let mut client = NkvClient::new(socket, "conv-reader".to_string());
     let all = data(client.get("conv.*".to_string()).await.expect("get"));
     assert_eq!(all.len(), total);
-    assert!(all.values().all(|v| last_n(v) == ROUNDS as u64), "GET conv.* is the final state");
+    assert!(
+        all.values().all(|v| last_n(v) == ROUNDS as u64),
+        "GET conv.* is the final state"
+    );
 }
