@@ -148,6 +148,21 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever a framed client sends, what is stored is one line of JSON that every
+        /// client can read, and text that was not JSON reads back byte for byte.
+        #[test]
+        fn any_text_is_stored_as_one_readable_json_line(text in "(?s).{0,64}|[ \n{}\\[\\]\":,0-9a-z]{0,64}") {
+            let stored = from_bytes(text.as_bytes(), 1 << 20).unwrap();
+            proptest::prop_assert!(!stored.contains('\n') && !stored.contains('\r'), "{stored:?}");
+            proptest::prop_assert!(serde_json::from_str::<serde_json::Value>(&stored).is_ok(), "{stored:?}");
+            let trimmed = text.trim_matches(|c| matches!(c, ' ' | '\t' | '\r' | '\n'));
+            if serde_json::from_str::<serde_json::Value>(trimmed).is_err() || trimmed.is_empty() {
+                proptest::prop_assert_eq!(&*to_bytes(&stored), text.as_bytes());
+            }
+        }
+    }
+
     #[test]
     fn stored_values_read_back_as_framed_clients_sent_them() {
         for sent in [

@@ -432,6 +432,20 @@ mod tests {
         assert_eq!((err.kind, err.id.as_str()), (ReplyKind::Data, "r9"));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_frame_parses_or_fails_without_panicking(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            if let Err(err) = parse_request(&bytes) {
+                proptest::prop_assert!(!err.id.contains(' ') && !err.id.is_empty());
+            }
+        }
+
+        #[test]
+        fn base64_round_trips(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100)) {
+            proptest::prop_assert_eq!(decode_base64(&b64(&bytes)).unwrap(), bytes);
+        }
+    }
+
     #[test]
     fn frames_carry_their_length_and_refuse_to_exceed_the_limit() {
         let frame = Frame::reply(ReplyKind::Base, "r1", true).finish().unwrap();
