@@ -17,6 +17,8 @@ mkdir -p target/foreign-src
 # -a keeps modification times: an unchanged tree is not rebuilt.
 rm -rf target/foreign-src/nkv-0.1.1.new
 cp -a "$src" target/foreign-src/nkv-0.1.1.new
+# The source may be a read-only copy; ours must be removable (modes only: times stay).
+chmod -R u+w target/foreign-src/nkv-0.1.1.new
 if ! diff -rq target/foreign-src/nkv-0.1.1.new target/foreign-src/nkv-0.1.1 >/dev/null 2>&1; then
   rm -rf target/foreign-src/nkv-0.1.1
   mv target/foreign-src/nkv-0.1.1.new target/foreign-src/nkv-0.1.1
