@@ -15,7 +15,8 @@
 //! - [`disk`]: one file per key: load at start, atomic write, remove.
 //! - [`notify`]: who subscribes to what; publishing a change to the matching mailboxes.
 //! - [`mailbox`]: one subscriber's bounded queue that keeps the latest state of every key.
-//! - [`server`]: listener, accept loop, one connection's loop and dispatch, shutdown.
+//! - [`server`]: listener, accept loop, one connection's loop and dispatch, shutdown; the
+//!   framed front end for the clients of the nkv this project replaces (`server::framed`).
 //! - [`client`]: the blocking client: [`Client`], [`Subscription`].
 //! - [`error`]: error types.
 //!
