@@ -1,0 +1,49 @@
+package nkv
+
+import (
+	"reflect"
+	"testing"
+)
+
+// Resuming without server help: only what changed while disconnected reaches the consumer.
+func TestResumeSkipsWhatTheConsumerHasAndReportsWhatIsGone(t *testing.T) {
+	s := &subscription{seen: map[string]uint64{}}
+	for _, ev := range []wireEvent{
+		{Event: "init", Key: "a", Rev: 1}, {Event: "init", Key: "b", Rev: 2},
+		{Event: "init", Key: "c", Rev: 3}, {Event: "ready", Count: 3},
+	} {
+		s.translate(ev, nil)
+	}
+	resume := s.resumeState()
+	if resume.fromRev != 3 {
+		t.Fatalf("fromRev %d", resume.fromRev)
+	}
+	var got []Event
+	for _, ev := range []wireEvent{
+		{Event: "init", Key: "a", Rev: 1}, // unchanged: skipped
+		{Event: "init", Key: "c", Rev: 7}, // changed: passed on
+		{Event: "init", Key: "d", Rev: 8}, // new: passed on
+		{Event: "ready", Count: 3},        // b is gone
+	} {
+		out, ok := s.translate(ev, resume)
+		if !ok {
+			t.Fatal("translate stopped")
+		}
+		got = append(got, out...)
+	}
+	want := []Event{
+		{Kind: Init, Key: "c", Rev: 7},
+		{Kind: Init, Key: "d", Rev: 8},
+		{Kind: Del, Key: "b"},
+		{Kind: Ready, Count: 3},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %+v\nwant %+v", got, want)
+	}
+	if want := map[string]uint64{"a": 1, "c": 7, "d": 8}; !reflect.DeepEqual(s.seen, want) {
+		t.Fatalf("seen %v", s.seen)
+	}
+	if _, ok := s.translate(wireEvent{Event: "shutdown"}, nil); ok {
+		t.Fatal("shutdown must end the connection")
+	}
+}
