@@ -32,6 +32,7 @@
 pub mod client;
 pub mod disk;
 pub mod error;
+pub mod json;
 pub mod key;
 pub mod mailbox;
 pub mod notify;

@@ -225,11 +225,11 @@ fn check_size(json: &str, max_value: usize) -> Result<(), RequestError> {
     Ok(())
 }
 
-/// Whether `json` is JSON that every client can read back: serde_json's building parser
-/// enforces what capturing raw text does not — nesting at most 128 deep, numbers within `f64`,
-/// no lone UTF-16 surrogates.
+/// Whether `json` is JSON that every client can read back (nesting at most 128 deep, numbers
+/// within `f64`, no lone UTF-16 surrogates), checked without building a tree: see
+/// [`crate::json::validate`].
 fn readable_json(json: &str) -> Result<(), serde_json::Error> {
-    serde_json::from_str::<serde_json::Value>(json).map(drop)
+    crate::json::validate(json)
 }
 
 fn parse_name(name: &str) -> Result<String, RequestError> {
@@ -398,6 +398,8 @@ pub struct Stats {
     pub events: u64,
     /// Intermediate events replaced by a later one for the same key before they were sent.
     pub coalesced: u64,
+    /// Changes applied and announced whose fsync failed (answered `not_durable`).
+    pub not_durable: u64,
 }
 
 /// One response line.
@@ -476,6 +478,7 @@ impl Response {
                     "{{\"ok\":true,\"connections\":{},\"subscribers\":{},\"keys\":{},\"rev\":{},\"events\":{},\"coalesced\":{}",
                     s.connections, s.subscribers, s.keys, s.rev, s.events, s.coalesced
                 );
+                let _ = write!(out, ",\"not_durable\":{}", s.not_durable);
             }
             Response::Health => out.extend_from_slice(b"{\"ok\":true,\"status\":\"ok\""),
             Response::Version => {

@@ -61,9 +61,15 @@ struct Args {
     #[arg(long, env = "NKV_SOCKET_MODE", default_value = "0660", value_parser = parse_mode)]
     socket_mode: u32,
 
-    /// Group (name or id) to own the socket file, so its members may connect
+    /// Group (name or id) to own the socket file, so its members may connect; the data
+    /// directory (0750) and its files (0640) get the same group, so they may also read the data
     #[arg(long, env = "NKV_SOCKET_GROUP")]
     socket_group: Option<String>,
+
+    /// Use an existing socket or data directory even if it is a symlink, owned by another
+    /// user or writable by others (by default the server refuses it and exits with status 1)
+    #[arg(long, env = "NKV_ALLOW_UNSAFE_DIRS")]
+    allow_unsafe_dirs: bool,
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -85,6 +91,7 @@ fn main() -> ExitCode {
         // An empty NKV_SOCKET_GROUP= in an environment file means "not set".
         socket_group: args.socket_group.filter(|g| !g.is_empty()),
         fsync: args.fsync,
+        allow_unsafe_dirs: args.allow_unsafe_dirs,
         limits: Limits {
             max_connections: args.max_connections,
             max_value_bytes: args.max_value_bytes,

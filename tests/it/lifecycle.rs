@@ -354,12 +354,12 @@ fn check_files_after_kill(data: &Path) -> usize {
     for entry in fs::read_dir(data).expect("data dir") {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
         let path = data.join(&name);
-        if name.ends_with(".tmp") {
+        if name.starts_with(".tmp-") {
             tmp_files += 1;
         } else if name == ".rev" {
             let text = fs::read_to_string(&path).unwrap();
             assert!(text.trim().parse::<u64>().is_ok(), "torn .rev: {text:?}");
-        } else if name != ".lock" {
+        } else if name != ".reserve" {
             let key = name
                 .strip_suffix(".json")
                 .unwrap_or_else(|| panic!("stray {name}"));
@@ -459,7 +459,7 @@ fn acknowledged_writes_survive_sigkill_at_random_moments() {
         let leftovers: Vec<_> = fs::read_dir(&server.data)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".tmp"))
+            .filter(|n| n.starts_with(".tmp-"))
             .collect();
         assert!(
             leftovers.is_empty(),
