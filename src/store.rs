@@ -123,15 +123,26 @@ impl Store {
 
     /// Whether the disk's outcome means the change is in place (and must be applied and
     /// announced so memory, disk and subscribers agree); the error, if any, is kept for the
-    /// caller.
-    fn in_place(&self, outcome: Result<(), WriteError>) -> Result<Option<WriteError>, WriteError> {
+    /// caller. A change that failed gives its revision back unless a later one was taken
+    /// meanwhile (then the number is skipped): an unacknowledged revision is never reused
+    /// after one acknowledged.
+    fn in_place(
+        &self,
+        rev: u64,
+        outcome: Result<(), WriteError>,
+    ) -> Result<Option<WriteError>, WriteError> {
         match outcome {
             Ok(()) => Ok(None),
             Err(err @ WriteError::NotDurable { .. }) => {
                 self.not_durable.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(err))
             }
-            Err(err) => Err(err),
+            Err(err) => {
+                let _ =
+                    self.rev
+                        .compare_exchange(rev, rev - 1, Ordering::AcqRel, Ordering::Acquire);
+                Err(err)
+            }
         }
     }
 
@@ -181,7 +192,7 @@ impl Store {
         let order = self.stripe(&key).lock();
         self.debug_panic(&key);
         let rev = self.next_rev()?;
-        let late = self.in_place(self.disk.write(&key, rev, &value))?;
+        let late = self.in_place(rev, self.disk.write(&key, rev, &value))?;
         let touched = {
             let mut map = self.map.write();
             map.insert(
@@ -215,7 +226,7 @@ impl Store {
             return Ok(None);
         }
         let rev = self.next_rev()?;
-        let late = self.in_place(self.disk.remove(key, rev))?;
+        let late = self.in_place(rev, self.disk.remove(key, rev))?;
         let touched = {
             let mut map = self.map.write();
             map.remove(key);

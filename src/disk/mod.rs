@@ -19,6 +19,8 @@
 
 pub mod dir;
 pub mod fault;
+#[cfg(test)]
+mod fault_tests;
 pub mod layout;
 pub mod load;
 pub mod owner;
