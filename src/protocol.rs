@@ -202,11 +202,12 @@ impl<'a> Args<'a> {
 /// The text-form value: stored as the JSON it spells if it is JSON, else as a JSON string.
 fn text_value(text: &str, max_value: usize) -> Result<Value, RequestError> {
     let trimmed = text.trim_matches(|c| matches!(c, ' ' | '\t' | '\r' | '\n'));
-    let json = if !trimmed.is_empty() && readable_json(trimmed).is_ok() {
-        trimmed.to_owned()
-    } else {
-        serde_json::to_string(text).map_err(|err| RequestError::bad(err.to_string()))?
-    };
+    // One copy, into the shared value: a put holds its line and its value, nothing more.
+    if !trimmed.is_empty() && readable_json(trimmed).is_ok() {
+        check_size(trimmed, max_value)?;
+        return Ok(Value::from(trimmed));
+    }
+    let json = serde_json::to_string(text).map_err(|err| RequestError::bad(err.to_string()))?;
     check_size(&json, max_value)?;
     Ok(Value::from(json))
 }

@@ -170,7 +170,7 @@ impl Disk {
             reserve: Mutex::new(write::Reserve::open(&dir, contents.largest, max_record)),
             dir,
             fsync: options.fsync,
-            next_temp: AtomicU64::new(0),
+            next_temp: AtomicU64::new(unpredictable()),
             max_record,
         };
         if options.fsync {
@@ -242,6 +242,13 @@ fn migrate_legacy_lock(dir: &Dir) -> Result<(), OpenError> {
         Err(e) => log::warn!("cannot remove {}: {e}", dir.join(name).display()),
     }
     Ok(())
+}
+
+/// A start for temporary file numbers that no one can guess in advance, so names planted
+/// ahead are not met (and if one is, `O_EXCL` refuses it and the next number is tried).
+fn unpredictable() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::process::id()) >> 16
 }
 
 /// Whether the file system folds case: a probe file is then found under its upper-case name.

@@ -13,4 +13,5 @@ mod ops;
 mod panic;
 mod props;
 mod soak;
+mod storage;
 mod subscribe;
