@@ -307,8 +307,10 @@ impl Disk {
         rev: u64,
         no_space: WriteError,
     ) -> Result<(), WriteError> {
+        // What the old file occupies: a record one digit longer (its revision grew) still
+        // fits in the old file's last block.
         let old = match self.dir.stat(name) {
-            Ok(st) => st.st_size as u64,
+            Ok(st) => (st.st_size as u64).max(st.st_blocks as u64 * 512),
             Err(_) => return Err(no_space),
         };
         let mut reserve = self.reserve.lock();

@@ -396,3 +396,113 @@ fn validating_a_value_does_not_build_a_tree() {
         "peak grew {grown_mib:.0} MiB for a {size_mib:.0} MiB value"
     );
 }
+
+/// A small tmpfs of its own; unmounted when dropped. Needs root (CI runs as root): a test
+/// that cannot mount fails, it does not skip.
+struct Tmpfs(std::path::PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(options: &str) -> Tmpfs {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("fs");
+        fs::create_dir(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(&dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (this test needs root): {out:?}"
+        );
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        Tmpfs(dir, tmp)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the server's disk with puts of `value` until the disk is full; returns the keys.
+fn fill(conn: &mut crate::support::Raw, value: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0..100_000 {
+        let answer = conn.request(&format!("PUT fill.{i} {value}"));
+        if answer["ok"] == true {
+            keys.push(format!("fill.{i}"));
+            continue;
+        }
+        assert_eq!(answer["error"], "no_space", "{answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .contains("nothing changed"),
+            "{answer}"
+        );
+        return keys;
+    }
+    panic!("the disk never filled up");
+}
+
+fn full_disk_can_be_freed(options: &str, value: &str) {
+    let fs_ = Tmpfs::mount(options);
+    let mut server = Server::new_in(&fs_.0, &["--max-value-bytes", "65536"]);
+    server.spawn_and_wait();
+    let mut conn = server.raw();
+    for i in 0..3 {
+        assert!(conn.request(&format!("PUT a.{i} {value}"))["rev"].is_u64());
+    }
+    let keys = fill(&mut conn, value);
+    assert!(keys.len() > 2, "{options}: filled with {} keys", keys.len());
+    // A failed put changed nothing.
+    let count = conn.request("KEYS")["keys"].as_array().unwrap().len();
+    assert_eq!(count, keys.len() + 3);
+    // Same-size and smaller overwrites still work, repeatedly.
+    for round in 0..3 {
+        let answer = conn.request(&format!("PUT {} {value}", keys[0]));
+        assert!(
+            answer["rev"].is_u64(),
+            "{options}: same-size overwrite {round}: {answer}"
+        );
+        let answer = conn.request(&format!("PUT {} 1", keys[1]));
+        assert!(
+            answer["rev"].is_u64(),
+            "{options}: smaller overwrite {round}: {answer}"
+        );
+    }
+    // Every kind of delete works.
+    assert!(
+        conn.request(&format!("DEL {}", keys[2]))["rev"].is_u64(),
+        "{options}: DEL key"
+    );
+    assert_eq!(conn.request("DEL a.*")["deleted"], 3, "{options}: DEL a.*");
+    let all = conn.request("DEL *");
+    assert_eq!(
+        all["deleted"].as_u64().unwrap() as usize,
+        keys.len() - 1,
+        "{options}: {all}"
+    );
+    // And the space is back.
+    assert!(conn.request(&format!("PUT again {value}"))["rev"].is_u64());
+    drop(conn);
+    server.restart();
+    assert_eq!(
+        request(&server, "KEYS"),
+        json!({"ok": true, "keys": ["again"]})
+    );
+}
+
+#[test]
+fn a_full_disk_can_be_freed_through_nkv_bytes() {
+    let value = format!("\"{}\"", "v".repeat(8000));
+    full_disk_can_be_freed("size=1m,nr_inodes=10000", &value);
+}
+
+#[test]
+fn a_full_disk_can_be_freed_through_nkv_inodes() {
+    full_disk_can_be_freed("size=16m,nr_inodes=64", "{\"small\":1}");
+}
