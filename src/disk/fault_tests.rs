@@ -220,7 +220,15 @@ fn scenario(op: Op, errno: i32, times: usize) {
         // Counted per change: one `DEL a.*` answer may stand for several.
         assert!(server.client.stats().unwrap()["not_durable"] >= not_durable);
     }
-    assert!(failed > 0 || not_durable > 0, "{what}: the fault showed");
+    // A single ENOSPC while writing an overwrite's temp file is absorbed by the reserve
+    // (the first change of the workload is a same-size overwrite).
+    let absorbed = errno == nix::libc::ENOSPC
+        && times == 1
+        && matches!(op, Op::CreateTemp | Op::WriteTemp | Op::SyncFile);
+    assert!(
+        failed > 0 || not_durable > 0 || absorbed,
+        "{what}: the fault showed"
+    );
     let memory = server.memory();
     assert_eq!(memory, disk(&data), "{what}: memory == disk");
     wait_for(&format!("{what}: the subscriber to converge"), || {
