@@ -326,7 +326,7 @@ fn write_until_killed(
             // A pattern delete: each key is its own change, so a kill may leave any subset
             // of this writer's keys deleted.
             ledger.lock().unwrap().pending = Some((ALL_OF_WRITER.to_owned(), State::Absent));
-            let Ok(response) = conn.try_request(&format!("DEL w{writer}.*")) else {
+            let Ok(response) = conn.try_request(format!("DEL w{writer}.*")) else {
                 return;
             };
             assert_eq!(response["ok"], true, "DEL w{writer}.*: {response}");
