@@ -7,25 +7,46 @@ use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{parse, Server};
+use crate::support::{parse, Server, DEADLINE};
 
 fn mode(path: &Path) -> u32 {
     fs::symlink_metadata(path).unwrap().mode() & 0o7777
 }
 
-/// Runs the server expecting it to refuse to start; returns its stderr.
+/// Runs the server expecting it to refuse to start; returns its stderr. A server that starts
+/// instead is killed after the deadline and the test fails.
 fn refused(server: &Server) -> String {
-    let out = server
+    let stderr_path = server
+        .dir
+        .join(format!("refused-{}.stderr", std::process::id()));
+    let file = fs::File::create(&stderr_path).unwrap();
+    let mut child = server
         .command()
-        .stderr(Stdio::piped())
-        .output()
+        .stderr(file)
+        .spawn()
         .expect("run nkv-server");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let end = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the server did not refuse to start; stderr:\n{}",
+                fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let stderr = fs::read_to_string(&stderr_path).unwrap_or_default();
     assert_eq!(
-        out.status.code(),
+        status.code(),
         Some(1),
         "expected exit status 1; stderr:\n{stderr}"
     );
@@ -38,51 +59,73 @@ fn request(server: &Server, line: &str) -> serde_json::Value {
 
 #[test]
 fn the_key_rev_never_collides_with_the_revision_floor() {
+    const DELETES: usize = 600;
     let mut server = Server::start();
-    for i in 0..50 {
-        request(&server, &format!("PUT d.{i} {i}"));
+    let mut setup = server.raw();
+    for i in 0..DELETES {
+        setup.send(&format!("PUT d.{i} {i}"));
     }
-    let socket = server.socket.clone();
-    let deleter = thread::spawn(move || {
-        let mut conn = crate::support::Raw::connect(&socket);
-        (0..50)
-            .map(|i| conn.request(&format!("DEL d.{i}")))
-            .filter(|r| r["ok"] != true)
-            .count()
-    });
+    for _ in 0..DELETES {
+        assert!(setup.json()["rev"].is_u64());
+    }
+    // Two deleters, each of its own half, race `PUT rev` on a third connection.
+    let deleters: Vec<_> = (0..2)
+        .map(|half| {
+            let socket = server.socket.clone();
+            thread::spawn(move || {
+                let mut conn = crate::support::Raw::connect(&socket);
+                (half..DELETES)
+                    .step_by(2)
+                    .map(|i| conn.request(&format!("DEL d.{i}")))
+                    .filter(|r| r["ok"] != true)
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
     let mut conn = server.raw();
-    let mut last = 0;
-    let mut errors = 0;
-    for i in 0..300 {
+    let (mut last, mut i, mut errors) = (0, 0u64, Vec::new());
+    while i < 200 || deleters.iter().any(|d| !d.is_finished()) {
         let answer = conn.request(&format!("PUT rev {i}"));
         match answer["rev"].as_u64() {
             Some(rev) => {
                 assert!(rev > last, "revisions went backwards: {last} → {rev}");
                 last = rev;
             }
-            None => errors += 1,
+            None => errors.push(answer.to_string()),
         }
+        i += 1;
     }
-    assert_eq!(
-        errors + deleter.join().unwrap(),
-        0,
-        "no errors under the race"
+    for d in deleters {
+        errors.extend(d.join().unwrap());
+    }
+    assert!(
+        errors.is_empty(),
+        "{} errors under the race: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
     );
-    let before = conn.request("GET rev");
+    let floor_before = request(&server, "STATS")["rev"].as_u64().unwrap();
     drop(conn);
     server.restart();
     assert_eq!(
         request(&server, "GET rev"),
-        before,
-        "acknowledged PUT rev survives"
+        json!({"ok": true, "key": "rev", "value": i - 1, "rev": last}),
+        "the acknowledged PUT rev survives a restart"
+    );
+    assert_eq!(
+        request(&server, "KEYS d.*")["keys"],
+        json!([]),
+        "every delete survives"
     );
     let next = request(&server, "PUT x 1")["rev"].as_u64().unwrap();
-    assert!(next > last, "rev {next} after restart, {last} before");
-    // The floor is the server's own file; the key `rev` is `rev.json`.
-    assert_eq!(
-        parse(&fs::read_to_string(server.data.join("rev.json")).unwrap())["value"],
-        299
+    assert!(
+        next > floor_before,
+        "rev {next} after restart, {floor_before} before"
     );
+    // The floor is the server's own file; the key `rev` is `rev.json`, a record of that key.
+    let record = parse(&fs::read_to_string(server.data.join("rev.json")).unwrap());
+    assert_eq!(record, json!({"rev": last, "value": i - 1}));
 }
 
 #[test]
