@@ -15,7 +15,7 @@
 //! - `floors`    the echo server, the temp+rename loop, reading a data directory
 //! - `kv`        GET / PUT / wildcard / floor measurements
 //! - `notify`    put-ack → event latency and fan-out rate
-//! - `footprint` RSS, threads, binary sizes
+//! - `footprint` RSS, threads, binary sizes; peak RSS of concurrent large puts (`putmem`)
 //! - `startup`   start-up time on N keys, beside reading the files
 //! - `results`, `report`, `targets`   medians, Markdown tables, target checks, JSON
 //!
@@ -39,6 +39,8 @@ mod notify;
 mod opts;
 #[path = "nkv_bench/procs.rs"]
 mod procs;
+#[path = "nkv_bench/putmem.rs"]
+mod putmem;
 #[path = "nkv_bench/report.rs"]
 mod report;
 #[path = "nkv_bench/results.rs"]
@@ -155,6 +157,7 @@ fn run(opts: &Opts) -> Result<(), String> {
     if runs(Section::Footprint) {
         eprintln!("nkv_bench: footprint");
         footprint::run(&env, &plan, &mut res, &mut datasets)?;
+        putmem::run(&env, &mut res)?;
     }
 
     let mut rig = setup(&env, opts, &plan, &mut res)?;

@@ -237,6 +237,15 @@ pub fn evaluate(res: &Results, plan: &Plan) -> Vec<Target> {
             );
         }
     }
+    if let Some(per) = res.get("putmem/nkv", "per_value_byte") {
+        push(
+            "peak memory per in-flight put ≤ 2× its value".to_string(),
+            format!("{per:.2}× the value's bytes"),
+            Some(per),
+            2.0,
+            false,
+        );
+    }
     if let Some(&n) = plan.startup_keys.last() {
         let (s, fl) = (
             res.get(&format!("startup/nkv/k{n}"), "reply_ms"),

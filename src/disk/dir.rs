@@ -38,6 +38,9 @@ pub struct Dir {
     dev: u64,
     ino: u64,
     access: Access,
+    /// Whether the path may be a symlink (`--allow-unsafe-dirs`): its identity is then checked
+    /// through the link.
+    follow: bool,
     faults: Faults,
 }
 
@@ -67,6 +70,7 @@ impl Dir {
             dev: meta.dev(),
             ino: meta.ino(),
             access,
+            follow,
             faults: Faults::for_dir(path),
         })
     }
@@ -101,8 +105,12 @@ impl Dir {
     /// directory was removed or replaced under the running server: its writes would then go
     /// where no one will ever read them, while another server may own the new directory.
     pub fn still_in_place(&self) -> bool {
-        std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+        let meta = if self.follow {
+            std::fs::metadata(&self.path)
+        } else {
+            std::fs::symlink_metadata(&self.path)
+        };
+        meta.is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
     }
 
     /// Creates `name` exclusively (never an existing file, never through a symlink), with the
@@ -198,6 +206,7 @@ impl Dir {
             dev: meta.dev(),
             ino: meta.ino(),
             access: self.access,
+            follow: false,
             faults: Faults::for_dir(&self.path.join(name)),
         })
     }

@@ -228,6 +228,14 @@ fn unsafe_directories_are_refused_unless_allowed() {
     fs::set_permissions(&server.data, fs::Permissions::from_mode(0o777)).unwrap();
     allowed.spawn_and_wait();
     assert_eq!(request(&allowed, "PUT a 1")["rev"], 1);
+    allowed.kill();
+    // ... also a data directory reached through a symlink, which then stays writable.
+    fs::remove_dir_all(&server.data).unwrap();
+    symlink(&real, &server.data).unwrap();
+    allowed.spawn_and_wait();
+    assert_eq!(request(&allowed, "PUT a 1")["rev"], 1);
+    assert_eq!(request(&allowed, "PUT a 2")["rev"], 2);
+    assert!(real.join("a.json").exists());
 }
 
 /// Runs the server under umask 000, as a careless service manager might.
