@@ -267,10 +267,47 @@ fn case_insensitive(dir: &Dir) -> io::Result<bool> {
         }
         Err(e) => return Err(e),
     }
-    let same = match (dir.stat(&lower), dir.stat(&upper)) {
-        (Ok(a), Ok(b)) => a.st_ino == b.st_ino && a.st_dev == b.st_dev,
-        _ => false,
-    };
+    let same = same_file(dir, &lower, &upper);
     dir.unlink(&lower)?;
     Ok(same)
+}
+
+/// Whether two names lead to one file (as `x` and `X` do where case is folded).
+fn same_file(dir: &Dir, a: &str, b: &str) -> bool {
+    match (dir.stat(a), dir.stat(b)) {
+        (Ok(a), Ok(b)) => a.st_ino == b.st_ino && a.st_dev == b.st_dev,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(path: &Path) -> Dir {
+        let access = Access {
+            file_mode: 0o600,
+            group: None,
+            umask_strips: true,
+        };
+        Dir::open(path, false, access).unwrap()
+    }
+
+    #[test]
+    fn case_folding_is_told_by_two_names_for_one_file() {
+        // No case-insensitive file system can be mounted here (the kernel lacks
+        // CONFIG_UNICODE, vfat is absent), so a hard link plays the folded name.
+        let tmp = tempfile::tempdir().unwrap();
+        let d = dir(tmp.path());
+        fs::write(tmp.path().join("probe"), "").unwrap();
+        fs::hard_link(tmp.path().join("probe"), tmp.path().join("PROBE")).unwrap();
+        fs::write(tmp.path().join("other"), "").unwrap();
+        fs::write(tmp.path().join("OTHER"), "").unwrap();
+        assert!(same_file(&d, "probe", "PROBE"));
+        assert!(!same_file(&d, "other", "OTHER"));
+        assert!(!same_file(&d, "other", "missing"));
+        // This file system keeps case: the real probe says so and leaves nothing behind.
+        assert!(!case_insensitive(&d).unwrap());
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 4);
+    }
 }
