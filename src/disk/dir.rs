@@ -17,7 +17,7 @@ use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::{fchmod, fstatat, FileStat, Mode};
 use nix::unistd::{fchown, unlinkat, Gid, UnlinkatFlags};
 
-use super::fault::{Faults, Op};
+use super::fault::{Faults, Op, Rec};
 
 /// Who may read the files the server creates.
 #[derive(Clone, Copy, Debug)]
@@ -101,6 +101,11 @@ impl Dir {
         self.faults.hit(op)
     }
 
+    /// Records a file-system effect for the power-loss simulation (tests only).
+    pub fn note(&self, rec: impl FnOnce() -> Rec) {
+        self.faults.note(rec)
+    }
+
     /// Whether the directory's path still leads to the directory we hold. It does not when the
     /// directory was removed or replaced under the running server: its writes would then go
     /// where no one will ever read them, while another server may own the new directory.
@@ -136,6 +141,7 @@ impl Dir {
             let _ = self.unlink(name);
             return Err(e.into());
         }
+        self.note(|| Rec::Create(name.to_owned()));
         Ok(file)
     }
 
@@ -168,7 +174,9 @@ impl Dir {
     /// Renames `from` to `to` within the directory, replacing `to` (never following links).
     pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         self.fault(Op::Rename)?;
-        Ok(renameat(Some(self.fd()), from, Some(self.fd()), to)?)
+        renameat(Some(self.fd()), from, Some(self.fd()), to)?;
+        self.note(|| Rec::Rename(from.to_owned(), to.to_owned()));
+        Ok(())
     }
 
     /// Moves `from` into the subdirectory `other` as `to`.
@@ -178,13 +186,17 @@ impl Dir {
 
     /// Removes the file `name`.
     pub fn unlink(&self, name: &str) -> io::Result<()> {
-        Ok(unlinkat(Some(self.fd()), name, UnlinkatFlags::NoRemoveDir)?)
+        unlinkat(Some(self.fd()), name, UnlinkatFlags::NoRemoveDir)?;
+        self.note(|| Rec::Unlink(name.to_owned()));
+        Ok(())
     }
 
     /// Fsyncs the directory, so renames and unlinks in it are on stable storage.
     pub fn sync(&self) -> io::Result<()> {
         self.fault(Op::SyncDir)?;
-        self.file.sync_all()
+        self.file.sync_all()?;
+        self.note(|| Rec::SyncDir);
+        Ok(())
     }
 
     /// Creates the subdirectory `name` (mode `0o700`) unless it exists, and opens it.

@@ -42,6 +42,18 @@ impl Op {
     ];
 }
 
+/// One file-system effect, as the power-loss simulation replays it (tests only record them).
+#[derive(Clone, Debug)]
+pub enum Rec {
+    Create(String),
+    /// The whole content of the named file is now these bytes.
+    Write(String, Vec<u8>),
+    SyncFile(String),
+    Rename(String, String),
+    Unlink(String),
+    SyncDir,
+}
+
 #[cfg(test)]
 pub use imp::{plan_for, Fault, Faults, Plan};
 
@@ -52,7 +64,7 @@ mod imp {
 
     use parking_lot::Mutex;
 
-    use super::Op;
+    use super::{Op, Rec};
 
     /// Fail `op` with `errno` for the next `times` calls.
     #[derive(Clone, Copy, Debug)]
@@ -68,9 +80,28 @@ mod imp {
         fault: Mutex<Option<Fault>>,
         /// How many injected failures happened.
         injected: Mutex<usize>,
+        /// File-system effects, when recording (see [`Plan::record`]), each with the number of
+        /// acknowledgements the test had noted when it happened.
+        recorded: Mutex<Option<Vec<(Rec, usize)>>>,
+        acks: Mutex<usize>,
     }
 
     impl Plan {
+        /// Starts recording every file-system effect of the disk layer.
+        pub fn record(&self) {
+            *self.recorded.lock() = Some(Vec::new());
+        }
+
+        /// The recorded effects.
+        pub fn recorded(&self) -> Vec<(Rec, usize)> {
+            self.recorded.lock().clone().unwrap_or_default()
+        }
+
+        /// The test notes that one more change was acknowledged.
+        pub fn ack(&self) {
+            *self.acks.lock() += 1;
+        }
+
         pub fn set(&self, fault: Option<Fault>) {
             *self.fault.lock() = fault;
         }
@@ -101,6 +132,12 @@ mod imp {
             Faults(plan_for(dir))
         }
 
+        pub fn note(&self, rec: impl FnOnce() -> Rec) {
+            if let Some(log) = self.0.recorded.lock().as_mut() {
+                log.push((rec(), *self.0.acks.lock()));
+            }
+        }
+
         pub fn hit(&self, op: Op) -> std::io::Result<()> {
             let mut fault = self.0.fault.lock();
             match fault.as_mut() {
@@ -129,4 +166,7 @@ impl Faults {
     pub fn hit(&self, _: Op) -> std::io::Result<()> {
         Ok(())
     }
+
+    #[inline(always)]
+    pub fn note(&self, _: impl FnOnce() -> Rec) {}
 }

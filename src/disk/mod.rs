@@ -24,6 +24,8 @@ mod fault_tests;
 pub mod layout;
 pub mod load;
 pub mod owner;
+#[cfg(test)]
+mod power_tests;
 mod write;
 
 use std::fs::{self, File};

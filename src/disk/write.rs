@@ -24,7 +24,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use nix::unistd::Uid;
 
 use super::dir::Dir;
-use super::fault::Op;
+use super::fault::{Op, Rec};
 use super::layout::{file_name, temp_name, RESERVE_FILE, REV_FILE, REV_WIDTH};
 use super::load::Contents;
 use super::Disk;
@@ -246,14 +246,15 @@ impl Disk {
             .and_then(|()| write_parts(&mut file, parts))
             .map_err(|e| self.fail("write", &tmp, e))
             .and_then(|()| {
+                self.dir.note(|| Rec::Write(tmp.clone(), parts.concat()));
                 if self.fsync {
                     self.dir
                         .fault(Op::SyncFile)
                         .and_then(|()| file.sync_data())
-                        .map_err(|e| self.fail("fsync", &tmp, e))
-                } else {
-                    Ok(())
+                        .map_err(|e| self.fail("fsync", &tmp, e))?;
+                    self.dir.note(|| Rec::SyncFile(tmp.clone()));
                 }
+                Ok(())
             });
         drop(file);
         if let Err(err) = written {
@@ -324,9 +325,12 @@ impl Disk {
             file.set_len(0)?;
             self.dir.fault(Op::WriteTemp)?;
             write_parts(&mut file, parts)?;
+            self.dir
+                .note(|| Rec::Write(RESERVE_FILE.to_owned(), parts.concat()));
             if self.fsync {
                 self.dir.fault(Op::SyncFile)?;
                 file.sync_data()?;
+                self.dir.note(|| Rec::SyncFile(RESERVE_FILE.to_owned()));
             }
             self.dir.rename(RESERVE_FILE, name)
         })();
@@ -395,11 +399,14 @@ impl Disk {
             .fault(Op::WriteRev)
             .and_then(|()| floor.file.write_all_at(&floor_bytes(rev), 0))
             .map_err(|e| self.fail("write", REV_FILE, e))?;
+        self.dir
+            .note(|| Rec::Write(REV_FILE.to_owned(), floor_bytes(rev).to_vec()));
         if self.fsync {
             self.dir
                 .fault(Op::SyncRev)
                 .and_then(|()| floor.file.sync_data())
                 .map_err(|e| self.fail("fsync", REV_FILE, e))?;
+            self.dir.note(|| Rec::SyncFile(REV_FILE.to_owned()));
         }
         floor.value = rev;
         Ok(())
