@@ -160,7 +160,9 @@ impl Disk {
             Err(fs::TryLockError::WouldBlock) => return Err(OpenError::InUse(path.to_owned())),
             Err(fs::TryLockError::Error(e)) => return Err(DiskError::new("lock", path, e).into()),
         }
-        tighten(&dir, policy);
+        if !options.allow_unsafe_dirs {
+            tighten(&dir, policy);
+        }
         migrate_legacy_lock(&dir)?;
         if case_insensitive(&dir).map_err(|e| DiskError::new("probe", path, e))? {
             return Err(OpenError::CaseInsensitive(path.to_owned()));

@@ -78,7 +78,7 @@ pub fn inherited() -> io::Result<Option<UnixListener>> {
 }
 
 /// Binds `path` with `mode` (and `group`), creating parent directories (`0700`, or `0750`
-/// with a group) or checking an existing one's owner and mode (see [`Policy`]). A stale
+/// with a group, plus search permission for whom `mode` admits) or checking an existing one's owner and mode (see [`Policy`]). A stale
 /// socket file left by a crashed server is replaced; a live one is never touched.
 ///
 /// # Errors
@@ -90,7 +90,12 @@ pub fn bind(
     policy: Policy,
 ) -> Result<UnixListener, SocketError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // A directory we create lets through exactly whom the socket's mode admits: search
+        // (not list) permission for the group or others the socket is open to.
+        let search = (if mode & 0o060 != 0 { 0o010 } else { 0 })
+            | (if mode & 0o006 != 0 { 0o001 } else { 0 });
         let policy = Policy {
+            mode: policy.mode | search,
             sticky_ok: true,
             ..policy
         };
