@@ -32,7 +32,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use nix::sys::stat::Mode;
 use nix::unistd::Gid;
@@ -83,6 +83,10 @@ pub struct Disk {
     floor: Mutex<write::Floor>,
     /// The space reserve; see [`write`].
     reserve: Mutex<write::Reserve>,
+    /// What `reserve` holds (0 while used up), and whether it is short of its target: read
+    /// without the lock by every put and delete, written under it.
+    reserve_fit: AtomicU64,
+    reserve_short: AtomicBool,
     /// The largest record a put may write (the value limit plus the record's frame).
     max_record: u64,
 }
@@ -169,9 +173,12 @@ impl Disk {
         }
         let contents = load::load(&dir, options.max_value_bytes)?;
         let max_record = options.max_value_bytes as u64 + 64;
+        let reserve = write::Reserve::open(&dir, contents.largest, max_record);
         let disk = Disk {
             floor: Mutex::new(write::Floor::open(&dir, &contents)?),
-            reserve: Mutex::new(write::Reserve::open(&dir, contents.largest, max_record)),
+            reserve_fit: AtomicU64::new(reserve.fit()),
+            reserve_short: AtomicBool::new(reserve.short()),
+            reserve: Mutex::new(reserve),
             dir,
             fsync: options.fsync,
             next_temp: AtomicU64::new(unpredictable()),

@@ -131,6 +131,20 @@ impl Reserve {
         reserve
     }
 
+    /// How large a record the reserve can take now (0 while used up).
+    pub fn fit(&self) -> u64 {
+        if self.file.is_some() {
+            self.size
+        } else {
+            0
+        }
+    }
+
+    /// Whether the reserve is missing or smaller than its target.
+    pub fn short(&self) -> bool {
+        self.file.is_none() || self.size < self.target
+    }
+
     /// Makes the reserve hold at least `want` bytes (re-creating it if used up).
     fn grow(&mut self, dir: &Dir, want: u64) -> io::Result<()> {
         let want = round_up(want).min(self.max).max(self.target);
@@ -288,14 +302,26 @@ impl Disk {
     /// A record larger than any so far needs a larger reserve first: otherwise an overwrite
     /// of it could not be done on a full disk. If the reserve cannot grow, the put does not fit.
     fn ensure_reserve(&self, len: u64) -> Result<(), WriteError> {
-        let mut reserve = self.reserve.lock();
-        if reserve.file.is_some() && len <= reserve.size {
+        // The common case, without the lock: the reserve already covers this record.
+        if len <= self.reserve_fit.load(Ordering::Acquire) {
             return Ok(());
         }
-        let want = len.min(self.max_record);
-        reserve
-            .grow(&self.dir, want)
-            .map_err(|e| self.fail("grow the reserve", RESERVE_FILE, e))
+        let mut reserve = self.reserve.lock();
+        let grown = if reserve.file.is_some() && len <= reserve.size {
+            Ok(())
+        } else {
+            reserve
+                .grow(&self.dir, len.min(self.max_record))
+                .map_err(|e| self.fail("grow the reserve", RESERVE_FILE, e))
+        };
+        self.publish_reserve(&reserve);
+        grown
+    }
+
+    /// Makes the lock-free view of the reserve match it; called with its lock held.
+    fn publish_reserve(&self, reserve: &Reserve) {
+        self.reserve_fit.store(reserve.fit(), Ordering::Release);
+        self.reserve_short.store(reserve.short(), Ordering::Release);
     }
 
     /// The disk is full: if the new record is no larger than the key's current file, write it
@@ -321,6 +347,7 @@ impl Disk {
         let Some(mut file) = reserve.file.take() else {
             return Err(no_space);
         };
+        self.publish_reserve(&reserve);
         let written = (|| {
             file.set_len(0)?;
             self.dir.fault(Op::WriteTemp)?;
@@ -340,6 +367,7 @@ impl Disk {
             reserve.size = 0;
             reserve.file = Some(file);
             let _ = reserve.grow(&self.dir, size);
+            self.publish_reserve(&reserve);
             return Err(self.fail("write into the reserve for", name, e));
         }
         reserve.size = 0;
@@ -384,8 +412,11 @@ impl Disk {
             Err(e) => return Err(self.fail("remove", &name, e)),
         }
         let synced = self.sync_dir(rev);
-        let mut reserve = self.reserve.lock();
-        self.restore_reserve(&mut reserve);
+        // A delete frees space: the moment to re-create a reserve that was used up.
+        if self.reserve_short.load(Ordering::Acquire) {
+            let mut reserve = self.reserve.lock();
+            self.restore_reserve(&mut reserve);
+        }
         synced
     }
 
