@@ -151,11 +151,18 @@ fn check(dir: &Path, meta: &fs::Metadata, policy: Policy) -> Result<(), DirError
     Ok(())
 }
 
-/// Creates `dir` and its missing parents, each with exactly the policy's mode and group.
+/// Creates `dir` with exactly the policy's mode and group, and its missing parents with search
+/// (never list or write) permission for everyone added: a parent may also hold the socket
+/// (`/tmp/nkv` holds `nkv.sock` and `data/`), which must stay reachable for those its mode
+/// admits, whichever of the two directories is created first.
 fn create(dir: &Path, policy: Policy) -> io::Result<()> {
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         if fs::symlink_metadata(parent).is_err() {
-            create(parent, policy)?;
+            let parents = Policy {
+                mode: policy.mode | 0o011,
+                ..policy
+            };
+            create(parent, parents)?;
         }
     }
     match fs::DirBuilder::new().mode(policy.mode).create(dir) {

@@ -274,6 +274,45 @@ fn values_are_private_whatever_the_umask() {
         let path = entry.unwrap().path();
         assert_eq!(mode(&path), 0o600, "{}", path.display());
     }
+    // The default layout: socket and data directory in one new directory, which the data
+    // directory's creation makes first; the socket's group can still reach the socket.
+    let tmp3 = tempfile::tempdir().unwrap();
+    let mut shared = Server::new_in(tmp3.path(), &[]);
+    shared.socket = tmp3.path().join("nkv/nkv.sock");
+    shared.data = tmp3.path().join("nkv/data");
+    start_with_umask_0(&mut shared);
+    assert_eq!(
+        mode(&tmp3.path().join("nkv")),
+        0o711,
+        "searchable, not listable"
+    );
+    assert_eq!(mode(&shared.data), 0o700);
+    let reach = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65533",
+            "--regid",
+            "0",
+            "--clear-groups",
+            "socat",
+            "-",
+        ])
+        .arg(format!("UNIX-CONNECT:{}", shared.socket.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = {
+        use std::io::Write;
+        let mut reach = reach;
+        reach.stdin.take().unwrap().write_all(b"HEALTH\n").unwrap();
+        reach.wait_with_output().unwrap()
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"ok\":true,\"status\":\"ok\"}\n",
+        "a member of the socket's group (gid 0) connects"
+    );
     // With --socket-group the group may read, nobody else.
     let tmp2 = tempfile::tempdir().unwrap();
     let mut grouped = Server::new_in(tmp2.path(), &["--socket-group", "65534"]);
