@@ -4,7 +4,8 @@
 //! - [`owner`]: directory ownership and modes, checked or set at start;
 //! - [`dir`]: the directory descriptor every operation goes through (no symlink followed);
 //! - [`load`]: reading the directory at start, quarantining what cannot be used;
-//! - [`write`]: atomic replace, delete, the revision floor and the space reserve;
+//! - [`write`]: atomic replace, delete and the revision floor;
+//! - [`reserve`]: space held back so a full disk can still be freed;
 //! - [`fault`]: fault injection for the crate's tests.
 //!
 //! Layout of a data directory (layout 2; see docs/ARCHITECTURE.md):
@@ -26,6 +27,7 @@ pub mod load;
 pub mod owner;
 #[cfg(test)]
 mod power_tests;
+mod reserve;
 mod write;
 
 use std::fs::{self, File};
@@ -81,8 +83,8 @@ pub struct Disk {
     /// The revision floor file, rewritten in place, and the value it holds. Held across that
     /// write so concurrent deletes store increasing values.
     floor: Mutex<write::Floor>,
-    /// The space reserve; see [`write`].
-    reserve: Mutex<write::Reserve>,
+    /// The space reserve; see [`reserve`].
+    reserve: Mutex<reserve::Reserve>,
     /// What `reserve` holds (0 while used up), and whether it is short of its target: read
     /// without the lock by every put and delete, written under it.
     reserve_fit: AtomicU64,
@@ -173,7 +175,7 @@ impl Disk {
         }
         let contents = load::load(&dir, options.max_value_bytes)?;
         let max_record = options.max_value_bytes as u64 + 64;
-        let reserve = write::Reserve::open(&dir, contents.largest, max_record);
+        let reserve = reserve::Reserve::open(&dir, contents.largest, max_record);
         let disk = Disk {
             floor: Mutex::new(write::Floor::open(&dir, &contents)?),
             reserve_fit: AtomicU64::new(reserve.fit()),
