@@ -31,7 +31,7 @@ pub struct Floor {
 }
 
 /// Whether `file` is a plain file of ours alone, safe to rewrite in place.
-pub(super) fn ours_alone(file: &File) -> bool {
+fn ours_alone(file: &File) -> bool {
     file.metadata()
         .is_ok_and(|m| m.is_file() && m.nlink() == 1 && m.uid() == Uid::effective().as_raw())
 }
