@@ -16,7 +16,7 @@
 //! - `kv`        GET / PUT / wildcard / floor measurements
 //! - `notify`    put-ack → event latency and fan-out rate
 //! - `framed`    the framed protocol (connection per request) beside the line protocol
-//! - `footprint` RSS, threads, binary sizes
+//! - `footprint` RSS, threads, binary sizes; peak RSS of concurrent large puts (`putmem`)
 //! - `startup`   start-up time on N keys, beside reading the files
 //! - `results`, `report`, `targets`   medians, Markdown tables, target checks, JSON
 //!
@@ -42,6 +42,8 @@ mod notify;
 mod opts;
 #[path = "nkv_bench/procs.rs"]
 mod procs;
+#[path = "nkv_bench/putmem.rs"]
+mod putmem;
 #[path = "nkv_bench/report.rs"]
 mod report;
 #[path = "nkv_bench/results.rs"]
@@ -158,6 +160,7 @@ fn run(opts: &Opts) -> Result<(), String> {
     if runs(Section::Footprint) {
         eprintln!("nkv_bench: footprint");
         footprint::run(&env, &plan, &mut res, &mut datasets)?;
+        putmem::run(&env, &mut res)?;
     }
 
     let mut rig = setup(&env, opts, &plan, &mut res)?;

@@ -15,6 +15,11 @@ pub enum ErrorCode {
     TooManyConnections,
     Timeout,
     Internal,
+    /// The file system is full: the change did not fit and nothing changed.
+    NoSpace,
+    /// The change is in place, applied and announced, but its fsync failed: it may not
+    /// survive a power loss (only with `--fsync`).
+    NotDurable,
 }
 
 impl ErrorCode {
@@ -28,6 +33,8 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
+            ErrorCode::NoSpace => "no_space",
+            ErrorCode::NotDurable => "not_durable",
         }
     }
 
@@ -42,6 +49,8 @@ impl ErrorCode {
             "too_many_connections" => ErrorCode::TooManyConnections,
             "timeout" => ErrorCode::Timeout,
             "internal" => ErrorCode::Internal,
+            "no_space" => ErrorCode::NoSpace,
+            "not_durable" => ErrorCode::NotDurable,
             _ => return None,
         })
     }
@@ -88,6 +97,71 @@ impl std::error::Error for DiskError {
         Some(&self.source)
     }
 }
+
+/// Whether `err` says the file system is full (bytes, inodes or quota).
+pub fn is_no_space(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT)
+}
+
+/// Why a change (put or delete) was not, or not fully, made.
+#[derive(Debug)]
+pub enum WriteError {
+    /// The disk operation failed; nothing changed.
+    Failed(DiskError),
+    /// The file system is full (bytes or inodes); nothing changed.
+    NoSpace(DiskError),
+    /// The change (revision `rev`) is in place, applied and announced, but its fsync failed.
+    NotDurable { rev: u64, source: DiskError },
+    /// The data directory was removed or replaced while the server ran; nothing changed.
+    DirReplaced(PathBuf),
+    /// Every revision up to the limit has been handed out; nothing changed.
+    RevisionsExhausted(u64),
+}
+
+impl WriteError {
+    /// A failed disk operation, classified: a full file system is [`WriteError::NoSpace`].
+    pub fn from_disk(err: DiskError) -> WriteError {
+        if is_no_space(&err.source) {
+            WriteError::NoSpace(err)
+        } else {
+            WriteError::Failed(err)
+        }
+    }
+
+    /// The wire code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            WriteError::NoSpace(_) => ErrorCode::NoSpace,
+            WriteError::NotDurable { .. } => ErrorCode::NotDurable,
+            WriteError::Failed(_)
+            | WriteError::DirReplaced(_)
+            | WriteError::RevisionsExhausted(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WriteError::Failed(err) => write!(f, "{err}; nothing changed"),
+            WriteError::NoSpace(err) => write!(f, "the file system is full ({err}); nothing changed"),
+            WriteError::NotDurable { rev, source } => write!(
+                f,
+                "the change is in place as rev {rev} and subscribers were told, but it may not survive a power loss: {source}"
+            ),
+            WriteError::DirReplaced(dir) => write!(
+                f,
+                "the data directory {} was removed or replaced while the server ran; refusing writes (restart the server); nothing changed",
+                dir.display()
+            ),
+            WriteError::RevisionsExhausted(max) => {
+                write!(f, "every revision up to {max} has been used; nothing changed")
+            }
+        }
+    }
+}
+
+impl std::error::Error for WriteError {}
 
 /// An error seen by a user of the [`Client`](crate::Client).
 #[derive(Debug)]

@@ -12,7 +12,9 @@
 //! - [`key`]: the `Key` newtype and patterns; the only place a key is validated.
 //! - [`protocol`]: the wire format: `Request` parsing, `Response` and `Event` lines.
 //! - [`store`]: the shared map behind the `RwLock`; put/get/delete; calls disk and notify.
-//! - [`disk`]: one file per key: load at start, atomic write, remove.
+//! - [`disk`]: one file per key: load at start (trusting nothing), atomic write, remove; the
+//!   data directory belongs to the server alone.
+//! - [`json`]: JSON values validated without building a tree, and compacted.
 //! - [`notify`]: who subscribes to what; publishing a change to the matching mailboxes.
 //! - [`mailbox`]: one subscriber's bounded queue that keeps the latest state of every key.
 //! - [`server`]: listener, accept loop, one connection's loop and dispatch, shutdown; the
@@ -24,7 +26,9 @@
 //!
 //! - Nothing after [`protocol::parse_request`] sees a raw key: keys are [`key::Key`], so a key
 //!   file is always a plain name inside the data directory.
-//! - A change is acknowledged only after its file is renamed into place.
+//! - A change is acknowledged only after its file is renamed into place; if only its fsync
+//!   failed it is applied and announced and answered `not_durable`, so memory, disk and
+//!   subscribers never diverge.
 //! - One key's changes are applied, stored and published in revision order (its stripe lock);
 //!   the map lock is never held across disk or socket I/O.
 //! - Publishing never blocks on a subscriber; a subscriber's memory is bounded by its queue plus
@@ -33,6 +37,7 @@
 pub mod client;
 pub mod disk;
 pub mod error;
+pub mod json;
 pub mod key;
 pub mod mailbox;
 pub mod notify;

@@ -202,11 +202,12 @@ impl<'a> Args<'a> {
 /// The text-form value: stored as the JSON it spells if it is JSON, else as a JSON string.
 fn text_value(text: &str, max_value: usize) -> Result<Value, RequestError> {
     let trimmed = text.trim_matches(|c| matches!(c, ' ' | '\t' | '\r' | '\n'));
-    let json = if !trimmed.is_empty() && readable_json(trimmed).is_ok() {
-        trimmed.to_owned()
-    } else {
-        serde_json::to_string(text).map_err(|err| RequestError::bad(err.to_string()))?
-    };
+    // One copy, into the shared value: a put holds its line and its value, nothing more.
+    if !trimmed.is_empty() && readable_json(trimmed).is_ok() {
+        check_size(trimmed, max_value)?;
+        return Ok(Value::from(trimmed));
+    }
+    let json = serde_json::to_string(text).map_err(|err| RequestError::bad(err.to_string()))?;
     check_size(&json, max_value)?;
     Ok(Value::from(json))
 }
@@ -225,11 +226,11 @@ fn check_size(json: &str, max_value: usize) -> Result<(), RequestError> {
     Ok(())
 }
 
-/// Whether `json` is JSON that every client can read back: serde_json's building parser
-/// enforces what capturing raw text does not — nesting at most 128 deep, numbers within `f64`,
-/// no lone UTF-16 surrogates.
+/// Whether `json` is JSON that every client can read back (nesting at most 128 deep, numbers
+/// within `f64`, no lone UTF-16 surrogates), checked without building a tree: see
+/// [`crate::json::validate`].
 fn readable_json(json: &str) -> Result<(), serde_json::Error> {
-    serde_json::from_str::<serde_json::Value>(json).map(drop)
+    crate::json::validate(json)
 }
 
 fn parse_name(name: &str) -> Result<String, RequestError> {
@@ -398,6 +399,8 @@ pub struct Stats {
     pub events: u64,
     /// Intermediate events replaced by a later one for the same key before they were sent.
     pub coalesced: u64,
+    /// Changes applied and announced whose fsync failed (answered `not_durable`).
+    pub not_durable: u64,
 }
 
 /// One response line.
@@ -476,6 +479,7 @@ impl Response {
                     "{{\"ok\":true,\"connections\":{},\"subscribers\":{},\"keys\":{},\"rev\":{},\"events\":{},\"coalesced\":{}",
                     s.connections, s.subscribers, s.keys, s.rev, s.events, s.coalesced
                 );
+                let _ = write!(out, ",\"not_durable\":{}", s.not_durable);
             }
             Response::Health => out.extend_from_slice(b"{\"ok\":true,\"status\":\"ok\""),
             Response::Version => {

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::disk::{Disk, OpenError};
-use crate::error::DiskError;
+use crate::disk::{Disk, OpenError, Options, MAX_REV};
+use crate::error::WriteError;
 use crate::key::{Key, Pattern, Target};
 use crate::mailbox::{Kicks, Mailbox, Outgoing};
 use crate::notify::{Notifier, SubError};
@@ -43,6 +43,8 @@ pub struct Store {
     hasher: RandomState,
     /// The last revision handed out.
     rev: AtomicU64,
+    /// Changes applied and announced whose fsync failed (`not_durable` answers), for STATS.
+    not_durable: AtomicU64,
     disk: Disk,
     notifier: Notifier,
 }
@@ -52,8 +54,8 @@ impl Store {
     ///
     /// # Errors
     /// See [`Disk::open`].
-    pub fn open(dir: &Path, fsync: bool) -> Result<Store, OpenError> {
-        let (disk, contents) = Disk::open(dir, fsync)?;
+    pub fn open(dir: &Path, options: &Options) -> Result<Store, OpenError> {
+        let (disk, contents) = Disk::open(dir, options)?;
         let map = contents
             .entries
             .into_iter()
@@ -72,6 +74,7 @@ impl Store {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hasher: RandomState::new(),
             rev: AtomicU64::new(contents.max_rev),
+            not_durable: AtomicU64::new(0),
             disk,
             notifier: Notifier::default(),
         })
@@ -103,8 +106,44 @@ impl Store {
         &self.stripes[slot]
     }
 
-    fn next_rev(&self) -> u64 {
-        self.rev.fetch_add(1, Ordering::AcqRel) + 1
+    /// Changes answered `not_durable` since start.
+    pub fn not_durable(&self) -> u64 {
+        self.not_durable.load(Ordering::Relaxed)
+    }
+
+    /// The next revision; checked, so it never wraps past [`MAX_REV`].
+    fn next_rev(&self) -> Result<u64, WriteError> {
+        self.rev
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                r.checked_add(1).filter(|&n| n <= MAX_REV)
+            })
+            .map(|r| r + 1)
+            .map_err(|_| WriteError::RevisionsExhausted(MAX_REV))
+    }
+
+    /// Whether the disk's outcome means the change is in place (and must be applied and
+    /// announced so memory, disk and subscribers agree); the error, if any, is kept for the
+    /// caller. A change that failed gives its revision back unless a later one was taken
+    /// meanwhile (then the number is skipped): an unacknowledged revision is never reused
+    /// after one acknowledged.
+    fn in_place(
+        &self,
+        rev: u64,
+        outcome: Result<(), WriteError>,
+    ) -> Result<Option<WriteError>, WriteError> {
+        match outcome {
+            Ok(()) => Ok(None),
+            Err(err @ WriteError::NotDurable { .. }) => {
+                self.not_durable.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(err))
+            }
+            Err(err) => {
+                let _ =
+                    self.rev
+                        .compare_exchange(rev, rev - 1, Ordering::AcqRel, Ordering::Acquire);
+                Err(err)
+            }
+        }
     }
 
     /// Test hook, debug builds only: a put of the key named by `NKV_DEBUG_PANIC_KEY` panics
@@ -146,12 +185,14 @@ impl Store {
     /// reply is sent.
     ///
     /// # Errors
-    /// The disk write failed; nothing changed (the revision number is skipped).
-    pub fn put(&self, key: Key, value: Value, kicks: &mut Kicks) -> Result<u64, DiskError> {
+    /// The disk write failed; nothing changed (the revision number is skipped) — except for
+    /// [`WriteError::NotDurable`]: the change is then applied and announced, only its fsync
+    /// failed.
+    pub fn put(&self, key: Key, value: Value, kicks: &mut Kicks) -> Result<u64, WriteError> {
         let order = self.stripe(&key).lock();
         self.debug_panic(&key);
-        let rev = self.next_rev();
-        self.disk.write(&key, rev, &value)?;
+        let rev = self.next_rev()?;
+        let late = self.in_place(rev, self.disk.write(&key, rev, &value))?;
         let touched = {
             let mut map = self.map.write();
             map.insert(
@@ -170,21 +211,22 @@ impl Store {
         };
         drop(order);
         kicks.add(touched);
-        Ok(rev)
+        late.map_or(Ok(rev), Err)
     }
 
     /// Deletes `key`; returns the delete's revision, or `None` if there was no such key.
     /// Subscribers to kick are added to `kicks`, as for [`put`](Store::put).
     ///
     /// # Errors
-    /// The file could not be removed; nothing changed.
-    pub fn delete(&self, key: &Key, kicks: &mut Kicks) -> Result<Option<u64>, DiskError> {
+    /// The file could not be removed; nothing changed — except for
+    /// [`WriteError::NotDurable`], as for [`put`](Store::put).
+    pub fn delete(&self, key: &Key, kicks: &mut Kicks) -> Result<Option<u64>, WriteError> {
         let order = self.stripe(key).lock();
         if !self.map.read().contains_key(key) {
             return Ok(None);
         }
-        let rev = self.next_rev();
-        self.disk.remove(key, rev)?;
+        let rev = self.next_rev()?;
+        let late = self.in_place(rev, self.disk.remove(key, rev))?;
         let touched = {
             let mut map = self.map.write();
             map.remove(key);
@@ -197,25 +239,33 @@ impl Store {
         };
         drop(order);
         kicks.add(touched);
-        Ok(Some(rev))
+        late.map_or(Ok(Some(rev)), Err)
     }
 
     /// Deletes every key the pattern matches (each is its own change, with its own event).
     ///
     /// # Errors
-    /// A file could not be removed; the keys deleted before it stay deleted.
+    /// A file could not be removed; the keys deleted before it stay deleted. A delete that is
+    /// only not durable does not stop the others; the last such error is returned at the end.
     pub fn delete_matching(
         &self,
         pattern: &Pattern,
         kicks: &mut Kicks,
-    ) -> Result<usize, DiskError> {
+    ) -> Result<usize, WriteError> {
         let mut deleted = 0;
+        let mut late = None;
         for (key, _) in self.get_matching(pattern) {
-            if self.delete(&key, kicks)?.is_some() {
-                deleted += 1;
+            match self.delete(&key, kicks) {
+                Ok(Some(_)) => deleted += 1,
+                Ok(None) => {}
+                Err(err @ WriteError::NotDurable { .. }) => {
+                    deleted += 1;
+                    late = Some(err);
+                }
+                Err(err) => return Err(err),
             }
         }
-        Ok(deleted)
+        late.map_or(Ok(deleted), Err)
     }
 
     /// Subscribes connection `id` to `target`: queues `ack`, an `init` event per covered key
@@ -289,7 +339,7 @@ mod tests {
     #[test]
     fn ranges_follow_segment_boundaries() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), false).unwrap();
+        let store = Store::open(dir.path(), &Options::new(false)).unwrap();
         for k in ["a", "a.b", "a.b.c", "ab", "a-b", "a.c", "b"] {
             store
                 .put(
@@ -317,7 +367,7 @@ mod tests {
     fn revisions_survive_a_restart_even_after_deletes() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), true).unwrap();
+            let store = Store::open(dir.path(), &Options::new(true)).unwrap();
             let a = Key::parse("a").unwrap();
             store
                 .put(a.clone(), Value::from("1"), &mut Kicks::default())
@@ -332,7 +382,7 @@ mod tests {
             assert_eq!(store.delete(&a, &mut Kicks::default()).unwrap(), Some(3));
             assert_eq!(store.delete(&a, &mut Kicks::default()).unwrap(), None);
         }
-        let store = Store::open(dir.path(), false).unwrap();
+        let store = Store::open(dir.path(), &Options::new(false)).unwrap();
         assert_eq!(store.rev(), 3);
         assert_eq!(
             store.get(&Key::parse("b").unwrap()),

@@ -278,6 +278,32 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
         out.push(t);
     }
 
+    if has("putmem/") {
+        let mut t = Table::new(
+            format!(
+                "Put peak memory ({} clients each putting a {} JSON array at once)",
+                crate::putmem::CLIENTS,
+                size_label(crate::putmem::VALUE_BYTES)
+            ),
+            &[
+                "system",
+                "peak RSS growth",
+                "values in flight",
+                "growth per value byte",
+            ],
+        );
+        for sys in ["nkv", "redis"] {
+            let k = format!("putmem/{sys}");
+            t.row(vec![
+                sys.to_string(),
+                mib(res.get(&k, "peak_growth_kib")),
+                mib(res.get(&k, "in_flight_kib")),
+                times(res.get(&k, "per_value_byte")),
+            ]);
+        }
+        out.push(t);
+    }
+
     if has("footprint/") {
         let mut t = Table::new(
             "Footprint (VmRSS and Threads from /proc/PID/status)",

@@ -237,6 +237,17 @@ pub fn evaluate(res: &Results, plan: &Plan) -> Vec<Target> {
             );
         }
     }
+    // The "≤ ~2×": a put holds its line buffer (grown by doubling, so up to ~1.07× a
+    // 15 MiB line) and one copy of the value; a tree would be ~16×.
+    if let Some(per) = res.get("putmem/nkv", "per_value_byte") {
+        push(
+            "peak memory per in-flight put ≤ ~2× its value (line buffer + one copy)".to_string(),
+            format!("{per:.2}× the value's bytes"),
+            Some(per),
+            2.2,
+            false,
+        );
+    }
     if let Some(&n) = plan.startup_keys.last() {
         let (s, fl) = (
             res.get(&format!("startup/nkv/k{n}"), "reply_ms"),

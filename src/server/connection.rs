@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread;
 
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, WriteError};
 use crate::key::Target;
 use crate::mailbox::{mailbox, Kicks, Mailbox, Outgoing, Writer};
 use crate::notify::SubError;
@@ -105,6 +105,13 @@ impl<'a> Connection<'a> {
                     }
                 }
                 Line::Eof => break,
+                Line::Unterminated => {
+                    self.requests += 1;
+                    let message = "line not terminated: the connection ended before its '\\n'; nothing was executed";
+                    log::info!("conn {}: bad_request: line not terminated", self.id);
+                    self.respond(&Response::error(ErrorCode::BadRequest, message), None);
+                    true
+                }
                 Line::TooLong => {
                     let message = format!(
                         "line longer than {} bytes; closing the connection (--max-value-bytes)",
@@ -169,7 +176,7 @@ impl<'a> Connection<'a> {
         let response = match request {
             Request::Put { key, value } => match store.put(key, value, &mut self.kicks) {
                 Ok(rev) => Response::Rev(rev),
-                Err(e) => self.internal(e),
+                Err(e) => self.write_failed(e),
             },
             Request::Get(Target::Key(key)) => match store.get(&key) {
                 Some((value, rev)) => Response::Value { key, value, rev },
@@ -181,12 +188,12 @@ impl<'a> Connection<'a> {
             Request::Del(Target::Key(key)) => match store.delete(&key, &mut self.kicks) {
                 Ok(Some(rev)) => Response::Rev(rev),
                 Ok(None) => not_found(&key),
-                Err(e) => self.internal(e),
+                Err(e) => self.write_failed(e),
             },
             Request::Del(Target::Pattern(pattern)) => {
                 match store.delete_matching(&pattern, &mut self.kicks) {
                     Ok(n) => Response::Deleted(n),
-                    Err(e) => self.internal(e),
+                    Err(e) => self.write_failed(e),
                 }
             }
             Request::Keys(target) => Response::Keys(store.keys(target.as_ref())),
@@ -215,6 +222,7 @@ impl<'a> Connection<'a> {
                 rev: store.rev(),
                 events: store.notifier().events(),
                 coalesced: store.notifier().coalesced(),
+                not_durable: store.not_durable(),
             }),
             Request::Health => Response::Health,
             Request::Version => Response::Version,
@@ -289,9 +297,10 @@ impl<'a> Connection<'a> {
         }
     }
 
-    fn internal(&self, err: impl std::fmt::Display) -> Response {
+    /// A put or delete that failed (`internal`, `no_space`) or is only not durable.
+    fn write_failed(&self, err: WriteError) -> Response {
         log::error!("conn {}: {err}", self.id);
-        Response::error(ErrorCode::Internal, err)
+        Response::error(err.code(), err)
     }
 
     fn respond(&mut self, response: &Response, id: Option<&str>) {

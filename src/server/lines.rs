@@ -16,6 +16,9 @@ pub enum Line<'a> {
     Complete(&'a [u8]),
     /// The client closed its write side and nothing is pending.
     Eof,
+    /// The client closed its write side in the middle of a line. A request cut off by its
+    /// client's death must not be executed (`PUT cfg {"mode":"fa` would store a fragment).
+    Unterminated,
     /// The pending line is longer than the limit.
     TooLong,
     /// The client held a partial line (or sent nothing at all) for longer than the idle timeout.
@@ -100,11 +103,11 @@ impl LineReader {
                 if self.start == self.end {
                     return Ok(Line::Eof);
                 }
-                // A last line without `\n` (e.g. `printf 'GET k' | socat ...`) still counts.
-                let (line_start, line_end) = (self.start, self.end);
+                // Only complete lines are executed; `echo` ends its line, `printf 'GET k'`
+                // does not.
                 self.start = self.end;
                 self.scanned = 0;
-                return Ok(Line::Complete(&self.buf[line_start..line_end]));
+                return Ok(Line::Unterminated);
             }
             self.make_room();
             if !self.arm_timeout()? {

@@ -26,7 +26,8 @@ use parking_lot::{Condvar, Mutex};
 
 pub use socket::SocketError;
 
-use crate::disk::OpenError;
+use crate::disk::owner::Policy;
+use crate::disk::{OpenError, Options};
 use crate::error::ErrorCode;
 use crate::protocol::Response;
 use crate::store::Store;
@@ -49,6 +50,9 @@ pub struct Config {
     /// Group (name or gid) of a socket file we create.
     pub socket_group: Option<String>,
     pub fsync: bool,
+    /// Use existing socket and data directories whoever owns them and whatever their mode
+    /// (`--allow-unsafe-dirs`).
+    pub allow_unsafe_dirs: bool,
     pub limits: Limits,
 }
 
@@ -182,7 +186,19 @@ impl Server {
     /// # Errors
     /// The data directory is in use or unreadable, or the socket cannot be bound.
     pub fn start(config: &Config) -> Result<Server, StartError> {
-        let store = Store::open(&config.data_dir, config.fsync).map_err(StartError::Data)?;
+        let group = config
+            .socket_group
+            .as_deref()
+            .map(socket::resolve_group)
+            .transpose()
+            .map_err(StartError::Socket)?;
+        let options = Options {
+            fsync: config.fsync,
+            max_value_bytes: config.limits.max_value_bytes,
+            group,
+            allow_unsafe_dirs: config.allow_unsafe_dirs,
+        };
+        let store = Store::open(&config.data_dir, &options).map_err(StartError::Data)?;
         let socket_err = |action, source| {
             StartError::Socket(SocketError::Io {
                 action,
@@ -204,6 +220,7 @@ impl Server {
                     &config.socket,
                     config.socket_mode,
                     config.socket_group.as_deref(),
+                    Policy::new(group, config.allow_unsafe_dirs),
                 )
                 .map_err(StartError::Socket)?;
                 (listener, config.socket.clone(), false)

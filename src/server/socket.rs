@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{Gid, Group};
 
+use crate::disk::owner::{self, Policy};
+
 /// Why the socket could not be set up.
 #[derive(Debug)]
 pub enum SocketError {
@@ -18,6 +20,8 @@ pub enum SocketError {
     /// The path exists and is not a socket; we never delete such a file.
     NotASocket(PathBuf),
     UnknownGroup(String),
+    /// The socket's directory is unsafe (see [`owner::prepare`]).
+    Dir(owner::DirError),
     Io {
         action: &'static str,
         path: PathBuf,
@@ -39,6 +43,7 @@ impl std::fmt::Display for SocketError {
                 path.display()
             ),
             SocketError::UnknownGroup(group) => write!(f, "--socket-group: no group {group:?}"),
+            SocketError::Dir(err) => write!(f, "socket directory: {err}"),
             SocketError::Io {
                 action,
                 path,
@@ -72,14 +77,29 @@ pub fn inherited() -> io::Result<Option<UnixListener>> {
         .map(|fd| unsafe { UnixListener::from_raw_fd(fd) }))
 }
 
-/// Binds `path` with `mode` (and `group`), creating parent directories. A stale socket file
-/// left by a crashed server is replaced; a live one is never touched.
+/// Binds `path` with `mode` (and `group`), creating parent directories (`0700`, or `0750`
+/// with a group, plus search permission for whom `mode` admits) or checking an existing one's owner and mode (see [`Policy`]). A stale
+/// socket file left by a crashed server is replaced; a live one is never touched.
 ///
 /// # Errors
 /// See [`SocketError`].
-pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, SocketError> {
+pub fn bind(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+    policy: Policy,
+) -> Result<UnixListener, SocketError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
+        // A directory we create lets through exactly whom the socket's mode admits: search
+        // (not list) permission for the group or others the socket is open to.
+        let search = (if mode & 0o060 != 0 { 0o010 } else { 0 })
+            | (if mode & 0o006 != 0 { 0o001 } else { 0 });
+        let policy = Policy {
+            mode: policy.mode | search,
+            sticky_ok: true,
+            ..policy
+        };
+        owner::prepare(parent, policy).map_err(SocketError::Dir)?;
     }
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -109,7 +129,7 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener,
     Ok(listener)
 }
 
-fn resolve_group(group: &str) -> Result<Gid, SocketError> {
+pub(crate) fn resolve_group(group: &str) -> Result<Gid, SocketError> {
     if let Ok(gid) = group.parse::<u32>() {
         return Ok(Gid::from_raw(gid));
     }

@@ -550,26 +550,35 @@ fn half_close_unterminated_last_line_and_crlf() {
             r#"{"ok":true,"keys":["h"]}"#
         ]
     );
-    // A final line without `\n` is answered.
+    // A final line without `\n` was cut off (its client died mid-way): it is refused and
+    // changes nothing; the complete lines before it are executed.
     let mut raw = server.raw();
-    raw.send_bytes(b"PUT u hello\nGET u");
+    raw.send_bytes(b"PUT u hello\nPUT u {\"mode\":\"fast\",\"lim");
     raw.stream().shutdown(Shutdown::Write).expect("shutdown");
-    assert_eq!(
-        raw.lines_until_closed(),
-        [
-            r#"{"ok":true,"rev":2}"#,
-            r#"{"ok":true,"key":"u","value":"hello","rev":2}"#
-        ]
+    let answers = raw.lines_until_closed();
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0], r#"{"ok":true,"rev":2}"#);
+    let refused = parse(&answers[1]);
+    assert_eq!(refused["error"], "bad_request", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("line not terminated"),
+        "{refused}"
     );
-    // socat closes its write side at the end of its input, like `echo ... | socat`.
+    // socat sends what echo printed: echo ends its line.
     assert_eq!(
-        server.socat("GET u"),
+        server.socat("GET u\n"),
         "{\"ok\":true,\"key\":\"u\",\"value\":\"hello\",\"rev\":2}\n"
     );
-    assert_eq!(server.socat("HEALTH"), "{\"ok\":true,\"status\":\"ok\"}\n");
+    assert_eq!(
+        server.socat("HEALTH\n"),
+        "{\"ok\":true,\"status\":\"ok\"}\n"
+    );
     // `\r\n` is accepted: the `\r` is not part of the value or key.
     let out = server.socat(
-        "PUT c hello world\r\nGET c\r\nPUT d 5\r\nGET d\r\n{\"op\":\"get\",\"key\":\"c\",\"id\":1}\r\nKEYS\r\nGET d",
+        "PUT c hello world\r\nGET c\r\nPUT d 5\r\nGET d\r\n{\"op\":\"get\",\"key\":\"c\",\"id\":1}\r\nKEYS\r\nGET d\r\n",
     );
     assert_eq!(
         lines(&out),
@@ -703,7 +712,7 @@ fn restart_keeps_values_and_revisions_moving_forward() {
 }
 
 #[test]
-fn stray_temp_files_removed_and_unparsable_files_left_in_place() {
+fn stray_temp_files_removed_and_unparsable_files_quarantined() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let mut server = Server::new_in(tmp.path(), &[]);
     std::fs::create_dir_all(&server.data).unwrap();
@@ -711,6 +720,7 @@ fn stray_temp_files_removed_and_unparsable_files_left_in_place() {
     write(".x.tmp", "{\"rev\":99,\"val");
     write(".good.tmp", "half written");
     write("bad.json", "this is not a record");
+    write("torn.json", "{\"rev\":9,\"value\":{\"a\":");
     write("good.json", "{\"rev\":7,\"value\":\"g\"}\n");
     write("other.json", "{\"rev\":3,\"value\":[1,2]}\n");
     server.spawn_and_wait();
@@ -723,11 +733,16 @@ fn stray_temp_files_removed_and_unparsable_files_left_in_place() {
         !server.data.join(".good.tmp").exists(),
         "stray temp file removed"
     );
-    assert_eq!(
-        std::fs::read_to_string(server.data.join("bad.json")).unwrap(),
-        "this is not a record",
-        "an unparsable file is left as it was"
+    assert!(
+        !server.data.join("bad.json").exists(),
+        "moved out of the way"
     );
+    assert_eq!(
+        std::fs::read_to_string(server.data.join(".quarantine/bad.json")).unwrap(),
+        "this is not a record",
+        "an unparsable file is kept, as it was, in the quarantine folder"
+    );
+    assert!(server.data.join(".quarantine/torn.json").exists());
     let log = server.log_text();
     assert!(
         log.contains("bad.json"),
@@ -746,8 +761,8 @@ fn stray_temp_files_removed_and_unparsable_files_left_in_place() {
     expect_error(&raw.request("GET bad"), "not_found");
     assert_eq!(
         raw.request("PUT n 1")["rev"],
-        8,
-        "revisions continue from the files"
+        10,
+        "revisions continue from the files, the torn one's revision 9 included"
     );
     drop(raw);
     drop(server);
@@ -836,8 +851,8 @@ fn hostile_keys_are_rejected_and_nothing_is_written_outside_the_data_dir() {
         "data",
         "nkv.sock",
         "server.log",
-        ".lock",
         ".rev",
+        ".reserve",
         "ok.x.json",
     ]
     .into();

@@ -339,7 +339,7 @@ fn malformed_requests_get_their_error_code_and_the_connection_stays_usable() {
         data.into_iter().partition(|n| n.starts_with('.'));
     assert_eq!(visible, expected, "key files in the data dir");
     assert!(
-        hidden.iter().all(|n| n == ".lock" || n == ".rev"),
+        hidden.iter().all(|n| n == ".rev" || n == ".reserve"),
         "unexpected bookkeeping files: {hidden:?}"
     );
     assert_eq!(names_in(tmp.path()), BTreeSet::from(["srv".to_string()]));

@@ -293,6 +293,8 @@ struct Ledger {
 }
 
 const WRITERS: usize = 2;
+/// The pending "key" of a pattern delete in flight: it may have removed any of the writer's keys.
+const ALL_OF_WRITER: &str = "*";
 const KEYS_PER_WRITER: usize = 8;
 
 fn key_of(writer: usize, i: usize) -> String {
@@ -319,7 +321,26 @@ fn write_until_killed(
             ledger.lock().unwrap().acked.get(&key),
             Some((State::Put { .. }, _))
         );
-        let (line, state) = if present && rng.below(10) == 0 {
+        let roll = rng.below(40);
+        if present && roll == 0 {
+            // A pattern delete: each key is its own change, so a kill may leave any subset
+            // of this writer's keys deleted.
+            ledger.lock().unwrap().pending = Some((ALL_OF_WRITER.to_owned(), State::Absent));
+            let Ok(response) = conn.try_request(format!("DEL w{writer}.*")) else {
+                return;
+            };
+            assert_eq!(response["ok"], true, "DEL w{writer}.*: {response}");
+            assert!(response["deleted"].as_u64().unwrap() >= 1, "{response}");
+            let mut ledger = ledger.lock().unwrap();
+            for i in 0..KEYS_PER_WRITER {
+                ledger.acked.insert(key_of(writer, i), (State::Absent, 0));
+            }
+            ledger.pending = None;
+            drop(ledger);
+            acked_this_round.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        let (line, state) = if present && roll < 4 {
             (format!("DEL {key}"), State::Absent)
         } else {
             let n = counter.fetch_add(1, Ordering::SeqCst);
@@ -354,12 +375,12 @@ fn check_files_after_kill(data: &Path) -> usize {
     for entry in fs::read_dir(data).expect("data dir") {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
         let path = data.join(&name);
-        if name.ends_with(".tmp") {
+        if name.starts_with(".tmp-") {
             tmp_files += 1;
         } else if name == ".rev" {
             let text = fs::read_to_string(&path).unwrap();
             assert!(text.trim().parse::<u64>().is_ok(), "torn .rev: {text:?}");
-        } else if name != ".lock" {
+        } else if name != ".reserve" {
             let key = name
                 .strip_suffix(".json")
                 .unwrap_or_else(|| panic!("stray {name}"));
@@ -397,7 +418,7 @@ fn check_and_reconcile(conn: &mut Raw, writer: usize, ledger: &mut Ledger) -> bo
         let pending = ledger
             .pending
             .as_ref()
-            .filter(|(k, _)| *k == key)
+            .filter(|(k, _)| *k == key || k == ALL_OF_WRITER)
             .map(|(_, s)| *s);
         if found == acked && (found == State::Absent || rev == acked_rev) {
             continue;
@@ -417,19 +438,29 @@ fn check_and_reconcile(conn: &mut Raw, writer: usize, ledger: &mut Ledger) -> bo
 
 #[test]
 fn acknowledged_writes_survive_sigkill_at_random_moments() {
-    const KILLS: usize = 100;
+    kill_loop(&[], 100);
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill_with_fsync() {
+    kill_loop(&["--fsync"], 30);
+}
+
+/// Kills the server `kills` times at random moments under writers that put, delete and
+/// pattern-delete; after each restart every acknowledged change is there.
+fn kill_loop(flags: &[&str], kills: usize) {
     let seed: u64 = std::env::var("NKV_KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x6e6b_7621);
     let mut rng = Rng(seed);
-    let mut server = Server::start();
+    let mut server = Server::start_with(flags);
     let counter = AtomicU64::new(1);
     let ledgers: Vec<Mutex<Ledger>> = (0..WRITERS).map(|_| Mutex::default()).collect();
     let (mut acked_total, mut tmp_seen, mut applied_in_flight) = (0u64, 0usize, 0usize);
     let started = Instant::now();
 
-    for round in 0..KILLS {
+    for round in 0..kills {
         // Between 0 and 400 acknowledged writes, then SIGKILL wherever the writers are.
         let target = rng.below(401);
         let acked_this_round = AtomicU64::new(0);
@@ -459,7 +490,7 @@ fn acknowledged_writes_survive_sigkill_at_random_moments() {
         let leftovers: Vec<_> = fs::read_dir(&server.data)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".tmp"))
+            .filter(|n| n.starts_with(".tmp-"))
             .collect();
         assert!(
             leftovers.is_empty(),
@@ -481,7 +512,7 @@ fn acknowledged_writes_survive_sigkill_at_random_moments() {
         }
     }
     eprintln!(
-        "kill test (seed {seed}): {KILLS} SIGKILLs, {acked_total} acknowledged writes, \
+        "kill test {flags:?} (seed {seed}): {kills} SIGKILLs, {acked_total} acknowledged writes, \
          {} keys checked after every restart, {tmp_seen} temp files found after kills \
          (all removed at start), {applied_in_flight} unacknowledged in-flight writes found \
          applied, {:.1?}",

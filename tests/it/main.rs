@@ -14,4 +14,5 @@ mod ops;
 mod panic;
 mod props;
 mod soak;
+mod storage;
 mod subscribe;

@@ -95,6 +95,15 @@ impl Server {
         cmd
     }
 
+    /// Takes `child`, a server started some other way (e.g. under a shell), and waits until
+    /// it accepts connections.
+    pub fn adopt(&mut self, child: Child) {
+        self.child = Some(child);
+        wait_until("the adopted server to accept connections", || {
+            UnixStream::connect(&self.socket).is_ok()
+        });
+    }
+
     /// Starts the process and waits until it accepts connections.
     pub fn spawn_and_wait(&mut self) {
         let log = std::fs::OpenOptions::new()

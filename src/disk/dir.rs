@@ -1,0 +1,225 @@
+//! The data directory as a descriptor held for the server's life.
+//!
+//! Every operation is relative to that descriptor and never follows a symlink (`O_NOFOLLOW`,
+//! `AT_SYMLINK_NOFOLLOW`; a key's name has no `/`, so only its last component could be one).
+//! The descriptor also carries the `flock` that keeps a second server out: the lock is on the
+//! directory itself, so removing a file cannot release it. Each call first asks the fault plan
+//! (tests only) whether to fail.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat, OFlag};
+use nix::sys::stat::{fchmod, fstatat, FileStat, Mode};
+use nix::unistd::{fchown, unlinkat, Gid, UnlinkatFlags};
+
+use super::fault::{Faults, Op, Rec};
+
+/// Who may read the files the server creates.
+#[derive(Clone, Copy, Debug)]
+pub struct Access {
+    /// `0o600`, or `0o640` with a group.
+    pub file_mode: u32,
+    /// The group files are given (with `--socket-group`).
+    pub group: Option<Gid>,
+    /// Whether the process umask would strip bits of `file_mode`, so each new file needs an
+    /// explicit `fchmod`.
+    pub umask_strips: bool,
+}
+
+/// An open data directory.
+pub struct Dir {
+    file: File,
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    access: Access,
+    /// Whether the path may be a symlink (`--allow-unsafe-dirs`): its identity is then checked
+    /// through the link.
+    follow: bool,
+    faults: Faults,
+}
+
+/// `O_CLOEXEC | O_NOFOLLOW`, which every open here uses.
+fn base_flags() -> OFlag {
+    OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NOCTTY
+}
+
+impl Dir {
+    /// Opens `path` (which must not be a symlink unless `follow`) as a directory.
+    ///
+    /// # Errors
+    /// `path` is missing, not a directory, or (without `follow`) a symlink (`ELOOP`).
+    pub fn open(path: &Path, follow: bool, access: Access) -> io::Result<Dir> {
+        let mut flags = nix::libc::O_DIRECTORY;
+        if !follow {
+            flags |= nix::libc::O_NOFOLLOW;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(path)?;
+        let meta = file.metadata()?;
+        Ok(Dir {
+            file,
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            access,
+            follow,
+            faults: Faults::for_dir(path),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The path of `name` inside the directory, for messages.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    /// Fails the operation if the test's fault plan says so.
+    pub fn fault(&self, op: Op) -> io::Result<()> {
+        self.faults.hit(op)
+    }
+
+    /// Records a file-system effect for the power-loss simulation (tests only).
+    pub fn note(&self, rec: impl FnOnce() -> Rec) {
+        self.faults.note(rec)
+    }
+
+    /// Whether the directory's path still leads to the directory we hold. It does not when the
+    /// directory was removed or replaced under the running server: its writes would then go
+    /// where no one will ever read them, while another server may own the new directory.
+    pub fn still_in_place(&self) -> bool {
+        let meta = if self.follow {
+            std::fs::metadata(&self.path)
+        } else {
+            std::fs::symlink_metadata(&self.path)
+        };
+        meta.is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+
+    /// Creates `name` exclusively (never an existing file, never through a symlink), with the
+    /// server's file mode and group.
+    pub fn create_new(&self, name: &str, op: Op) -> io::Result<File> {
+        self.fault(op)?;
+        let flags = base_flags() | OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL;
+        let mode = Mode::from_bits_truncate(self.access.file_mode as _);
+        let fd = openat(Some(self.fd()), name, flags, mode)?;
+        // SAFETY: `openat` just returned this descriptor and nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let fixed = (|| {
+            if self.access.umask_strips {
+                fchmod(file.as_raw_fd(), mode)?;
+            }
+            if let Some(gid) = self.access.group {
+                fchown(file.as_raw_fd(), None, Some(gid))?;
+            }
+            Ok::<(), Errno>(())
+        })();
+        if let Err(e) = fixed {
+            drop(file);
+            let _ = self.unlink(name);
+            return Err(e.into());
+        }
+        self.note(|| Rec::Create(name.to_owned()));
+        Ok(file)
+    }
+
+    /// Opens an existing `name` for reading without following a symlink and without blocking
+    /// on a FIFO or device (the caller checks it is a regular file before reading).
+    pub fn open_read(&self, name: &str) -> io::Result<File> {
+        let flags = base_flags() | OFlag::O_RDONLY | OFlag::O_NONBLOCK;
+        let fd = openat(Some(self.fd()), name, flags, Mode::empty())?;
+        // SAFETY: as in `create_new`.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Opens an existing `name` for reading and writing, as `open_read` does.
+    pub fn open_rw(&self, name: &str) -> io::Result<File> {
+        let flags = base_flags() | OFlag::O_RDWR | OFlag::O_NONBLOCK;
+        let fd = openat(Some(self.fd()), name, flags, Mode::empty())?;
+        // SAFETY: as in `create_new`.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// The status of `name` itself (a symlink is reported as one).
+    pub fn stat(&self, name: &str) -> io::Result<FileStat> {
+        Ok(fstatat(
+            Some(self.fd()),
+            name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?)
+    }
+
+    /// Renames `from` to `to` within the directory, replacing `to` (never following links).
+    pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.fault(Op::Rename)?;
+        renameat(Some(self.fd()), from, Some(self.fd()), to)?;
+        self.note(|| Rec::Rename(from.to_owned(), to.to_owned()));
+        Ok(())
+    }
+
+    /// Moves `from` into the subdirectory `other` as `to`.
+    pub fn rename_into(&self, from: &str, other: &Dir, to: &str) -> io::Result<()> {
+        Ok(renameat(Some(self.fd()), from, Some(other.fd()), to)?)
+    }
+
+    /// Removes the file `name`.
+    pub fn unlink(&self, name: &str) -> io::Result<()> {
+        unlinkat(Some(self.fd()), name, UnlinkatFlags::NoRemoveDir)?;
+        self.note(|| Rec::Unlink(name.to_owned()));
+        Ok(())
+    }
+
+    /// Fsyncs the directory, so renames and unlinks in it are on stable storage.
+    pub fn sync(&self) -> io::Result<()> {
+        self.fault(Op::SyncDir)?;
+        self.file.sync_all()?;
+        self.note(|| Rec::SyncDir);
+        Ok(())
+    }
+
+    /// Creates the subdirectory `name` (mode `0o700`) unless it exists, and opens it.
+    pub fn subdir(&self, name: &str) -> io::Result<Dir> {
+        let mode = Mode::from_bits_truncate(0o700);
+        match nix::sys::stat::mkdirat(Some(self.fd()), name, mode) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let flags = base_flags() | OFlag::O_RDONLY | OFlag::O_DIRECTORY;
+        let fd = openat(Some(self.fd()), name, flags, Mode::empty())?;
+        // SAFETY: as in `create_new`.
+        let file = unsafe { File::from_raw_fd(fd) };
+        fchmod(file.as_raw_fd(), mode)?;
+        let meta = file.metadata()?;
+        Ok(Dir {
+            file,
+            path: self.path.join(name),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            access: self.access,
+            follow: false,
+            faults: Faults::for_dir(&self.path.join(name)),
+        })
+    }
+}

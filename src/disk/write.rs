@@ -1,0 +1,251 @@
+//! Changing the data directory: atomic replace, delete and the revision floor.
+//!
+//! A put writes its record to a fresh `.tmp-<n>` (created exclusively, never through a
+//! symlink), fsyncs it with `--fsync`, renames it over `<key>.json` and fsyncs the directory.
+//! Until the rename nothing has changed; after it the change is in place, so a failing
+//! directory fsync is reported as [`WriteError::NotDurable`], not as a failure.
+//!
+//! A full file system must still let a person free space through nkv: a delete rewrites the
+//! fixed-width `.rev` in place (no new block, no new inode) and unlinks the key's file; an
+//! overwrite that finds the disk full goes through the reserve (see [`super::reserve`]).
+
+use std::fs::File;
+use std::io::{self, IoSlice, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::Ordering;
+
+use nix::unistd::Uid;
+
+use super::dir::Dir;
+use super::fault::{Op, Rec};
+use super::layout::{file_name, temp_name, REV_FILE, REV_WIDTH};
+use super::load::Contents;
+use super::Disk;
+use crate::error::{DiskError, WriteError};
+use crate::key::Key;
+
+/// The open revision floor and the value it holds.
+pub struct Floor {
+    file: File,
+    value: u64,
+}
+
+/// Whether `file` is a plain file of ours alone, safe to rewrite in place.
+fn ours_alone(file: &File) -> bool {
+    file.metadata()
+        .is_ok_and(|m| m.is_file() && m.nlink() == 1 && m.uid() == Uid::effective().as_raw())
+}
+
+/// `rev` as the floor file holds it: fixed width, so rewriting it never changes its size.
+fn floor_bytes(rev: u64) -> [u8; REV_WIDTH + 1] {
+    let mut out = [b'\n'; REV_WIDTH + 1];
+    let text = format!("{rev:0width$}", width = REV_WIDTH);
+    out[..REV_WIDTH].copy_from_slice(&text.as_bytes()[..REV_WIDTH]);
+    out
+}
+
+/// Opens `name` if it is a plain file of ours, else creates it anew through a temporary file.
+pub(super) fn open_or_create(dir: &Dir, name: &str, initial: &[u8]) -> io::Result<File> {
+    if let Ok(file) = dir.open_rw(name) {
+        if ours_alone(&file) {
+            return Ok(file);
+        }
+    }
+    let tmp = temp_name(u64::MAX - 1);
+    let _ = dir.unlink(&tmp);
+    let mut file = dir.create_new(&tmp, Op::CreateTemp)?;
+    let written = file
+        .write_all(initial)
+        .and_then(|()| dir.rename(&tmp, name));
+    if let Err(e) = written {
+        let _ = dir.unlink(&tmp);
+        return Err(e);
+    }
+    drop(file);
+    dir.open_rw(name)
+}
+
+impl Floor {
+    /// Opens `.rev` (creating it if missing or unusable) and writes the loaded maximum to it.
+    pub fn open(dir: &Dir, contents: &Contents) -> Result<Floor, DiskError> {
+        let bytes = floor_bytes(contents.max_rev);
+        let file = open_or_create(dir, REV_FILE, &bytes)
+            .map_err(|e| DiskError::new("create", dir.join(REV_FILE), e))?;
+        file.write_all_at(&bytes, 0)
+            .and_then(|()| file.set_len(bytes.len() as u64))
+            .map_err(|e| DiskError::new("write", dir.join(REV_FILE), e))?;
+        Ok(Floor {
+            file,
+            value: contents.max_rev,
+        })
+    }
+}
+
+/// Writes all of `parts` to `file` with as few system calls as possible.
+pub(super) fn write_parts(file: &mut File, parts: &[&[u8]]) -> io::Result<()> {
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    while !parts.is_empty() {
+        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut n = file.write_vectored(&slices)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            if n >= parts[0].len() {
+                n -= parts[0].len();
+                parts.remove(0);
+            } else {
+                parts[0] = &parts[0][n..];
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Disk {
+    fn check_in_place(&self) -> Result<(), WriteError> {
+        if self.dir.still_in_place() {
+            Ok(())
+        } else {
+            Err(WriteError::DirReplaced(self.dir.path().to_owned()))
+        }
+    }
+
+    pub(super) fn fail(&self, action: &'static str, name: &str, e: io::Error) -> WriteError {
+        WriteError::from_disk(DiskError::new(action, self.dir.join(name), e))
+    }
+
+    /// Stores `value` as `key`'s file, atomically: the file holds the old or the new record,
+    /// never a mix. With `fsync`, the data and the rename are on stable storage on return.
+    ///
+    /// # Errors
+    /// See [`WriteError`]: only `NotDurable` means the new record is in place.
+    pub fn write(&self, key: &Key, rev: u64, value: &str) -> Result<(), WriteError> {
+        self.check_in_place()?;
+        let header = format!("{{\"rev\":{rev},\"value\":");
+        let parts: [&[u8]; 3] = [header.as_bytes(), value.as_bytes(), b"}\n"];
+        let len = (header.len() + value.len() + 2) as u64;
+        let name = file_name(key);
+        self.ensure_reserve(len)?;
+        let tmp = match self.write_temp(&parts) {
+            Ok(tmp) => tmp,
+            Err(err @ WriteError::NoSpace(_)) => {
+                return self.write_with_reserve(&name, &parts, len, rev, err)
+            }
+            Err(err) => return Err(err),
+        };
+        if let Err(e) = self.dir.rename(&tmp, &name) {
+            let _ = self.dir.unlink(&tmp);
+            return Err(self.fail("rename into place", &name, e));
+        }
+        self.sync_dir(rev)
+    }
+
+    /// Writes `parts` to a new temporary file (fsynced with `--fsync`); returns its name.
+    fn write_temp(&self, parts: &[&[u8]]) -> Result<String, WriteError> {
+        let (tmp, mut file) = self.create_temp()?;
+        let written = self
+            .dir
+            .fault(Op::WriteTemp)
+            .and_then(|()| write_parts(&mut file, parts))
+            .map_err(|e| self.fail("write", &tmp, e))
+            .and_then(|()| {
+                self.dir.note(|| Rec::Write(tmp.clone(), parts.concat()));
+                if self.fsync {
+                    self.dir
+                        .fault(Op::SyncFile)
+                        .and_then(|()| file.sync_data())
+                        .map_err(|e| self.fail("fsync", &tmp, e))?;
+                    self.dir.note(|| Rec::SyncFile(tmp.clone()));
+                }
+                Ok(())
+            });
+        drop(file);
+        if let Err(err) = written {
+            let _ = self.dir.unlink(&tmp);
+            return Err(err);
+        }
+        Ok(tmp)
+    }
+
+    /// A new, exclusively created temporary file. A name someone planted is skipped.
+    fn create_temp(&self) -> Result<(String, File), WriteError> {
+        let mut last = None;
+        for _ in 0..8 {
+            let tmp = temp_name(self.next_temp.fetch_add(1, Ordering::Relaxed));
+            match self.dir.create_new(&tmp, Op::CreateTemp) {
+                Ok(file) => return Ok((tmp, file)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    log::warn!(
+                        "{} exists though no write uses it; skipping it",
+                        self.dir.join(&tmp).display()
+                    );
+                    last = Some((tmp, e));
+                }
+                Err(e) => return Err(self.fail("create", &tmp, e)),
+            }
+        }
+        let (tmp, e) = last.expect("the loop ran and every attempt found an existing file");
+        Err(self.fail("create", &tmp, e))
+    }
+
+    /// Removes `key`'s file, first recording `rev` so the revision survives the key.
+    ///
+    /// # Errors
+    /// See [`WriteError`]: only `NotDurable` means the file is gone.
+    pub fn remove(&self, key: &Key, rev: u64) -> Result<(), WriteError> {
+        self.check_in_place()?;
+        self.raise_floor(rev)?;
+        let name = file_name(key);
+        match self
+            .dir
+            .fault(Op::Unlink)
+            .and_then(|()| self.dir.unlink(&name))
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.fail("remove", &name, e)),
+        }
+        let synced = self.sync_dir(rev);
+        // A delete frees space: the moment to re-create a reserve that was used up.
+        if self.reserve_short.load(Ordering::Acquire) {
+            let mut reserve = self.reserve.lock();
+            self.restore_reserve(&mut reserve);
+        }
+        synced
+    }
+
+    /// Rewrites the floor in place (same size: it needs no new space).
+    fn raise_floor(&self, rev: u64) -> Result<(), WriteError> {
+        let mut floor = self.floor.lock();
+        if rev <= floor.value {
+            return Ok(());
+        }
+        self.dir
+            .fault(Op::WriteRev)
+            .and_then(|()| floor.file.write_all_at(&floor_bytes(rev), 0))
+            .map_err(|e| self.fail("write", REV_FILE, e))?;
+        self.dir
+            .note(|| Rec::Write(REV_FILE.to_owned(), floor_bytes(rev).to_vec()));
+        if self.fsync {
+            self.dir
+                .fault(Op::SyncRev)
+                .and_then(|()| floor.file.sync_data())
+                .map_err(|e| self.fail("fsync", REV_FILE, e))?;
+            self.dir.note(|| Rec::SyncFile(REV_FILE.to_owned()));
+        }
+        floor.value = rev;
+        Ok(())
+    }
+
+    pub(super) fn sync_dir(&self, rev: u64) -> Result<(), WriteError> {
+        if self.fsync {
+            self.dir.sync().map_err(|e| WriteError::NotDurable {
+                rev,
+                source: DiskError::new("fsync directory", self.dir.path(), e),
+            })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,599 @@
+//! The data directory belongs to the server alone: its own files never collide with keys, no
+//! symlink is followed, values are not readable by others, a full disk can be freed, start-up
+//! trusts nothing on disk, and the lock cannot be sidestepped.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::{parse, Server, DEADLINE};
+
+fn mode(path: &Path) -> u32 {
+    fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
+/// Runs the server expecting it to refuse to start; returns its stderr. A server that starts
+/// instead is killed after the deadline and the test fails.
+fn refused(server: &Server) -> String {
+    let stderr_path = server
+        .dir
+        .join(format!("refused-{}.stderr", std::process::id()));
+    let file = fs::File::create(&stderr_path).unwrap();
+    let mut child = server
+        .command()
+        .stderr(file)
+        .spawn()
+        .expect("run nkv-server");
+    let end = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the server did not refuse to start; stderr:\n{}",
+                fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let stderr = fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "expected exit status 1; stderr:\n{stderr}"
+    );
+    stderr
+}
+
+fn request(server: &Server, line: &str) -> serde_json::Value {
+    server.raw().request(line)
+}
+
+#[test]
+fn the_key_rev_never_collides_with_the_revision_floor() {
+    const DELETES: usize = 600;
+    let mut server = Server::start();
+    let mut setup = server.raw();
+    for i in 0..DELETES {
+        setup.send(&format!("PUT d.{i} {i}"));
+    }
+    for _ in 0..DELETES {
+        assert!(setup.json()["rev"].is_u64());
+    }
+    // Two deleters, each of its own half, race `PUT rev` on a third connection.
+    let deleters: Vec<_> = (0..2)
+        .map(|half| {
+            let socket = server.socket.clone();
+            thread::spawn(move || {
+                let mut conn = crate::support::Raw::connect(&socket);
+                (half..DELETES)
+                    .step_by(2)
+                    .map(|i| conn.request(&format!("DEL d.{i}")))
+                    .filter(|r| r["ok"] != true)
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut conn = server.raw();
+    let (mut last, mut i, mut errors) = (0, 0u64, Vec::new());
+    while i < 200 || deleters.iter().any(|d| !d.is_finished()) {
+        let answer = conn.request(&format!("PUT rev {i}"));
+        match answer["rev"].as_u64() {
+            Some(rev) => {
+                assert!(rev > last, "revisions went backwards: {last} → {rev}");
+                last = rev;
+            }
+            None => errors.push(answer.to_string()),
+        }
+        i += 1;
+    }
+    for d in deleters {
+        errors.extend(d.join().unwrap());
+    }
+    assert!(
+        errors.is_empty(),
+        "{} errors under the race: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+    let floor_before = request(&server, "STATS")["rev"].as_u64().unwrap();
+    drop(conn);
+    server.restart();
+    assert_eq!(
+        request(&server, "GET rev"),
+        json!({"ok": true, "key": "rev", "value": i - 1, "rev": last}),
+        "the acknowledged PUT rev survives a restart"
+    );
+    assert_eq!(
+        request(&server, "KEYS d.*")["keys"],
+        json!([]),
+        "every delete survives"
+    );
+    let next = request(&server, "PUT x 1")["rev"].as_u64().unwrap();
+    assert!(
+        next > floor_before,
+        "rev {next} after restart, {floor_before} before"
+    );
+    // The floor is the server's own file; the key `rev` is `rev.json`, a record of that key.
+    let record = parse(&fs::read_to_string(server.data.join("rev.json")).unwrap());
+    assert_eq!(record, json!({"rev": last, "value": i - 1}));
+}
+
+#[test]
+fn planted_symlinks_are_never_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::new_in(tmp.path(), &[]);
+    fs::create_dir(&server.data).unwrap();
+    fs::set_permissions(&server.data, fs::Permissions::from_mode(0o700)).unwrap();
+    let victim = tmp.path().join("victim");
+    fs::write(&victim, "precious").unwrap();
+    let secret = tmp.path().join("secret");
+    fs::write(&secret, "{\"rev\":5,\"value\":\"secret\"}").unwrap();
+    // Temp files of the first writes, a key file and a FIFO, all planted before start.
+    for n in 0..4 {
+        symlink(&victim, server.data.join(format!(".tmp-{n}"))).unwrap();
+    }
+    symlink(&secret, server.data.join("leak.json")).unwrap();
+    symlink("/dev/zero", server.data.join("zero.json")).unwrap();
+    assert!(Command::new("mkfifo")
+        .arg(server.data.join("fifo.json"))
+        .status()
+        .unwrap()
+        .success());
+    server.spawn_and_wait();
+    // Stray temp names are cleared at start; plant more while running.
+    for n in 0..16 {
+        let _ = symlink(&victim, server.data.join(format!(".tmp-{n}")));
+    }
+    for i in 0..8 {
+        assert!(request(&server, &format!("PUT k {i}"))["rev"].is_u64());
+    }
+    assert_eq!(
+        fs::read_to_string(&victim).unwrap(),
+        "precious",
+        "nothing written through a link"
+    );
+    assert_eq!(
+        request(&server, "GET leak")["error"],
+        "not_found",
+        "a linked file is not served"
+    );
+    assert_eq!(request(&server, "KEYS"), json!({"ok": true, "keys": ["k"]}));
+    let q = server.data.join(".quarantine");
+    for name in ["leak.json", "zero.json", "fifo.json"] {
+        assert!(
+            fs::symlink_metadata(q.join(name)).is_ok(),
+            "{name} quarantined"
+        );
+    }
+    assert_eq!(
+        fs::read_to_string(&secret).unwrap(),
+        "{\"rev\":5,\"value\":\"secret\"}"
+    );
+    let log = server.log_text();
+    assert!(
+        log.contains("symlink") && log.contains("not a regular file"),
+        "{log}"
+    );
+}
+
+#[test]
+fn unsafe_directories_are_refused_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A data directory that is a symlink.
+    let real = tmp.path().join("real");
+    fs::create_dir(&real).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+    let mut server = Server::new_in(tmp.path(), &[]);
+    symlink(&real, &server.data).unwrap();
+    let err = refused(&server);
+    assert!(
+        err.contains("is a symlink") && err.contains("--allow-unsafe-dirs"),
+        "{err}"
+    );
+    // Writable by others.
+    fs::remove_file(&server.data).unwrap();
+    fs::create_dir(&server.data).unwrap();
+    fs::set_permissions(&server.data, fs::Permissions::from_mode(0o777)).unwrap();
+    let err = refused(&server);
+    assert!(err.contains("writable by other users"), "{err}");
+    // Owned by another user.
+    fs::set_permissions(&server.data, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&server.data, Some(65534), Some(65534)).unwrap();
+    let err = refused(&server);
+    assert!(err.contains("owned by uid 65534"), "{err}");
+    // The socket's directory, likewise.
+    std::os::unix::fs::chown(&server.data, Some(0), Some(0)).unwrap();
+    let sock_dir = tmp.path().join("sock");
+    fs::create_dir(&sock_dir).unwrap();
+    fs::set_permissions(&sock_dir, fs::Permissions::from_mode(0o777)).unwrap();
+    server.socket = sock_dir.join("nkv.sock");
+    let err = refused(&server);
+    assert!(
+        err.contains("socket directory") && err.contains("writable"),
+        "{err}"
+    );
+    // The operator may say otherwise.
+    let mut allowed = Server::new_in(tmp.path(), &["--allow-unsafe-dirs"]);
+    allowed.socket = server.socket.clone();
+    fs::set_permissions(&server.data, fs::Permissions::from_mode(0o777)).unwrap();
+    allowed.spawn_and_wait();
+    assert_eq!(request(&allowed, "PUT a 1")["rev"], 1);
+    allowed.kill();
+    // ... also a data directory reached through a symlink, which then stays writable.
+    fs::remove_dir_all(&server.data).unwrap();
+    symlink(&real, &server.data).unwrap();
+    allowed.spawn_and_wait();
+    assert_eq!(request(&allowed, "PUT a 1")["rev"], 1);
+    assert_eq!(request(&allowed, "PUT a 2")["rev"], 2);
+    assert!(real.join("a.json").exists());
+}
+
+/// Runs the server under umask 000, as a careless service manager might.
+fn start_with_umask_0(server: &mut Server) {
+    let mut cmd = server.command();
+    let log = fs::File::create(&server.log).unwrap();
+    let program = cmd.get_program().to_owned();
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg("umask 000; exec \"$@\"")
+        .arg("sh")
+        .arg(program)
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stderr(log);
+    let _ = &mut cmd;
+    let child = sh.spawn().unwrap();
+    server.adopt(child);
+}
+
+#[test]
+fn values_are_private_whatever_the_umask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::new_in(tmp.path(), &[]);
+    server.socket = tmp.path().join("run/nkv.sock");
+    start_with_umask_0(&mut server);
+    request(&server, "PUT a 1");
+    request(&server, "PUT b 1");
+    request(&server, "DEL b");
+    assert_eq!(mode(&server.data), 0o700, "data dir");
+    // The socket (0660) admits its group: the directory lets it search, not list.
+    assert_eq!(mode(&tmp.path().join("run")), 0o710, "socket dir");
+    for entry in fs::read_dir(&server.data).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+    // The default layout: socket and data directory in one new directory, which the data
+    // directory's creation makes first; the socket's group can still reach the socket.
+    let tmp3 = tempfile::tempdir().unwrap();
+    let mut shared = Server::new_in(tmp3.path(), &[]);
+    shared.socket = tmp3.path().join("nkv/nkv.sock");
+    shared.data = tmp3.path().join("nkv/data");
+    start_with_umask_0(&mut shared);
+    assert_eq!(
+        mode(&tmp3.path().join("nkv")),
+        0o711,
+        "searchable, not listable"
+    );
+    assert_eq!(mode(&shared.data), 0o700);
+    let reach = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65533",
+            "--regid",
+            "0",
+            "--clear-groups",
+            "socat",
+            "-",
+        ])
+        .arg(format!("UNIX-CONNECT:{}", shared.socket.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = {
+        use std::io::Write;
+        let mut reach = reach;
+        reach.stdin.take().unwrap().write_all(b"HEALTH\n").unwrap();
+        reach.wait_with_output().unwrap()
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"ok\":true,\"status\":\"ok\"}\n",
+        "a member of the socket's group (gid 0) connects"
+    );
+    // With --socket-group the group may read, nobody else.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let mut grouped = Server::new_in(tmp2.path(), &["--socket-group", "65534"]);
+    grouped.socket = tmp2.path().join("run/nkv.sock");
+    start_with_umask_0(&mut grouped);
+    request(&grouped, "PUT a 1");
+    assert_eq!(mode(&grouped.data), 0o750);
+    assert_eq!(fs::metadata(&grouped.data).unwrap().gid(), 65534);
+    let file = grouped.data.join("a.json");
+    assert_eq!(mode(&file), 0o640);
+    assert_eq!(fs::metadata(&file).unwrap().gid(), 65534);
+    assert_eq!(mode(&tmp2.path().join("run")), 0o750);
+    // A member of the group reads the value; others cannot even list the directory.
+    let cat = |uid: &str, gid: &str| {
+        Command::new("setpriv")
+            .args(["--reuid", uid, "--regid", gid, "--clear-groups", "cat"])
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    assert!(cat("65533", "65534").status.success(), "group member reads");
+    assert!(!cat("65533", "65533").status.success(), "others cannot");
+}
+
+#[test]
+fn a_data_directory_of_layout_1_is_migrated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::new_in(tmp.path(), &[]);
+    let data = &server.data;
+    fs::create_dir(data).unwrap();
+    fs::set_permissions(data, fs::Permissions::from_mode(0o755)).unwrap();
+    let put = |name: &str, text: &str| {
+        fs::write(data.join(name), text).unwrap();
+        fs::set_permissions(data.join(name), fs::Permissions::from_mode(0o644)).unwrap();
+    };
+    put("a.json", "{\"rev\":3,\"value\":{\"x\":1}}\n");
+    put("rev.json", "{\"rev\":4,\"value\":\"r\"}\n");
+    put(".rev", "12\n");
+    put(".lock", "");
+    put(".a.tmp", "{\"rev\":13,\"val");
+    put(".rev.tmp", "1");
+    server.spawn_and_wait();
+    assert_eq!(request(&server, "GET a")["value"], json!({"x": 1}));
+    assert_eq!(request(&server, "GET rev")["value"], "r");
+    assert_eq!(
+        request(&server, "PUT b 1")["rev"],
+        13,
+        "revisions continue from .rev"
+    );
+    for gone in [".lock", ".a.tmp", ".rev.tmp"] {
+        assert!(!server.data.join(gone).exists(), "{gone} removed");
+    }
+    assert_eq!(mode(&server.data), 0o700, "directory tightened");
+    assert_eq!(
+        mode(&server.data.join("a.json")),
+        0o600,
+        "key file tightened"
+    );
+    let rev = fs::read_to_string(server.data.join(".rev")).unwrap();
+    assert_eq!(rev.trim().parse::<u64>().unwrap(), 12);
+    assert!(server.log_text().contains("migrated"));
+}
+
+#[test]
+fn load_trusts_nothing_on_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::new_in(tmp.path(), &["--max-value-bytes", "1000"]);
+    fs::create_dir(&server.data).unwrap();
+    fs::set_permissions(&server.data, fs::Permissions::from_mode(0o700)).unwrap();
+    let put = |name: &str, text: &str| fs::write(server.data.join(name), text).unwrap();
+    put("wrap.json", "{\"rev\":18446744073709551615,\"value\":1}");
+    put(
+        "huge.json",
+        &format!("{{\"rev\":2,\"value\":\"{}\"}}", "x".repeat(200_000)),
+    );
+    put(
+        "pretty.json",
+        "{\n  \"rev\": 4,\n  \"value\": {\n    \"a b\": [1, 2],\n    \"s\": \" x \"\n  }\n}\n",
+    );
+    put(
+        "deep.json",
+        &format!(
+            "{{\"rev\":6,\"value\":{}{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        ),
+    );
+    put("notes.txt", "a person's notes");
+    server.spawn_and_wait();
+    let mut raw = server.raw();
+    raw.send("GET pretty");
+    let pretty = raw.line().expect("an answer");
+    assert_eq!(
+        pretty, r#"{"ok":true,"key":"pretty","value":{"a b":[1,2],"s":" x "},"rev":4}"#,
+        "served as one compact line"
+    );
+    assert_eq!(
+        request(&server, "KEYS"),
+        json!({"ok": true, "keys": ["pretty"]})
+    );
+    for name in ["wrap.json", "huge.json", "deep.json", "notes.txt"] {
+        assert!(
+            server.data.join(".quarantine").join(name).exists(),
+            "{name} quarantined"
+        );
+    }
+    // deep.json's revision 6 still counts; wrap.json's is not a revision at all.
+    assert_eq!(request(&server, "PUT n 1")["rev"], 7);
+    assert!(server.log_text().contains("still counts"));
+}
+
+#[test]
+fn the_lock_cannot_be_sidestepped() {
+    let first = Server::start();
+    request(&first, "PUT k 1");
+    // Removing files does not release the lock: it is on the directory itself.
+    let _ = fs::remove_file(first.data.join(".lock"));
+    let tmp = tempfile::tempdir().unwrap();
+    let mut second = Server::new_in(tmp.path(), &[]);
+    second.data = first.data.clone();
+    let err = refused(&second);
+    assert!(err.contains("in use by another nkv-server"), "{err}");
+    // The directory replaced under the first server: a second may own the new one, and the
+    // first refuses writes instead of acknowledging into a deleted directory.
+    fs::rename(&first.data, first.dir.join("old-data")).unwrap();
+    fs::create_dir(&first.data).unwrap();
+    fs::set_permissions(&first.data, fs::Permissions::from_mode(0o700)).unwrap();
+    second.spawn_and_wait();
+    assert_eq!(request(&second, "PUT k 2")["rev"], 1);
+    let answer = request(&first, "PUT k 3");
+    assert_eq!(answer["error"], "internal", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("removed or replaced"),
+        "{answer}"
+    );
+    assert_eq!(request(&first, "DEL k")["error"], "internal");
+    assert_eq!(request(&second, "GET k")["value"], 2);
+}
+
+#[test]
+fn keys_that_differ_in_case_are_separate_files() {
+    let mut server = Server::start();
+    request(&server, "PUT a.B 1");
+    request(&server, "PUT a.b 2");
+    server.restart();
+    assert_eq!(request(&server, "GET a.B")["value"], 1);
+    assert_eq!(request(&server, "GET a.b")["value"], 2);
+}
+
+#[test]
+fn validating_a_value_does_not_build_a_tree() {
+    let server = Server::start();
+    let pid = server.pid();
+    // ~15 MiB of small numbers: a tree would cost ~16× that.
+    let mut value = String::from("[");
+    while value.len() < 15 << 20 {
+        value.push_str("1,");
+    }
+    value.push_str("1]");
+    let base = crate::support::rss_kib(pid);
+    let mut conn = server.raw();
+    conn.send(&format!("PUT big {value}"));
+    assert!(conn.json()["rev"].is_u64());
+    let peak = crate::support::proc_status(pid, "VmHWM");
+    let grown_mib = peak.saturating_sub(base) as f64 / 1024.0;
+    let size_mib = value.len() as f64 / (1 << 20) as f64;
+    assert!(
+        grown_mib <= 2.5 * size_mib + 8.0,
+        "peak grew {grown_mib:.0} MiB for a {size_mib:.0} MiB value"
+    );
+}
+
+/// A small tmpfs of its own; unmounted when dropped. Needs root (CI runs as root): a test
+/// that cannot mount fails, it does not skip.
+struct Tmpfs(std::path::PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(options: &str) -> Tmpfs {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("fs");
+        fs::create_dir(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(&dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (this test needs root): {out:?}"
+        );
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        Tmpfs(dir, tmp)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the server's disk with puts of `value` until the disk is full; returns the keys.
+fn fill(conn: &mut crate::support::Raw, value: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0..100_000 {
+        let answer = conn.request(&format!("PUT fill.{i} {value}"));
+        if answer["ok"] == true {
+            keys.push(format!("fill.{i}"));
+            continue;
+        }
+        assert_eq!(answer["error"], "no_space", "{answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .contains("nothing changed"),
+            "{answer}"
+        );
+        return keys;
+    }
+    panic!("the disk never filled up");
+}
+
+fn full_disk_can_be_freed(options: &str, value: &str) {
+    let fs_ = Tmpfs::mount(options);
+    let mut server = Server::new_in(&fs_.0, &["--max-value-bytes", "65536"]);
+    server.spawn_and_wait();
+    let mut conn = server.raw();
+    for i in 0..3 {
+        assert!(conn.request(&format!("PUT a.{i} {value}"))["rev"].is_u64());
+    }
+    let keys = fill(&mut conn, value);
+    assert!(keys.len() > 2, "{options}: filled with {} keys", keys.len());
+    // A failed put changed nothing.
+    let count = conn.request("KEYS")["keys"].as_array().unwrap().len();
+    assert_eq!(count, keys.len() + 3);
+    // Same-size and smaller overwrites still work, repeatedly.
+    for round in 0..3 {
+        let answer = conn.request(&format!("PUT {} {value}", keys[0]));
+        assert!(
+            answer["rev"].is_u64(),
+            "{options}: same-size overwrite {round}: {answer}"
+        );
+        let answer = conn.request(&format!("PUT {} 1", keys[1]));
+        assert!(
+            answer["rev"].is_u64(),
+            "{options}: smaller overwrite {round}: {answer}"
+        );
+    }
+    // Every kind of delete works.
+    assert!(
+        conn.request(&format!("DEL {}", keys[2]))["rev"].is_u64(),
+        "{options}: DEL key"
+    );
+    assert_eq!(conn.request("DEL a.*")["deleted"], 3, "{options}: DEL a.*");
+    let all = conn.request("DEL *");
+    assert_eq!(
+        all["deleted"].as_u64().unwrap() as usize,
+        keys.len() - 1,
+        "{options}: {all}"
+    );
+    // And the space is back.
+    assert!(conn.request(&format!("PUT again {value}"))["rev"].is_u64());
+    drop(conn);
+    server.restart();
+    assert_eq!(
+        request(&server, "KEYS"),
+        json!({"ok": true, "keys": ["again"]})
+    );
+}
+
+#[test]
+fn a_full_disk_can_be_freed_through_nkv_bytes() {
+    let value = format!("\"{}\"", "v".repeat(8000));
+    full_disk_can_be_freed("size=1m,nr_inodes=10000", &value);
+}
+
+#[test]
+fn a_full_disk_can_be_freed_through_nkv_inodes() {
+    full_disk_can_be_freed("size=16m,nr_inodes=64", "{\"small\":1}");
+}
