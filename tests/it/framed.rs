@@ -23,9 +23,12 @@ use crate::support::{libc_sigterm, wait_until, Server, DEADLINE};
 // Upstream binaries
 // ---------------------------------------------------------------------------------------------
 
-/// An upstream binary: `$var`, else its default place under `target/foreign/release/`.
+/// An upstream binary: `$var`, else its default place under `target/foreign/release/`, built
+/// there on first use by `.ci/build-upstream.sh` (so the README's plain `cargo test` works on a
+/// fresh clone); a binary that still is not there fails the test.
 fn upstream_bin(var: &str, name: &str) -> PathBuf {
     let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        build_upstream_once();
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/foreign/release/{name}"))
     });
     assert!(
@@ -34,6 +37,27 @@ fn upstream_bin(var: &str, name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Runs `.ci/build-upstream.sh` once per test run, unless both tools are already built.
+fn build_upstream_once() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let release = root.join("target/foreign/release");
+        if release.join("nkv-client").is_file() && release.join("nkv-upstream-mixed").is_file() {
+            return;
+        }
+        let out = Command::new("bash")
+            .arg(root.join(".ci/build-upstream.sh"))
+            .output()
+            .expect("run .ci/build-upstream.sh");
+        assert!(
+            out.status.success(),
+            ".ci/build-upstream.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
 }
 
 fn upstream_client() -> PathBuf {

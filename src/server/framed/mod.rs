@@ -311,7 +311,7 @@ fn delete(
     store: &crate::store::Store,
     sel: &Selection,
     kicks: &mut Kicks,
-) -> Result<(), crate::error::DiskError> {
+) -> Result<(), crate::error::WriteError> {
     match sel {
         Selection::Key(key) => store.delete(key, kicks).map(drop),
         Selection::Tree(key) => {
