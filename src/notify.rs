@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::key::{Key, Target};
 use crate::mailbox::{Item, Mailbox, Published, Pushed};
@@ -45,6 +45,9 @@ pub struct Notifier {
     coalesced: AtomicU64,
     /// Subscribers disconnected because their socket accepted nothing for `--send-timeout`.
     dropped_slow: AtomicU64,
+    /// Subscribers that left the table but whose connection is still sending what was queued
+    /// (after end of file, say): they still count as `behind` until the connection ends.
+    leaving: Mutex<HashMap<u64, Arc<Mailbox>>>,
     /// Set (under the table's write lock) once subscribers were sent `shutdown`: none is added
     /// after that, so none misses it.
     stopped: AtomicBool,
@@ -132,9 +135,18 @@ impl Notifier {
         Ok(())
     }
 
-    /// Forgets connection `id` entirely (it closed).
+    /// Removes connection `id` from the table: no more events for it. Its mailbox is kept for
+    /// `behind` until [`forget`](Notifier::forget).
     pub fn unregister(&self, id: u64) {
-        self.subscribers.write().remove(&id);
+        if let Some(sub) = self.subscribers.write().remove(&id) {
+            self.leaving.lock().insert(id, sub.mailbox);
+        }
+    }
+
+    /// Forgets connection `id` entirely (its thread is ending).
+    pub fn forget(&self, id: u64) {
+        self.unregister(id);
+        self.leaving.lock().remove(&id);
     }
 
     /// Renames connection `id` if it is a subscriber.
@@ -175,9 +187,16 @@ impl Notifier {
     /// Subscribers that are behind: coalescing, or their socket is full.
     pub fn behind(&self) -> usize {
         let subscribers = self.subscribers.read();
-        subscribers
+        let live = subscribers
             .values()
             .filter(|s| s.mailbox.is_behind())
+            .count();
+        drop(subscribers);
+        live + self
+            .leaving
+            .lock()
+            .values()
+            .filter(|m| m.is_behind())
             .count()
     }
 

@@ -166,7 +166,8 @@ impl<'a> Connection<'a> {
                 ending = self.read_request(reader, limits);
             }
             if ending {
-                self.end_subscriptions(&mailbox);
+                self.end_subscriptions();
+                mailbox.close();
             }
             let turn = mailbox.send();
             let status = mailbox.status();
@@ -228,13 +229,13 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Ends this connection's subscriptions: no more events are queued for it, and once what
-    /// is queued (the last reply included) is sent, the connection ends.
-    fn end_subscriptions(&mut self, mailbox: &Mailbox) {
+    /// Ends this connection's subscriptions: no more events are queued for it. The caller then
+    /// queues its last reply (if any) and closes the mailbox; once that is sent, the connection
+    /// ends.
+    fn end_subscriptions(&mut self) {
         if !self.unsubscribed {
             self.unsubscribed = true;
             self.shared.store.notifier().unregister(self.id);
-            mailbox.close();
         }
     }
 
@@ -329,7 +330,13 @@ impl<'a> Connection<'a> {
             Request::Health => Response::Health,
             Request::Version => Response::Version,
             Request::Help => Response::Help,
-            Request::Quit => return Reply::SendAndClose(Response::Ok),
+            Request::Quit => {
+                // No event may follow the acknowledgement: leave the table first.
+                if self.mailbox.is_some() {
+                    self.end_subscriptions();
+                }
+                return Reply::SendAndClose(Response::Ok);
+            }
         };
         Reply::Send(response)
     }
@@ -458,7 +465,7 @@ impl Drop for Connection<'_> {
     /// for it any more, and nobody is left to send what was.
     fn drop(&mut self) {
         if let Some(mailbox) = self.mailbox.take() {
-            self.shared.store.notifier().unregister(self.id);
+            self.shared.store.notifier().forget(self.id);
             mailbox.die();
         }
     }

@@ -11,6 +11,8 @@ mod lifecycle;
 mod limits;
 mod ops;
 mod panic;
+mod promise;
 mod props;
 mod soak;
 mod subscribe;
+mod watchcheck;
