@@ -191,6 +191,10 @@ impl<'a> Connection<'a> {
                 timeout = poll_timeout(limit - waited);
             }
             let want_read = !ending && status.accepts_requests;
+            if want_read && reader.has_buffered_line() {
+                // Sending made room for a request that is already buffered.
+                continue;
+            }
             let mut events = PollFlags::empty();
             if want_read {
                 events |= PollFlags::POLLIN;

@@ -4,6 +4,7 @@
 mod support;
 
 mod access;
+mod chaos;
 mod cli;
 mod core;
 mod hostile;

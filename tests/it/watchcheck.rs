@@ -161,7 +161,18 @@ impl Watch {
                 .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default();
             let prefix = pattern.trim_end_matches('*');
-            let mut present = self.seen.lock().unwrap().present();
+            let (mut present, state) = {
+                let seen = self.seen.lock().unwrap();
+                let state = format!(
+                    "{} events, {} replies, closed {}, {} violations {:?}",
+                    seen.events,
+                    seen.replies.len(),
+                    seen.closed,
+                    seen.violations.len(),
+                    seen.violations.first()
+                );
+                (seen.present(), state)
+            };
             present.retain(|k, _| k.starts_with(prefix));
             if present == truth {
                 return;
@@ -172,7 +183,7 @@ impl Watch {
                 .map(|(k, _)| k)
                 .collect();
             let last = format!(
-                "{} of {} keys stale (e.g. {:?}); {} keys in the view",
+                "{} of {} keys stale (e.g. {:?}); {} keys in the view; {state}",
                 stale.len(),
                 truth.len(),
                 stale.iter().take(3).collect::<Vec<_>>(),
