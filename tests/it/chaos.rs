@@ -43,7 +43,7 @@ fn subscribers_converge_through_chaos() {
             while !stop.load(Ordering::Relaxed) {
                 let mut burst = String::new();
                 for _ in 0..50 {
-                    let space = if i % 3 == 0 { "a" } else { "b" };
+                    let space = if i.is_multiple_of(3) { "a" } else { "b" };
                     let key = format!("c.{space}.k{}", (i * 7 + w) % 40);
                     match i % 17 {
                         0 => burst.push_str(&format!("DEL {key}\n")),
