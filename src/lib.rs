@@ -14,7 +14,8 @@
 //! - [`store`]: the shared map behind the `RwLock`; put/get/delete; calls disk and notify.
 //! - [`disk`]: one file per key: load at start, atomic write, remove.
 //! - [`notify`]: who subscribes to what; publishing a change to the matching mailboxes.
-//! - [`mailbox`]: one subscriber's bounded queue that keeps the latest state of every key.
+//! - [`mailbox`]: one subscriber's bounded queue that keeps the latest state of every key, and
+//!   its sending (one lock for every decision).
 //! - [`server`]: listener, accept loop, one connection's loop and dispatch, shutdown.
 //! - [`client`]: the blocking client: [`Client`], [`Subscription`].
 //! - [`error`]: error types.

@@ -128,7 +128,7 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Hundreds of clients each hold a descriptor (subscribers two threads): use the hard limit.
+/// Hundreds of clients each hold descriptors (subscribers also an eventfd): use the hard limit.
 fn raise_fd_limit() {
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard {
