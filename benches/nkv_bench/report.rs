@@ -281,21 +281,31 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
     if has("notify/") {
         let mut t = Table::new(
             "Fan-out: changes/s until every subscriber holds the final value (one key, sequential puts)",
-            &["subscribers", "nkv changes/s", "Redis changes/s", "nkv/Redis"],
+            &[
+                "subscribers",
+                "nkv (tmpfs) changes/s",
+                "nkv (disk)",
+                "Redis changes/s",
+                "nkv tmpfs/Redis",
+                "nkv disk/Redis",
+            ],
         );
         for &s in &plan.subscribers {
+            let shm = format!("fanout/nkv-shm/s{s}");
             let n = format!("notify/nkv/s{s}");
             let r = format!("notify/redis/s{s}");
             t.row(vec![
                 s.to_string(),
+                ops(res.get(&shm, "changes_per_s")),
                 ops(res.get(&n, "changes_per_s")),
                 ops(res.get(&r, "changes_per_s")),
+                cell_ratio(res, &shm, &r, "changes_per_s"),
                 cell_ratio(res, &n, &r, "changes_per_s"),
             ]);
         }
         t.footer = Some(format!(
-            "{} puts back to back; time from the first put until the last subscriber has the last value \
-             (nkv may coalesce, Redis keyspace notifications carry no value and may not).",
+            "Up to {} sequential puts (at most 400,000 events over all subscribers); time from the first put until \
+             the last subscriber has the last value (nkv may coalesce; Redis keyspace notifications carry no value and may not).",
             plan.notify_burst
         ));
         out.push(t);

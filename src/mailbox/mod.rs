@@ -26,20 +26,22 @@
 //! one send is bounded whatever the store size.
 
 mod item;
+#[cfg(all(test, loom))]
+mod loom_tests;
+mod port;
 mod queue;
+mod sync;
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Instant;
 
-use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::{send, MsgFlags};
-use parking_lot::{Mutex, MutexGuard};
-
 pub use item::{Item, Published};
+pub use port::{send_some, Port, SocketPort};
 pub use queue::{Pushed, Queue};
+use sync::{Mutex, MutexGuard};
 
 /// Items the queue holds before it coalesces.
 pub const QUEUE_ITEMS: usize = 4096;
@@ -153,16 +155,15 @@ struct State {
 
 /// A subscriber's queue and the means to send it. Shared by the publishers (through the
 /// subscription table) and the subscriber's connection thread.
-pub struct Mailbox {
+pub struct Mailbox<P: Port = SocketPort> {
     /// The one lock: see the module doc.
     state: Mutex<State>,
-    /// The subscriber's socket (sends only, always non-blocking).
-    stream: UnixStream,
-    /// Rung to hand sending over to the connection thread; it polls this.
-    wake: EventFd,
+    /// The subscriber's socket (sends only, always non-blocking) and the wake-up its
+    /// connection thread polls.
+    port: P,
 }
 
-impl Mailbox {
+impl Mailbox<SocketPort> {
     /// A mailbox sending to `stream`.
     ///
     /// # Errors
@@ -180,8 +181,23 @@ impl Mailbox {
         items: usize,
         bytes: usize,
     ) -> io::Result<Arc<Mailbox>> {
-        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
-        Ok(Arc::new(Mailbox {
+        Ok(Arc::new(Mailbox::on_port(
+            SocketPort::new(stream)?,
+            items,
+            bytes,
+        )))
+    }
+
+    /// The descriptor the connection thread polls to be woken.
+    pub fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.port.wake_fd()
+    }
+}
+
+impl<P: Port> Mailbox<P> {
+    /// A mailbox sending to `port`.
+    pub fn on_port(port: P, items: usize, bytes: usize) -> Mailbox<P> {
+        Mailbox {
             state: Mutex::new(State {
                 queue: Queue::new(items, bytes),
                 out: Out::default(),
@@ -191,9 +207,8 @@ impl Mailbox {
                 rung: false,
                 stalled_since: None,
             }),
-            stream,
-            wake,
-        }))
+            port,
+        }
     }
 
     /// Queues `item` without blocking. Nothing is sent until a kick or the connection thread.
@@ -293,7 +308,7 @@ impl Mailbox {
         while !out.is_empty() && spent < budget {
             let remaining = out.remaining();
             let chunk = &remaining[..remaining.len().min(budget - spent)];
-            match send_some(&self.stream, chunk) {
+            match self.port.send(chunk) {
                 Ok(n) => {
                     out.sent += n;
                     spent += n;
@@ -336,15 +351,14 @@ impl Mailbox {
     fn ring_locked(&self, state: &mut State) {
         if !state.rung {
             state.rung = true;
-            // Cannot block (non-blocking, and one unread wake-up is far below the maximum).
-            let _ = self.wake.write(1);
+            self.port.wake();
         }
     }
 
     /// The connection thread read its wake-up.
     pub fn woken(&self) {
         let mut state = self.state.lock();
-        let _ = self.wake.read();
+        self.port.clear_wake();
         state.rung = false;
     }
 
@@ -373,11 +387,6 @@ impl Mailbox {
     /// Items waiting (for tests and diagnostics).
     pub fn pending(&self) -> usize {
         self.state.lock().queue.len()
-    }
-
-    /// The descriptor the connection thread polls to be woken.
-    pub fn wake_fd(&self) -> BorrowedFd<'_> {
-        self.wake.as_fd()
     }
 }
 
@@ -445,16 +454,5 @@ impl Drop for Kicks {
     }
 }
 
-/// One non-blocking `send`; `MSG_NOSIGNAL` because a vanished subscriber must be an error, not
-/// a signal.
-pub fn send_some(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
-    send(
-        stream.as_raw_fd(),
-        bytes,
-        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-    )
-    .map_err(io::Error::from)
-}
-
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests;
