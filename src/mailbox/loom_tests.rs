@@ -18,8 +18,21 @@ use crate::key::Key;
 use crate::protocol::{Event, EventKind};
 use crate::store::Value;
 
-/// Interleavings explored, over all models in this process.
-static RUNS: AtomicUsize = AtomicUsize::new(0);
+/// Runs `model` under every interleaving (up to the preemption bound) and reports how many
+/// it explored.
+fn explore(name: &str, model: impl Fn() + Sync + Send + 'static) {
+    let runs = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    builder().check(move || {
+        counted.fetch_add(1, StdOrdering::Relaxed);
+        model();
+    });
+    eprintln!(
+        "loom: {name}: {} interleavings explored (preemption bound {:?})",
+        runs.load(StdOrdering::Relaxed),
+        builder().preemption_bound
+    );
+}
 
 struct ModelPort {
     socket: loom::sync::Mutex<Vec<u8>>,
@@ -147,8 +160,7 @@ fn publisher(
 /// order, the latest state of every key delivered, the reply delivered, nothing cut short.
 #[test]
 fn turns_keep_order_and_deliver_the_latest() {
-    builder().check(|| {
-        RUNS.fetch_add(1, StdOrdering::Relaxed);
+    explore("turns_keep_order_and_deliver_the_latest", || {
         let mb = mailbox();
         let a = publisher(&mb, "a", &[1, 3]);
         let b = publisher(&mb, "b", &[2]);
@@ -169,8 +181,7 @@ fn turns_keep_order_and_deliver_the_latest() {
 /// the subscription table) is the last line, while a kick may hold the turn.
 #[test]
 fn the_last_reply_before_close_is_sent_last() {
-    builder().check(|| {
-        RUNS.fetch_add(1, StdOrdering::Relaxed);
+    explore("the_last_reply_before_close_is_sent_last", || {
         let mb = mailbox();
         let a = publisher(&mb, "a", &[1, 3]);
         let accepted = a.join().unwrap();
@@ -190,8 +201,7 @@ fn the_last_reply_before_close_is_sent_last() {
 /// interleaving, and every change accepted before it is delivered before it.
 #[test]
 fn shutdown_is_the_last_line() {
-    builder().check(|| {
-        RUNS.fetch_add(1, StdOrdering::Relaxed);
+    explore("shutdown_is_the_last_line", || {
         let mb = mailbox();
         let a = publisher(&mb, "a", &[1, 3]);
         mb.push(Item::Shutdown);
@@ -199,8 +209,4 @@ fn shutdown_is_the_last_line() {
         let accepted = a.join().unwrap();
         check(&delivered, &accepted, Some("{\"event\":\"shutdown\"}"));
     });
-    eprintln!(
-        "loom: {} interleavings explored so far",
-        RUNS.load(StdOrdering::Relaxed)
-    );
 }
