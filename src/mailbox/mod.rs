@@ -150,6 +150,9 @@ struct State {
     dead: bool,
     /// The wake-up descriptor has been written and not yet read.
     rung: bool,
+    /// The connection thread saw `accepts_requests` false and waits to be told otherwise:
+    /// whoever takes the last blocking reply or snapshot out rings it.
+    wants_room: bool,
     stalled_since: Option<Instant>,
 }
 
@@ -205,6 +208,7 @@ impl<P: Port> Mailbox<P> {
                 blocked: false,
                 dead: false,
                 rung: false,
+                wants_room: false,
                 stalled_since: None,
             }),
             port,
@@ -233,7 +237,6 @@ impl<P: Port> Mailbox<P> {
 
     fn turn(&self, budget: usize, kick: bool) -> Turn {
         let mut state = self.state.lock();
-        let throttled = !accepts_requests(&state.queue);
         let result = if state.dead {
             Turn::Dead
         } else if state.sending {
@@ -250,8 +253,9 @@ impl<P: Port> Mailbox<P> {
             Turn::Drained if kick && state.queue.is_closed() => self.ring_locked(&mut state),
             _ => {}
         }
-        // The connection may read again: it may be waiting for exactly that.
-        if kick && throttled && accepts_requests(&state.queue) {
+        // The connection may read again, and it is waiting for exactly that.
+        if kick && state.wants_room && accepts_requests(&state.queue) {
+            state.wants_room = false;
             self.ring_locked(&mut state);
         }
         result
@@ -367,8 +371,11 @@ impl<P: Port> Mailbox<P> {
         self.state.lock().blocked = false;
     }
 
+    /// The connection thread's view before it waits. Not reading because of it
+    /// (`accepts_requests` false) registers the wish to be woken once it changes.
     pub fn status(&self) -> Status {
-        let state = self.state.lock();
+        let mut state = self.state.lock();
+        state.wants_room = !accepts_requests(&state.queue);
         let empty = state.queue.is_empty() && state.out.is_empty() && !state.sending;
         Status {
             finished: state.dead || (state.queue.is_closed() && empty),
