@@ -267,7 +267,7 @@ fn setup(env: &Env, opts: &Opts, plan: &Plan, res: &mut Results) -> Result<Rig, 
     } else {
         None
     };
-    let shm_dir = if (put || floors) && env.shm.is_some() {
+    let shm_dir = if (put || floors || notify) && env.shm.is_some() {
         Some(env.fresh_dir(Base::Shm, "nkv")?)
     } else {
         None
@@ -275,7 +275,7 @@ fn setup(env: &Env, opts: &Opts, plan: &Plan, res: &mut Results) -> Result<Rig, 
     if (put || floors) && shm_dir.is_none() {
         res.note("/dev/shm is not available: no tmpfs PUT figures");
     }
-    let nkv_shm = match (&shm_dir, put) {
+    let nkv_shm = match (&shm_dir, put || notify) {
         (Some(d), true) => Some(env.start_nkv("nkv-shm", d)?),
         _ => None,
     };
@@ -424,6 +424,11 @@ fn notify_round(rig: &Rig, plan: &Plan, nkv_first: bool, res: &mut Results) -> R
                 ));
             }
             res.add(&format!("notify/{}/s{n}", sys(s)), &st.metrics());
+        }
+        // The fan-out cell as the issue measures it: nkv's data dir on tmpfs.
+        if let Some(s) = &rig.nkv_shm {
+            let st = notify::measure(s, n, 1, plan.notify_burst)?;
+            res.add(&format!("fanout/nkv-shm/s{n}"), &st.metrics());
         }
     }
     Ok(())

@@ -16,7 +16,8 @@
 //!   data directory belongs to the server alone.
 //! - [`json`]: JSON values validated without building a tree, and compacted.
 //! - [`notify`]: who subscribes to what; publishing a change to the matching mailboxes.
-//! - [`mailbox`]: one subscriber's bounded queue that keeps the latest state of every key.
+//! - [`mailbox`]: one subscriber's bounded queue that keeps the latest state of every key, and
+//!   its sending (one lock for every decision).
 //! - [`server`]: listener, accept loop, one connection's loop and dispatch, shutdown; the
 //!   framed front end for the clients of the nkv this project replaces (`server::framed`).
 //! - [`client`]: the blocking client: [`Client`], [`Subscription`].

@@ -6,14 +6,14 @@
 //! mailbox's kick) happens after the map lock is released.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::key::{Key, Target};
-use crate::mailbox::{Mailbox, Outgoing, Pushed};
-use crate::protocol::{Event, SubscriberInfo, SHUTDOWN_EVENT};
+use crate::mailbox::{Item, Mailbox, Published, Pushed};
+use crate::protocol::{Event, SubscriberInfo};
 
 /// A subscriber connection as the table knows it.
 struct Subscriber {
@@ -29,6 +29,8 @@ pub enum SubError {
     Limit(usize),
     /// `UNSUB` of a target this connection does not have.
     NotSubscribed,
+    /// The server is stopping: no new subscriptions.
+    Stopping,
 }
 
 /// The subscription table.
@@ -41,19 +43,30 @@ pub struct Notifier {
     events: AtomicU64,
     /// Events replaced in an overflowing mailbox by a later event of the same key.
     coalesced: AtomicU64,
+    /// Subscribers disconnected because their socket accepted nothing for `--send-timeout`.
+    dropped_slow: AtomicU64,
+    /// Subscribers that left the table but whose connection is still sending what was queued
+    /// (after end of file, say): they still count as `behind` until the connection ends.
+    leaving: Mutex<HashMap<u64, Arc<Mailbox>>>,
+    /// Set (under the table's write lock) once subscribers were sent `shutdown`: none is added
+    /// after that, so none misses it.
+    stopped: AtomicBool,
 }
 
 impl Notifier {
     /// Queues `event` for every subscriber that covers its key and returns their mailboxes, to
     /// be [kicked](Mailbox::kick) once the caller has released the map lock. Never blocks on a
-    /// subscriber. The caller holds the store's map lock exclusively.
+    /// subscriber. The event is shared by all of them and formatted once. The caller holds the
+    /// store's map lock exclusively.
     #[must_use = "queued events are sent when their mailboxes are kicked"]
     pub fn publish(&self, event: &Event) -> Vec<Arc<Mailbox>> {
         let subscribers = self.subscribers.read();
         let mut touched = Vec::new();
+        let mut shared: Option<Arc<Published>> = None;
         for sub in subscribers.values() {
             if sub.targets.iter().any(|t| t.covers(&event.key)) {
-                self.push(&sub.mailbox, Outgoing::Event(event.clone()));
+                let published = shared.get_or_insert_with(|| Published::new(event.clone()));
+                self.push(&sub.mailbox, Item::Change(published.clone()));
                 touched.push(sub.mailbox.clone());
             }
         }
@@ -61,8 +74,8 @@ impl Notifier {
     }
 
     /// Pushes to one mailbox and counts what happened.
-    pub fn push(&self, mailbox: &Mailbox, item: Outgoing) {
-        let is_event = matches!(item, Outgoing::Event(_));
+    pub fn push(&self, mailbox: &Mailbox, item: Item) {
+        let is_event = item.key().is_some();
         match mailbox.push(item) {
             Pushed::Coalesced => {
                 self.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -89,6 +102,9 @@ impl Notifier {
         max: usize,
     ) -> Result<(), SubError> {
         let mut subscribers = self.subscribers.write();
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(SubError::Stopping);
+        }
         let sub = subscribers.entry(id).or_insert_with(|| Subscriber {
             name: name.to_owned(),
             targets: Vec::new(),
@@ -119,9 +135,18 @@ impl Notifier {
         Ok(())
     }
 
-    /// Forgets connection `id` entirely (it closed).
+    /// Removes connection `id` from the table: no more events for it. Its mailbox is kept for
+    /// `behind` until [`forget`](Notifier::forget).
     pub fn unregister(&self, id: u64) {
-        self.subscribers.write().remove(&id);
+        if let Some(sub) = self.subscribers.write().remove(&id) {
+            self.leaving.lock().insert(id, sub.mailbox);
+        }
+    }
+
+    /// Forgets connection `id` entirely (its thread is ending).
+    pub fn forget(&self, id: u64) {
+        self.unregister(id);
+        self.leaving.lock().remove(&id);
     }
 
     /// Renames connection `id` if it is a subscriber.
@@ -159,11 +184,40 @@ impl Notifier {
         self.coalesced.load(Ordering::Relaxed)
     }
 
-    /// Tells every subscriber the server is stopping, then closes their queues.
+    /// Subscribers that are behind: coalescing, or their socket is full.
+    pub fn behind(&self) -> usize {
+        let subscribers = self.subscribers.read();
+        let live = subscribers
+            .values()
+            .filter(|s| s.mailbox.is_behind())
+            .count();
+        drop(subscribers);
+        live + self
+            .leaving
+            .lock()
+            .values()
+            .filter(|m| m.is_behind())
+            .count()
+    }
+
+    pub fn dropped_slow(&self) -> u64 {
+        self.dropped_slow.load(Ordering::Relaxed)
+    }
+
+    /// Counts a subscriber dropped for not reading within `--send-timeout`.
+    pub fn note_dropped_slow(&self) {
+        self.dropped_slow.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tells every subscriber the server is stopping: `shutdown` is the last item each mailbox
+    /// takes; no subscription is added afterwards. The caller has let in-flight changes finish,
+    /// so their events are queued before it.
     pub fn shutdown(&self) {
-        for sub in self.subscribers.read().values() {
-            sub.mailbox.push(Outgoing::Line(SHUTDOWN_EVENT.to_vec()));
-            sub.mailbox.close();
+        let subscribers = self.subscribers.write();
+        self.stopped.store(true, Ordering::Release);
+        for sub in subscribers.values() {
+            sub.mailbox.push(Item::Shutdown);
+            sub.mailbox.ring();
         }
     }
 }

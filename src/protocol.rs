@@ -401,6 +401,13 @@ pub struct Stats {
     pub coalesced: u64,
     /// Changes applied and announced whose fsync failed (answered `not_durable`).
     pub not_durable: u64,
+    /// Threads serving clients (one per connection; a subscriber's thread also sends its
+    /// events, there are no other writer threads).
+    pub threads: usize,
+    /// Subscribers that are behind: coalescing, or their socket is full.
+    pub behind: usize,
+    /// Subscribers disconnected because their socket accepted nothing for `--send-timeout`.
+    pub dropped_slow: u64,
 }
 
 /// One response line.
@@ -476,8 +483,9 @@ impl Response {
             Response::Stats(s) => {
                 let _ = write!(
                     out,
-                    "{{\"ok\":true,\"connections\":{},\"subscribers\":{},\"keys\":{},\"rev\":{},\"events\":{},\"coalesced\":{}",
-                    s.connections, s.subscribers, s.keys, s.rev, s.events, s.coalesced
+                    "{{\"ok\":true,\"connections\":{},\"subscribers\":{},\"keys\":{},\"rev\":{},\"events\":{},\"coalesced\":{},\"threads\":{},\"behind\":{},\"dropped_slow\":{}",
+                    s.connections, s.subscribers, s.keys, s.rev, s.events, s.coalesced,
+                    s.threads, s.behind, s.dropped_slow
                 );
                 let _ = write!(out, ",\"not_durable\":{}", s.not_durable);
             }
@@ -503,6 +511,54 @@ impl Response {
             out.extend_from_slice(id.as_bytes());
         }
         out.extend_from_slice(b"}\n");
+    }
+}
+
+impl Response {
+    /// Writes the response like [`Response::write`], but hands `out` to `flush` whenever it
+    /// holds `limit` bytes or more, so a large reply (`GET *`) is never built in one buffer: the
+    /// values are shared with the map, only `limit` bytes are formatted at a time.
+    ///
+    /// # Errors
+    /// What `flush` returns.
+    pub fn write_in_parts(
+        &self,
+        id: Option<&str>,
+        out: &mut Vec<u8>,
+        limit: usize,
+        flush: &mut dyn FnMut(&mut Vec<u8>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let Response::Values(values) = self else {
+            self.write(id, out);
+            return if out.len() >= limit {
+                flush(out)
+            } else {
+                Ok(())
+            };
+        };
+        out.extend_from_slice(b"{\"ok\":true,\"values\":{");
+        for (i, (key, value)) in values.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'"');
+            out.extend_from_slice(key.as_str().as_bytes());
+            out.extend_from_slice(b"\":");
+            if out.len() + value.len() > limit && !out.is_empty() {
+                flush(out)?;
+            }
+            out.extend_from_slice(value.as_bytes());
+            if out.len() >= limit {
+                flush(out)?;
+            }
+        }
+        out.push(b'}');
+        if let Some(id) = id {
+            out.extend_from_slice(b",\"id\":");
+            out.extend_from_slice(id.as_bytes());
+        }
+        out.extend_from_slice(b"}\n");
+        Ok(())
     }
 }
 

@@ -17,9 +17,9 @@ use parking_lot::{Mutex, RwLock};
 use crate::disk::{Disk, OpenError, Options, MAX_REV};
 use crate::error::WriteError;
 use crate::key::{Key, Pattern, Target};
-use crate::mailbox::{Kicks, Mailbox, Outgoing};
+use crate::mailbox::{Item, Kicks, Mailbox};
 use crate::notify::{Notifier, SubError};
-use crate::protocol::{write_ready, Event, EventKind};
+use crate::protocol::{Event, EventKind};
 
 /// A value: its JSON text exactly as received, shared by the map, responses and events.
 pub type Value = Arc<str>;
@@ -270,7 +270,7 @@ impl Store {
 
     /// Subscribes connection `id` to `target`: queues `ack`, an `init` event per covered key
     /// and the `ready` marker, and registers the subscription, all in one step no change can
-    /// fall between. Returns the number of initial values.
+    /// fall between. Returns the number of initial values; the caller sends them.
     ///
     /// # Errors
     /// The connection's subscription limit is reached; nothing was queued.
@@ -286,13 +286,13 @@ impl Store {
         // Held shared until the snapshot is queued: no change can be applied meanwhile.
         let map = self.map.read();
         self.notifier.add(id, name, mailbox, target, max_subs)?;
-        self.notifier.push(mailbox, Outgoing::Line(ack));
+        self.notifier.push(mailbox, Item::Reply(ack.into()));
         let mut count = 0;
         for (key, entry) in range(&map, target) {
             count += 1;
             self.notifier.push(
                 mailbox,
-                Outgoing::Event(Event {
+                Item::Init(Event {
                     kind: EventKind::Init,
                     key: key.clone(),
                     value: Some(entry.value.clone()),
@@ -300,11 +300,14 @@ impl Store {
                 }),
             );
         }
-        let mut ready = Vec::new();
-        write_ready(target, count, &mut ready);
-        self.notifier.push(mailbox, Outgoing::Line(ready));
+        self.notifier.push(
+            mailbox,
+            Item::Ready {
+                target: target.clone(),
+                count,
+            },
+        );
         drop(map);
-        mailbox.kick();
         Ok(count)
     }
 }

@@ -13,6 +13,9 @@ use crate::servers::{Base, Env, Server};
 use crate::startup::{Datasets, DATASET_PREFIX};
 use crate::wire::Dialect;
 
+/// Idle subscriber connections held for the "subs" state.
+pub const IDLE_SUBSCRIBERS: usize = 1000;
+
 /// Time given to a server to settle (finish accepting, free buffers) before /proc is read.
 const SETTLE: Duration = Duration::from_millis(300);
 
@@ -87,6 +90,16 @@ fn measure(server: &Server, sys: &str, plan: &Plan, res: &mut Results) -> Result
     }
     record(res, "conns")?;
     drop(conns);
+
+    // Idle subscribers: `SUB` (or `SUBSCRIBE`) and nothing else.
+    let mut subs = Vec::with_capacity(IDLE_SUBSCRIBERS);
+    for i in 0..IDLE_SUBSCRIBERS {
+        subs.push(
+            crate::notify::Sub::open(server).map_err(|e| format!("idle subscriber {i}: {e}"))?,
+        );
+    }
+    record(res, "subs")?;
+    drop(subs);
 
     server.populate(
         DATASET_PREFIX,

@@ -26,11 +26,17 @@ const PACE_TIMEOUT: Duration = Duration::from_secs(1);
 const BURST_TIMEOUT: Duration = Duration::from_secs(20);
 /// The whole measurement stops putting after this.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
+/// The burst is cut to this many events over all subscribers (1,000 subscribers × 2,000 puts
+/// would not drain within `BURST_TIMEOUT` for a system that cannot coalesce).
+const MAX_BURST_EVENTS: usize = 400_000;
 /// At most this many lines of snapshot before the `ready` marker.
 const MAX_SNAPSHOT_LINES: usize = 10_000;
 
 #[derive(Clone, Copy, Debug)]
 pub struct NotifyStats {
+    /// Burst puts over the time from the burst's start until every subscriber holds the final
+    /// value (the fan-out figure: nkv may coalesce, Redis may not).
+    pub changes_per_s: f64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
@@ -61,18 +67,19 @@ impl NotifyStats {
             ("lost", self.lost as f64),
             ("events_per_s", self.events_per_s),
             ("delivered", self.delivered),
+            ("changes_per_s", self.changes_per_s),
         ]
     }
 }
 
-enum Sub {
+pub(crate) enum Sub {
     Nkv(Conn),
     /// The connection and the number of messages seen so far.
     Redis(Conn, u64),
 }
 
 impl Sub {
-    fn open(server: &Server) -> Result<Sub, String> {
+    pub(crate) fn open(server: &Server) -> Result<Sub, String> {
         let mut c = server.connect()?;
         let ctx = |e: io::Error| format!("subscribing on {}: {e}", server.proc.name());
         match server.dialect {
@@ -174,6 +181,7 @@ pub fn measure(
     paced: usize,
     burst: usize,
 ) -> Result<NotifyStats, String> {
+    let burst = burst.min(MAX_BURST_EVENTS / subscribers.max(1));
     let total = paced + burst;
     let mut subs = Vec::with_capacity(subscribers);
     for _ in 0..subscribers {
@@ -260,12 +268,25 @@ pub fn measure(
         .flat_map(|t| t[paced..].iter().flatten())
         .max()
         .copied();
+    // Every subscriber holds the final value once it has the last seq.
+    let converged = times
+        .iter()
+        .map(|t| t.last().copied().flatten())
+        .collect::<Option<Vec<Instant>>>()
+        .and_then(|ends| ends.into_iter().max());
+    let changes_per_s = match converged {
+        Some(end) if burst > 0 && end > burst_start => {
+            burst as f64 / (end - burst_start).as_secs_f64()
+        }
+        _ => 0.0,
+    };
     let events = shared.burst_events.load(SeqCst);
     let events_per_s = match last_event {
         Some(end) if end > burst_start => events as f64 / (end - burst_start).as_secs_f64(),
         _ => 0.0,
     };
     Ok(NotifyStats {
+        changes_per_s,
         p50_us: percentile(&lat, 0.50) as f64 / 1e3,
         p99_us: percentile(&lat, 0.99) as f64 / 1e3,
         max_us: lat.last().copied().unwrap_or(0) as f64 / 1e3,

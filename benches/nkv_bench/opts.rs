@@ -204,7 +204,7 @@ impl Plan {
                 get_keys: 1_000,
                 wildcard_keys: 1_000,
                 wildcard_clients: vec![1, 8],
-                subscribers: vec![1, 10, 100, 300],
+                subscribers: vec![1, 10, 100, 300, 1000],
                 notify_paced: 400,
                 notify_burst: 2_000,
                 idle_connections: 300,

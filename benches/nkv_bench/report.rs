@@ -304,7 +304,59 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
         out.push(t);
     }
 
+    if has("notify/") {
+        let mut t = Table::new(
+            "Fan-out: changes/s until every subscriber holds the final value (one key, sequential puts)",
+            &[
+                "subscribers",
+                "nkv (tmpfs) changes/s",
+                "nkv (disk)",
+                "Redis changes/s",
+                "nkv tmpfs/Redis",
+                "nkv disk/Redis",
+            ],
+        );
+        for &s in &plan.subscribers {
+            let shm = format!("fanout/nkv-shm/s{s}");
+            let n = format!("notify/nkv/s{s}");
+            let r = format!("notify/redis/s{s}");
+            t.row(vec![
+                s.to_string(),
+                ops(res.get(&shm, "changes_per_s")),
+                ops(res.get(&n, "changes_per_s")),
+                ops(res.get(&r, "changes_per_s")),
+                cell_ratio(res, &shm, &r, "changes_per_s"),
+                cell_ratio(res, &n, &r, "changes_per_s"),
+            ]);
+        }
+        t.footer = Some(format!(
+            "Up to {} sequential puts (at most 400,000 events over all subscribers); time from the first put until \
+             the last subscriber has the last value (nkv may coalesce; Redis keyspace notifications carry no value and may not).",
+            plan.notify_burst
+        ));
+        out.push(t);
+    }
+
     if has("footprint/") {
+        let per_sub = |sys: &str| {
+            let subs = res.get(&format!("footprint/{sys}/subs"), "rss_kib");
+            let idle = res.get(&format!("footprint/{sys}/idle"), "rss_kib");
+            match (subs, idle) {
+                (Some(s), Some(i)) => {
+                    format!(
+                        "{:.1} KiB",
+                        (s - i) / crate::footprint::IDLE_SUBSCRIBERS as f64
+                    )
+                }
+                _ => "–".into(),
+            }
+        };
+        let mut t = Table::new(
+            "Idle subscriber cost: (RSS with the idle subscribers − idle RSS) / subscribers",
+            &["nkv", "Redis", "target (nkv)"],
+        );
+        t.row(vec![per_sub("nkv"), per_sub("redis"), "≤ 32 KiB".into()]);
+        out.push(t);
         let mut t = Table::new(
             "Footprint (VmRSS and Threads from /proc/PID/status)",
             &[
@@ -320,6 +372,10 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
             (
                 format!("{} idle connections", plan.idle_connections),
                 "conns",
+            ),
+            (
+                format!("{} idle subscribers", crate::footprint::IDLE_SUBSCRIBERS),
+                "subs",
             ),
             (
                 format!("{} keys (100 B values)", plan.footprint_keys),

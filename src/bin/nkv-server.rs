@@ -53,6 +53,11 @@ struct Args {
     #[arg(long, env = "NKV_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
 
+    /// Seconds a subscriber's socket may accept nothing while events are pending before the
+    /// subscriber is disconnected and counted as `dropped_slow` (0 = never)
+    #[arg(long, env = "NKV_SEND_TIMEOUT", default_value_t = 300)]
+    send_timeout: u64,
+
     /// Fsync every write and its directory entry before acknowledging it
     #[arg(long, env = "NKV_FSYNC")]
     fsync: bool,
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
             max_value_bytes: args.max_value_bytes,
             max_subscriptions: args.max_subscriptions,
             idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+            send_timeout: (args.send_timeout > 0).then(|| Duration::from_secs(args.send_timeout)),
         },
     };
     let server = match Server::start(&config) {
@@ -143,7 +149,7 @@ fn return_large_buffers_to_the_os() {
     }
 }
 
-/// Hundreds of clients each hold a descriptor (subscribers two threads): use the hard limit.
+/// Hundreds of clients each hold descriptors (subscribers also an eventfd): use the hard limit.
 fn raise_fd_limit() {
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard {

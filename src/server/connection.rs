@@ -1,25 +1,32 @@
 //! One client connection: read a line, parse it, dispatch it with one `match`, answer.
 //!
 //! A connection starts in request mode, where responses are batched into one `write` per burst
-//! of pipelined requests. Its first `SUB` turns it into a subscriber connection: from then on a
-//! writer thread owns the sending side, and responses travel through the same mailbox as the
-//! events so they stay in order with them.
+//! of pipelined requests. Its first `SUB` turns it into a subscriber connection: from then on
+//! its responses travel through the mailbox with its events, so they stay in order, and the
+//! same thread sends them (see [`Connection::serve_subscriber`]): it polls the socket and the
+//! mailbox's wake-up descriptor, reads a request only when the mailbox can take its reply, and
+//! drops the subscriber when its socket accepts nothing for `--send-timeout`.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::thread;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::{ErrorCode, WriteError};
 use crate::key::Target;
-use crate::mailbox::{mailbox, Kicks, Mailbox, Outgoing, Writer};
+use crate::mailbox::{send_some, Item, Kicks, Mailbox, Turn};
 use crate::notify::SubError;
 use crate::protocol::{parse_request, Envelope, Request, Response, Stats};
 use crate::server::lines::{Line, LineReader};
-use crate::server::{Shared, WriterGuard};
+use crate::server::{Limits, Shared};
 
-/// Batched responses are written once they reach this size.
+/// Batched responses are written once they reach this size; a large reply is written in parts
+/// of this size.
 const FLUSH_AT: usize = 64 * 1024;
 
 /// Buffers keep at most this much capacity between uses (a large value passes through once).
@@ -43,8 +50,10 @@ pub struct Connection<'a> {
     out: Vec<u8>,
     /// Set once the connection has subscribed.
     mailbox: Option<Arc<Mailbox>>,
-    /// Subscribers given events by this connection's changes, kicked after the responses are
-    /// written (see [`Connection::flush`]).
+    /// The subscriptions were ended and the mailbox closed (the connection is finishing).
+    unsubscribed: bool,
+    /// Subscribers given events by this connection's changes, kicked before this connection
+    /// waits on its own client (see [`write_out`]).
     kicks: Kicks,
     requests: u64,
 }
@@ -61,8 +70,9 @@ impl<'a> Connection<'a> {
             id,
             name,
             stream,
-            out: Vec::with_capacity(4096),
+            out: Vec::new(),
             mailbox: None,
+            unsubscribed: false,
             kicks: Kicks::default(),
             requests: 0,
         }
@@ -84,50 +94,13 @@ impl<'a> Connection<'a> {
         };
         let mut reader = LineReader::new(reader_stream, limits.max_line(), limits.idle_timeout);
         loop {
-            let line = match reader.next_line() {
-                Ok(line) => line,
-                Err(e) => {
-                    log::debug!("conn {}: read failed: {e}", self.id);
-                    break;
+            let close = self.read_request(&mut reader, limits);
+            if self.mailbox.is_some() {
+                if !close {
+                    self.serve_subscriber(&mut reader, limits);
                 }
-            };
-            let close = match line {
-                Line::Complete(bytes) => {
-                    self.requests += 1;
-                    match parse_request(bytes, limits.max_value_bytes) {
-                        Ok(envelope) => self.dispatch(envelope),
-                        Err(err) => {
-                            log::info!("conn {}: {}: {}", self.id, err.code, err.message);
-                            let (response, id) = err.into_response();
-                            self.respond(&response, id.as_deref());
-                            false
-                        }
-                    }
-                }
-                Line::Eof => break,
-                Line::Unterminated => {
-                    self.requests += 1;
-                    let message = "line not terminated: the connection ended before its '\\n'; nothing was executed";
-                    log::info!("conn {}: bad_request: line not terminated", self.id);
-                    self.respond(&Response::error(ErrorCode::BadRequest, message), None);
-                    true
-                }
-                Line::TooLong => {
-                    let message = format!(
-                        "line longer than {} bytes; closing the connection (--max-value-bytes)",
-                        limits.max_line()
-                    );
-                    log::info!("conn {}: too_large: {message}", self.id);
-                    self.respond(&Response::error(ErrorCode::TooLarge, message), None);
-                    true
-                }
-                Line::TimedOut => {
-                    let message = "no complete line within the idle timeout; closing the connection (--idle-timeout)";
-                    log::info!("conn {}: timeout", self.id);
-                    self.respond(&Response::error(ErrorCode::Timeout, message), None);
-                    true
-                }
-            };
+                break;
+            }
             // Batch responses to pipelined requests into one write, but never hold more than
             // FLUSH_AT of them: a client that sends without reading must not grow our memory.
             let batch_done = !reader.has_buffered_line() || self.out.len() >= FLUSH_AT;
@@ -136,6 +109,149 @@ impl<'a> Connection<'a> {
             }
         }
         self.finish();
+    }
+
+    /// Reads and runs one request; returns whether the connection should close afterwards.
+    fn read_request(&mut self, reader: &mut LineReader, limits: &Limits) -> bool {
+        let line = match reader.next_line() {
+            Ok(line) => line,
+            Err(e) => {
+                log::debug!("conn {}: read failed: {e}", self.id);
+                return true;
+            }
+        };
+        match line {
+            Line::Complete(bytes) => {
+                self.requests += 1;
+                match parse_request(bytes, limits.max_value_bytes) {
+                    Ok(envelope) => self.dispatch(envelope),
+                    Err(err) => {
+                        log::info!("conn {}: {}: {}", self.id, err.code, err.message);
+                        let (response, id) = err.into_response();
+                        self.respond(&response, id.as_deref());
+                        false
+                    }
+                }
+            }
+            Line::Eof => true,
+            Line::Unterminated => {
+                self.requests += 1;
+                let message = "line not terminated: the connection ended before its '\\n'; nothing was executed";
+                log::info!("conn {}: bad_request: line not terminated", self.id);
+                self.respond(&Response::error(ErrorCode::BadRequest, message), None);
+                true
+            }
+            Line::TooLong => {
+                let message = format!(
+                    "line longer than {} bytes; closing the connection (--max-value-bytes)",
+                    limits.max_line()
+                );
+                log::info!("conn {}: too_large: {message}", self.id);
+                self.respond(&Response::error(ErrorCode::TooLarge, message), None);
+                true
+            }
+            Line::TimedOut => {
+                let message = "no complete line within the idle timeout; closing the connection (--idle-timeout)";
+                log::info!("conn {}: timeout", self.id);
+                self.respond(&Response::error(ErrorCode::Timeout, message), None);
+                true
+            }
+        }
+    }
+
+    /// The subscriber connection's loop: one thread reads its requests and sends its mailbox.
+    ///
+    /// Each round: run the requests already buffered while the mailbox accepts them; send what
+    /// is pending; then poll for a request (only while the mailbox accepts one — otherwise the
+    /// client is throttled: we stop reading it), for the socket to take more (only when it was
+    /// full), and for the wake-up a publisher rings when it leaves work behind. Ends when the
+    /// mailbox is closed and sent (`QUIT`, end of file, `shutdown`) or dead (broken socket,
+    /// `--send-timeout`).
+    fn serve_subscriber(&mut self, reader: &mut LineReader, limits: &Limits) {
+        let Some(mailbox) = self.mailbox.clone() else {
+            return;
+        };
+        let mut ending = false;
+        loop {
+            while !ending && mailbox.status().accepts_requests && reader.has_buffered_line() {
+                ending = self.read_request(reader, limits);
+            }
+            if ending {
+                self.end_subscriptions();
+                mailbox.close();
+            }
+            let turn = mailbox.send();
+            let status = mailbox.status();
+            if status.finished {
+                break;
+            }
+            let mut timeout = PollTimeout::NONE;
+            if let (Some(limit), Some(since)) = (limits.send_timeout, status.stalled_since) {
+                let waited = since.elapsed();
+                if waited >= limit {
+                    log::warn!(
+                        "conn {} ({}): dropped: its socket accepted nothing for {}s with events pending (--send-timeout)",
+                        self.id,
+                        self.name,
+                        waited.as_secs()
+                    );
+                    self.shared.store.notifier().note_dropped_slow();
+                    mailbox.die();
+                    break;
+                }
+                timeout = poll_timeout(limit - waited);
+            }
+            let want_read = !ending && status.accepts_requests;
+            if want_read && reader.has_buffered_line() {
+                // Sending made room for a request that is already buffered.
+                continue;
+            }
+            let mut events = PollFlags::empty();
+            if want_read {
+                events |= PollFlags::POLLIN;
+            }
+            if status.blocked || turn == Turn::Blocked {
+                events |= PollFlags::POLLOUT;
+            }
+            let (socket, wake) = {
+                let mut fds = [
+                    PollFd::new(self.stream.as_fd(), events),
+                    PollFd::new(mailbox.wake_fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, timeout) {
+                    Ok(_) => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => {
+                        log::error!("conn {}: poll failed: {e}", self.id);
+                        break;
+                    }
+                }
+                (
+                    fds[0].revents().unwrap_or(PollFlags::empty()),
+                    fds[1].revents().unwrap_or(PollFlags::empty()),
+                )
+            };
+            if wake.contains(PollFlags::POLLIN) {
+                mailbox.woken();
+            }
+            let hangup = PollFlags::POLLHUP | PollFlags::POLLERR;
+            if socket.intersects(PollFlags::POLLOUT | hangup) {
+                mailbox.writable();
+            }
+            if want_read && socket.intersects(PollFlags::POLLIN | hangup) {
+                ending = self.read_request(reader, limits);
+            }
+        }
+    }
+
+    /// Ends this connection's subscriptions: no more events are queued for it. The caller then
+    /// queues its last reply (if any) and closes the mailbox; once that is sent, the connection
+    /// ends.
+    fn end_subscriptions(&mut self) {
+        if !self.unsubscribed {
+            self.unsubscribed = true;
+            self.shared.store.notifier().unregister(self.id);
+        }
     }
 
     /// Runs one request; returns whether the connection should close afterwards.
@@ -223,11 +339,20 @@ impl<'a> Connection<'a> {
                 events: store.notifier().events(),
                 coalesced: store.notifier().coalesced(),
                 not_durable: store.not_durable(),
+                threads: self.shared.connection_count(),
+                behind: store.notifier().behind(),
+                dropped_slow: store.notifier().dropped_slow(),
             }),
             Request::Health => Response::Health,
             Request::Version => Response::Version,
             Request::Help => Response::Help,
-            Request::Quit => return Reply::SendAndClose(Response::Ok),
+            Request::Quit => {
+                // No event may follow the acknowledgement: leave the table first.
+                if self.mailbox.is_some() {
+                    self.end_subscriptions();
+                }
+                return Reply::SendAndClose(Response::Ok);
+            }
         };
         Reply::Send(response)
     }
@@ -235,24 +360,23 @@ impl<'a> Connection<'a> {
     fn subscribe(&mut self, target: &Target, id: Option<&str>) -> Reply {
         let mailbox = match &self.mailbox {
             Some(mailbox) => mailbox.clone(),
-            None => match self.start_writer() {
+            None => match self.become_subscriber() {
                 Some(mailbox) => mailbox,
                 None => {
                     return Reply::Send(Response::error(
                         ErrorCode::Internal,
-                        "cannot start the subscriber's writer",
+                        "cannot set up the subscriber's mailbox (out of descriptors?)",
                     ))
                 }
             },
         };
-        // A new snapshot waits until this subscriber has read what is already pending.
-        mailbox.wait_caught_up();
         let mut ack = Vec::new();
         Response::Ok.write(id, &mut ack);
         let store = &self.shared.store;
         let max = self.shared.limits.max_subscriptions;
         match store.subscribe(self.id, &self.name, &mailbox, target, max, ack) {
             Ok(count) => {
+                self.shared.mark_subscriber(self.id);
                 log::info!(
                     "conn {} ({}) subscribed to {target}: {count} initial values",
                     self.id,
@@ -264,6 +388,10 @@ impl<'a> Connection<'a> {
                 ErrorCode::WrongMode,
                 format!("this connection already has {max} subscriptions (--max-subscriptions)"),
             )),
+            Err(SubError::Stopping) => Reply::SendAndClose(Response::error(
+                ErrorCode::Internal,
+                "the server is stopping",
+            )),
             Err(SubError::NotSubscribed) => Reply::Send(Response::error(
                 ErrorCode::Internal,
                 "subscription table is inconsistent",
@@ -271,27 +399,20 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Switches to subscriber mode: pending responses go out first, then a writer thread owns
-    /// the sending side.
-    fn start_writer(&mut self) -> Option<Arc<Mailbox>> {
+    /// Switches to subscriber mode: pending responses go out first, then the mailbox carries
+    /// everything this connection sends.
+    fn become_subscriber(&mut self) -> Option<Arc<Mailbox>> {
         if !self.flush() {
             return None;
         }
         let stream = self.stream.try_clone().ok()?;
-        let (mailbox, writer) = mailbox(stream);
-        let id = self.id;
-        let guard = self.shared.writer_running();
-        let spawned = thread::Builder::new()
-            .name(format!("nkv-sub-{id}"))
-            .stack_size(crate::server::THREAD_STACK)
-            .spawn(move || run_writer(id, writer, guard));
-        match spawned {
-            Ok(_) => {
+        match Mailbox::new(stream) {
+            Ok(mailbox) => {
                 self.mailbox = Some(mailbox.clone());
                 Some(mailbox)
             }
             Err(e) => {
-                log::error!("conn {id}: cannot start writer thread: {e}");
+                log::error!("conn {}: cannot create a mailbox: {e}", self.id);
                 None
             }
         }
@@ -311,23 +432,30 @@ impl<'a> Connection<'a> {
                 self.shared
                     .store
                     .notifier()
-                    .push(mailbox, Outgoing::Line(line));
-                mailbox.kick();
+                    .push(mailbox, Item::Reply(line.into()));
             }
-            None => response.write(id, &mut self.out),
+            None => {
+                let Connection {
+                    stream, out, kicks, ..
+                } = self;
+                let mut flush = |buf: &mut Vec<u8>| write_out(stream, kicks, buf);
+                if let Err(e) = response.write_in_parts(id, out, FLUSH_AT, &mut flush) {
+                    log::debug!("conn {}: write failed: {e}", self.id);
+                    // The next flush fails too and ends the connection.
+                    let _ = self.stream.shutdown(Shutdown::Both);
+                }
+            }
         }
     }
 
-    /// Writes the batched responses, then sends the events our changes queued for subscribers:
-    /// a writer's acknowledgement never waits for the fan-out. False when the client is gone.
+    /// Writes the batched responses and sends the events our changes queued for subscribers,
+    /// before waiting on our own client. False when the client is gone.
     fn flush(&mut self) -> bool {
-        let mut result = Ok(());
-        if !self.out.is_empty() {
-            result = self.stream.write_all(&self.out);
-            self.out.clear();
-            self.out.shrink_to(KEEP_CAPACITY);
-        }
+        let result = write_out(&self.stream, &mut self.kicks, &mut self.out);
         self.kicks.run();
+        // shrink_to, not a new Vec: glibc raises its mmap threshold when a large block is
+        // freed, and would then keep later large buffers in the heap for good.
+        self.out.shrink_to(KEEP_CAPACITY);
         if let Err(e) = result {
             log::debug!("conn {}: write failed: {e}", self.id);
             return false;
@@ -336,10 +464,10 @@ impl<'a> Connection<'a> {
     }
 
     fn finish(&mut self) {
-        self.flush();
         if self.mailbox.is_none() {
-            let _ = self.stream.shutdown(Shutdown::Both);
+            self.flush();
         }
+        let _ = self.stream.shutdown(Shutdown::Both);
         log::info!(
             "conn {} ({}) closed after {} requests",
             self.id,
@@ -350,23 +478,48 @@ impl<'a> Connection<'a> {
 }
 
 impl Drop for Connection<'_> {
-    /// Ends the subscriptions however the connection ends, a panic included: the writer sends
-    /// what is queued, then closes the socket.
+    /// Ends the subscriptions however the connection ends, a panic included: nothing is queued
+    /// for it any more, and nobody is left to send what was.
     fn drop(&mut self) {
         if let Some(mailbox) = self.mailbox.take() {
-            self.shared.store.notifier().unregister(self.id);
-            mailbox.close();
+            self.shared.store.notifier().forget(self.id);
+            mailbox.die();
         }
     }
 }
 
-fn not_found(key: &crate::key::Key) -> Response {
-    Response::error(ErrorCode::NotFound, format!("no key {key}"))
+/// Writes `out` to the client. What the socket takes at once goes first; before waiting for
+/// the client to take the rest, the subscribers our changes gave events to are kicked: a
+/// writer that does not read its replies never withholds its changes from them.
+fn write_out(stream: &UnixStream, kicks: &mut Kicks, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < out.len() {
+        match send_some(stream, &out[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                out.clear();
+                return Err(e);
+            }
+        }
+    }
+    if sent < out.len() {
+        kicks.run();
+        let mut stream = stream;
+        let result = stream.write_all(&out[sent..]);
+        out.clear();
+        return result;
+    }
+    out.clear();
+    Ok(())
 }
 
-/// A subscriber connection's writer thread. `_running` keeps shutdown waiting until the last
-/// queued line is written.
-fn run_writer(id: u64, writer: Writer, _running: WriterGuard) {
-    writer.run();
-    log::debug!("conn {id}: subscriber writer stopped");
+fn poll_timeout(left: Duration) -> PollTimeout {
+    let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+}
+
+fn not_found(key: &crate::key::Key) -> Response {
+    Response::error(ErrorCode::NotFound, format!("no key {key}"))
 }

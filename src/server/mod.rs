@@ -10,7 +10,7 @@ mod framed;
 mod lines;
 mod socket;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -37,8 +37,11 @@ use connection::Connection;
 /// serde_json), and hundreds of threads should not reserve megabytes each.
 pub(crate) const THREAD_STACK: usize = 256 * 1024;
 
-/// How long shutdown waits for connections to finish before closing them forcibly.
-const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// How long each step of shutdown (request connections, then subscribers) waits for
+/// connections to finish before closing them forcibly.
+const DRAIN_GRACE: Duration = Duration::from_millis(300);
+/// How long shutdown then waits for the threads of forcibly closed connections to end.
+const FORCED_GRACE: Duration = Duration::from_millis(100);
 
 /// Everything the server is configured with.
 #[derive(Debug, Clone)]
@@ -64,6 +67,8 @@ pub struct Limits {
     pub max_subscriptions: usize,
     /// How long a client may hold a partial line (or send nothing at first); `None` = forever.
     pub idle_timeout: Option<Duration>,
+    /// How long a subscriber's socket may accept nothing while data is pending; `None` = forever.
+    pub send_timeout: Option<Duration>,
 }
 
 impl Limits {
@@ -80,6 +85,7 @@ impl Default for Limits {
             max_value_bytes: 16 << 20,
             max_subscriptions: 1024,
             idle_timeout: Some(Duration::from_secs(60)),
+            send_timeout: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -106,10 +112,10 @@ impl std::error::Error for StartError {}
 pub(crate) struct Shared {
     store: Store,
     limits: Limits,
-    /// Open connections and running subscriber writers. Locked briefly on accept, on close,
-    /// when a writer starts or stops, and at shutdown.
+    /// Open connections. Locked briefly on accept, on close, when a connection subscribes,
+    /// and at shutdown.
     connections: Mutex<Connections>,
-    /// Signalled when a connection closes or a writer stops, for the shutdown drain.
+    /// Signalled when a connection closes, for the shutdown drain.
     closed: Condvar,
     stopping: AtomicBool,
     /// Framed subscriptions by (client id, key), for framed `UNSUB` (see `framed::Registry`).
@@ -118,16 +124,23 @@ pub(crate) struct Shared {
 
 #[derive(Default)]
 struct Connections {
-    /// By connection id, with a handle to shut each down at stop.
+    /// By connection id, with a handle to shut each down at stop. An entry lives as long as the
+    /// connection's thread, which also does all of a subscriber's sending: every thread and
+    /// descriptor held for a client is counted here, against `--max-connections`.
     streams: HashMap<u64, UnixStream>,
-    /// Subscriber writer threads still sending (they outlive their connection's reader until
-    /// the queued events, and at stop the `shutdown` event, are written).
-    writers: usize,
+    /// The connections that have subscribed (their mailbox is in the subscription table).
+    /// Shutdown lets the others finish first, then tells these.
+    subscribers: HashSet<u64>,
 }
 
 impl Connections {
     fn is_idle(&self) -> bool {
-        self.streams.is_empty() && self.writers == 0
+        self.streams.is_empty()
+    }
+
+    /// No request-mode connection is left (only subscribers, which wait for `shutdown`).
+    fn only_subscribers(&self) -> bool {
+        self.streams.keys().all(|id| self.subscribers.contains(id))
     }
 }
 
@@ -136,20 +149,9 @@ impl Shared {
         self.connections.lock().streams.len()
     }
 
-    /// Counts a subscriber writer thread until the returned guard is dropped.
-    fn writer_running(self: &Arc<Self>) -> WriterGuard {
-        self.connections.lock().writers += 1;
-        WriterGuard(self.clone())
-    }
-}
-
-/// Held by a subscriber writer thread; shutdown waits for all of them.
-pub(crate) struct WriterGuard(Arc<Shared>);
-
-impl Drop for WriterGuard {
-    fn drop(&mut self) {
-        self.0.connections.lock().writers -= 1;
-        self.0.closed.notify_all();
+    /// Connection `id` is now a subscriber (called once it is in the subscription table).
+    fn mark_subscriber(&self, id: u64) {
+        self.connections.lock().subscribers.insert(id);
     }
 }
 
@@ -327,40 +329,77 @@ impl Server {
         }
     }
 
+    /// Stops in order: no more accepts (already); request connections finish what they
+    /// received (their changes' events are queued); then every subscriber is sent `shutdown`
+    /// as its last line; then the socket file goes.
     fn shutdown(self) {
         log::info!("shutting down");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        self.shared.store.notifier().shutdown();
-        // Readers see end-of-file once they have answered what they already received.
-        for stream in self.shared.connections.lock().streams.values() {
-            let _ = stream.shutdown(Shutdown::Read);
-        }
-        let deadline = Instant::now() + DRAIN_GRACE;
-        let mut connections = self.shared.connections.lock();
-        while !connections.is_idle() {
-            if self
-                .shared
-                .closed
-                .wait_until(&mut connections, deadline)
-                .timed_out()
-            {
-                log::warn!(
-                    "closing {} connections that did not finish in time",
-                    connections.streams.len()
-                );
-                for stream in connections.streams.values() {
-                    let _ = stream.shutdown(Shutdown::Both);
+        // 1. Readers see end-of-file once they have answered what they already received.
+        {
+            let connections = self.shared.connections.lock();
+            for (id, stream) in &connections.streams {
+                if !connections.subscribers.contains(id) {
+                    let _ = stream.shutdown(Shutdown::Read);
                 }
-                break;
             }
         }
-        drop(connections);
+        self.drain(
+            "request connections",
+            Connections::only_subscribers,
+            |c, id| !c.subscribers.contains(&id),
+        );
+        // 2. Every change has been published: `shutdown` is the last thing subscribers get.
+        self.shared.store.notifier().shutdown();
+        self.drain("subscribers", Connections::is_idle, |_, _| true);
         if !self.inherited {
             if let Err(e) = std::fs::remove_file(&self.path) {
                 log::warn!("cannot remove {}: {e}", self.path.display());
             }
         }
         log::info!("stopped");
+    }
+
+    /// Waits up to [`DRAIN_GRACE`] for `done`, then closes the connections `which` selects and
+    /// waits (as long again) for their threads to end, so nothing is sent after.
+    fn drain(
+        &self,
+        what: &str,
+        done: fn(&Connections) -> bool,
+        which: fn(&Connections, u64) -> bool,
+    ) {
+        let deadline = Instant::now() + DRAIN_GRACE;
+        let mut connections = self.shared.connections.lock();
+        while !done(&connections) {
+            if self
+                .shared
+                .closed
+                .wait_until(&mut connections, deadline)
+                .timed_out()
+            {
+                let stuck: Vec<u64> = connections
+                    .streams
+                    .keys()
+                    .copied()
+                    .filter(|id| which(&connections, *id))
+                    .collect();
+                log::warn!("closing {} {what} that did not finish in time", stuck.len());
+                for id in stuck {
+                    if let Some(stream) = connections.streams.get(&id) {
+                        let _ = stream.shutdown(Shutdown::Both);
+                    }
+                }
+                let deadline = Instant::now() + FORCED_GRACE;
+                while !done(&connections)
+                    && !self
+                        .shared
+                        .closed
+                        .wait_until(&mut connections, deadline)
+                        .timed_out()
+                {}
+                break;
+            }
+        }
     }
 }
 
@@ -378,6 +417,9 @@ fn serve(shared: &Arc<Shared>, id: u64, name: String, stream: UnixStream) {
             .unwrap_or_default();
         log::error!("conn {id}: connection thread panicked: {what}; connection closed");
     }
-    shared.connections.lock().streams.remove(&id);
+    let mut connections = shared.connections.lock();
+    connections.streams.remove(&id);
+    connections.subscribers.remove(&id);
+    drop(connections);
     shared.closed.notify_all();
 }

@@ -4,6 +4,7 @@
 mod support;
 
 mod access;
+mod chaos;
 mod cli;
 mod core;
 mod framed;
@@ -12,7 +13,9 @@ mod lifecycle;
 mod limits;
 mod ops;
 mod panic;
+mod promise;
 mod props;
 mod soak;
 mod storage;
 mod subscribe;
+mod watchcheck;

@@ -2,8 +2,9 @@
 //! subscriber, with its lines turned into frames.
 //!
 //! The subscription's mailbox writes line-protocol lines (as for any subscriber) into one end
-//! of an in-process socket pair; the connection thread reads the other end and writes each
-//! line to the client as a frame. So the coalescing, per-key order and snapshot atomicity are
+//! of an in-process socket pair; the connection thread — which, as for a line subscriber, is
+//! also the mailbox's own sender (woken through its eventfd) — reads the other end and writes
+//! each line to the client as a frame. So the coalescing, per-key order and snapshot atomicity are
 //! the store's and mailbox's own, and a slow framed client backs up into its mailbox (which
 //! then keeps the latest state per key) exactly like a slow line client. The connection thread
 //! also watches the client's socket, so a client that goes away ends the subscription at once.
@@ -18,7 +19,6 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use parking_lot::Mutex;
@@ -28,8 +28,8 @@ use serde_json::value::RawValue;
 use super::value;
 use super::wire::Frame;
 use crate::key::Target;
-use crate::mailbox::{mailbox, Mailbox, Outgoing};
-use crate::server::{Shared, WriterGuard};
+use crate::mailbox::{Item, Mailbox, Turn};
+use crate::server::Shared;
 
 /// The acknowledgement line queued before the snapshot: becomes `HELLO`.
 const HELLO_LINE: &[u8] = b"{\"ok\":true}\n";
@@ -91,7 +91,10 @@ pub fn unsubscribe(shared: &Shared, client: &str, target: &Target) -> bool {
             },
         );
         line.push(b'\n');
-        shared.store.notifier().push(mailbox, Outgoing::Line(line));
+        shared
+            .store
+            .notifier()
+            .push(mailbox, Item::Reply(line.into()));
         mailbox.kick();
     }
     !conns.is_empty()
@@ -130,13 +133,7 @@ pub fn serve(
     client_stream: &UnixStream,
 ) -> Result<(), SubscribeError> {
     let (ours, theirs) = UnixStream::pair().map_err(SubscribeError::Io)?;
-    let (mailbox, writer) = mailbox(ours);
-    let guard = shared.writer_running();
-    thread::Builder::new()
-        .name(format!("nkv-fsub-{conn}"))
-        .stack_size(crate::server::THREAD_STACK)
-        .spawn(move || run_writer(writer, guard))
-        .map_err(SubscribeError::Io)?;
+    let mailbox = Mailbox::new(ours).map_err(SubscribeError::Io)?;
     let subscription = Subscription {
         shared,
         conn,
@@ -151,8 +148,19 @@ pub fn serve(
         .subscribe(conn, &name, &mailbox, target, max, HELLO_LINE.to_vec())
         .map_err(|_| SubscribeError::Limit)?;
     shared.framed.add(client, target, conn, &mailbox);
+    // A subscriber: shutdown tells it last, after the request connections finished.
+    shared.mark_subscriber(conn);
     log::info!("conn {conn} (framed client {client}) subscribed to {target}");
-    relay(conn, &theirs, client_stream, &shared.stopping);
+    // A client that accepts nothing for --send-timeout is dropped, as a line subscriber is.
+    let _ = client_stream.set_write_timeout(shared.limits.send_timeout);
+    relay(
+        conn,
+        &mailbox,
+        &theirs,
+        client_stream,
+        &shared.stopping,
+        &|| shared.store.notifier().note_dropped_slow(),
+    );
     drop(subscription);
     Ok(())
 }
@@ -176,10 +184,6 @@ impl Drop for Subscription<'_> {
     }
 }
 
-fn run_writer(writer: crate::mailbox::Writer, _running: WriterGuard) {
-    writer.run();
-}
-
 /// The name `TRACE` shows: the client id when it fits the name rules (it does for upstream's
 /// clients), else a sanitized form, since names are written into JSON unescaped.
 fn display_name(client: &str) -> String {
@@ -196,8 +200,17 @@ fn display_name(client: &str) -> String {
 }
 
 /// Moves lines from the mailbox's socket to the client as frames, until the client closes,
-/// either socket fails, or the server's `shutdown` line arrives.
-fn relay(conn: u64, lines: &UnixStream, client: &UnixStream, stopping: &AtomicBool) {
+/// either socket fails, or the server's `shutdown` line arrives. Between reads it takes the
+/// mailbox's sending turn (what publishers' kicks left behind), as a line subscriber's
+/// connection thread does.
+fn relay(
+    conn: u64,
+    mailbox: &Mailbox,
+    lines: &UnixStream,
+    client: &UnixStream,
+    stopping: &AtomicBool,
+    dropped_slow: &dyn Fn(),
+) {
     let mut mailbox_side = lines;
     let mut client_side = client;
     let _ = client.set_read_timeout(None);
@@ -207,7 +220,12 @@ fn relay(conn: u64, lines: &UnixStream, client: &UnixStream, stopping: &AtomicBo
     // leaving is that, and the queue is still relayed up to the shutdown line.
     let mut watch_client = true;
     loop {
-        let (lines_ready, client_ready) = {
+        // Send what is pending into the pair; the pair's other end is read below, so a full
+        // pair only waits for this loop.
+        if mailbox.send() == Turn::Dead {
+            return;
+        }
+        let (lines_ready, client_ready, woken) = {
             let client_events = if watch_client {
                 PollFlags::POLLIN
             } else {
@@ -216,6 +234,7 @@ fn relay(conn: u64, lines: &UnixStream, client: &UnixStream, stopping: &AtomicBo
             let mut fds = [
                 PollFd::new(lines.as_fd(), PollFlags::POLLIN),
                 PollFd::new(client.as_fd(), client_events),
+                PollFd::new(mailbox.wake_fd(), PollFlags::POLLIN),
             ];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
@@ -226,8 +245,11 @@ fn relay(conn: u64, lines: &UnixStream, client: &UnixStream, stopping: &AtomicBo
                 }
             }
             let any = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            (any(&fds[0]), watch_client && any(&fds[1]))
+            (any(&fds[0]), watch_client && any(&fds[1]), any(&fds[2]))
         };
+        if woken {
+            mailbox.woken();
+        }
         if client_ready {
             // A framed subscriber sends nothing after SUB: anything it does send is ignored,
             // end of file or an error ends the subscription.
@@ -247,6 +269,8 @@ fn relay(conn: u64, lines: &UnixStream, client: &UnixStream, stopping: &AtomicBo
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
+            // The pair has room again for what the mailbox holds back.
+            mailbox.writable();
             pending.extend_from_slice(&chunk[..n]);
             let mut out = Vec::new();
             let mut start = 0;
@@ -267,7 +291,18 @@ fn relay(conn: u64, lines: &UnixStream, client: &UnixStream, stopping: &AtomicBo
                 }
             }
             pending.drain(..start);
-            if client_side.write_all(&out).is_err() || stop {
+            if let Err(e) = client_side.write_all(&out) {
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
+                    log::warn!("conn {conn}: framed subscriber dropped: it accepted nothing for the send timeout (--send-timeout)");
+                    dropped_slow();
+                }
+                let _ = client.shutdown(Shutdown::Both);
+                return;
+            }
+            if stop {
                 let _ = client.shutdown(Shutdown::Both);
                 return;
             }
