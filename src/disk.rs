@@ -20,7 +20,7 @@ use serde_json::value::RawValue;
 
 use crate::error::DiskError;
 use crate::key::Key;
-use crate::store::Value;
+use crate::value::Value;
 
 const SUFFIX: &str = ".json";
 const TMP_SUFFIX: &str = ".tmp";

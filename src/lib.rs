@@ -10,7 +10,9 @@
 //! notify → mailbox → the subscriber's own connection. Only the response line flows back.
 //!
 //! - [`key`]: the `Key` newtype and patterns; the only place a key is validated.
-//! - [`protocol`]: the wire format: `Request` parsing, `Response` and `Event` lines.
+//! - [`wire`]: the shape of every request, response and event line, shared by server and client.
+//! - [`protocol`]: the server's side of the wire: `Request` parsing, `Response` and `Event` lines.
+//! - [`value`]: `Value`, a stored value as JSON text (a leaf, so no layer imports another for it).
 //! - [`store`]: the shared map behind the `RwLock`; put/get/delete; calls disk and notify.
 //! - [`disk`]: one file per key: load at start, atomic write, remove.
 //! - [`notify`]: who subscribes to what; publishing a change to the matching mailboxes.
@@ -38,8 +40,10 @@ pub mod notify;
 pub mod protocol;
 pub mod server;
 pub mod store;
+pub mod value;
+pub mod wire;
 
-pub use client::{Client, Entry, Event, Subscription};
+pub use client::{Client, Entry, Event, Subscription, Timeouts};
 pub use error::{Error, ErrorCode};
 
 // The README's Rust example is compiled as a doctest, so it cannot rot.

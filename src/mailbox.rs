@@ -397,7 +397,7 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::protocol::EventKind;
-    use crate::store::Value;
+    use crate::value::Value;
     use std::io::{BufRead, BufReader};
 
     fn put(key: &str, rev: u64) -> Outgoing {

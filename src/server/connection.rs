@@ -131,7 +131,15 @@ impl<'a> Connection<'a> {
     fn dispatch(&mut self, envelope: Envelope) -> bool {
         let Envelope { request, id } = envelope;
         let id = id.as_deref();
+        let summary = log::log_enabled!(log::Level::Debug).then(|| request.summary());
         let reply = self.handle(request, id);
+        if let Some(summary) = summary {
+            let outcome = match &reply {
+                Reply::Send(r) | Reply::SendAndClose(r) => r.outcome(),
+                Reply::Queued => "ok",
+            };
+            log::debug!("conn {}: {summary}: {outcome}", self.id);
+        }
         match reply {
             Reply::Send(response) => {
                 self.respond(&response, id);
@@ -197,6 +205,7 @@ impl<'a> Connection<'a> {
             Request::Hello(name) => {
                 log::info!("conn {} is now named {name}", self.id);
                 store.notifier().rename(self.id, &name);
+                self.shared.set_name(self.id, &name);
                 self.name = name;
                 Response::Ok
             }
@@ -211,6 +220,7 @@ impl<'a> Connection<'a> {
                 rev: store.rev(),
                 events: store.notifier().events(),
                 coalesced: store.notifier().coalesced(),
+                names: self.shared.names(),
             }),
             Request::Health => Response::Health,
             Request::Version => Response::Version,

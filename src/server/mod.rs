@@ -6,11 +6,13 @@
 
 mod connection;
 mod lines;
+pub mod sd;
 mod socket;
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{PipeReader, PipeWriter, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -19,6 +21,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use parking_lot::{Condvar, Mutex};
 
@@ -33,6 +38,10 @@ use connection::Connection;
 /// Stack size of connection threads: requests need little stack (JSON nesting is capped by
 /// serde_json), and hundreds of threads should not reserve megabytes each.
 pub(crate) const THREAD_STACK: usize = 256 * 1024;
+
+/// How long a connection thread whose client left waits for the next accepted connection
+/// before it exits: one-shot clients (`socat`, `nkv-client get`) then cost no thread start.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// How long shutdown waits for connections to finish before closing them forcibly.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
@@ -115,6 +124,8 @@ struct Connections {
     /// Subscriber writer threads still sending (they outlive their connection's reader until
     /// the queued events, and at stop the `shutdown` event, are written).
     writers: usize,
+    /// The names connections gave with HELLO (for STATS), removed when they close.
+    names: HashMap<u64, String>,
 }
 
 impl Connections {
@@ -126,6 +137,18 @@ impl Connections {
 impl Shared {
     fn connection_count(&self) -> usize {
         self.connections.lock().streams.len()
+    }
+
+    /// Records the name connection `id` gave itself with HELLO.
+    fn set_name(&self, id: u64, name: &str) {
+        self.connections.lock().names.insert(id, name.to_owned());
+    }
+
+    /// The names of open connections, sorted.
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.connections.lock().names.values().cloned().collect();
+        names.sort();
+        names
     }
 
     /// Counts a subscriber writer thread until the returned guard is dropped.
@@ -152,13 +175,29 @@ pub struct Server {
     path: PathBuf,
     inherited: bool,
     next_id: AtomicU64,
+    /// The read end of the stop pipe, polled beside the listener: stopping needs neither the
+    /// socket path (which may be gone or taken by another server) nor a free descriptor.
+    wake: PipeReader,
+    /// The write end, shared by every [`StopHandle`].
+    waker: Arc<PipeWriter>,
+    /// Hands an accepted connection to a connection thread that is waiting for one. A
+    /// rendezvous channel: `try_send` succeeds only when a thread is waiting right now.
+    handoff: Sender<Accepted>,
+    idle: Receiver<Accepted>,
+}
+
+/// An accepted connection on its way to a connection thread.
+struct Accepted {
+    id: u64,
+    name: String,
+    stream: UnixStream,
 }
 
 /// Stops a running [`Server`] from another thread (a signal handler thread, a test).
 #[derive(Clone)]
 pub struct StopHandle {
     shared: Arc<Shared>,
-    path: PathBuf,
+    waker: Arc<PipeWriter>,
 }
 
 impl StopHandle {
@@ -166,8 +205,11 @@ impl StopHandle {
     /// subscribers, and [`Server::run`] returns.
     pub fn stop(&self) {
         if !self.shared.stopping.swap(true, Ordering::SeqCst) {
-            // Wake the blocking accept() with a connection of our own.
-            let _ = UnixStream::connect(&self.path);
+            // One byte into the empty pipe the accept loop polls: it cannot block, and it
+            // needs no new descriptor.
+            if let Err(e) = (&*self.waker).write_all(b"s") {
+                log::error!("cannot wake the accept loop to stop: {e}");
+            }
         }
     }
 }
@@ -215,7 +257,14 @@ impl Server {
             store.len(),
             store.rev()
         );
+        let (wake, waker) = std::io::pipe()
+            .map_err(|e| socket_err("create the stop pipe for", e))?;
+        let (handoff, idle) = crossbeam_channel::bounded(0);
         Ok(Server {
+            wake,
+            waker: Arc::new(waker),
+            handoff,
+            idle,
             shared: Arc::new(Shared {
                 store,
                 limits: config.limits.clone(),
@@ -230,6 +279,11 @@ impl Server {
         })
     }
 
+    /// Whether the listening socket came from systemd (socket activation).
+    pub fn inherited(&self) -> bool {
+        self.inherited
+    }
+
     /// The socket path clients connect to.
     pub fn path(&self) -> &std::path::Path {
         &self.path
@@ -238,27 +292,47 @@ impl Server {
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
             shared: self.shared.clone(),
-            path: self.path.clone(),
+            waker: self.waker.clone(),
         }
     }
 
     /// Accepts connections until stopped, then shuts down in order: subscribers get a
     /// `shutdown` event, connections finish their in-flight request, the socket file goes.
     pub fn run(self) {
-        for stream in self.listener.incoming() {
-            if self.shared.stopping.load(Ordering::SeqCst) {
-                break;
-            }
-            match stream {
-                Ok(stream) => self.accept(stream),
+        while !self.shared.stopping.load(Ordering::SeqCst) {
+            match self.wait_for_connection() {
+                Ok(true) => match self.listener.accept() {
+                    Ok((stream, _)) => self.accept(stream),
+                    Err(e) => {
+                        log::error!("accept failed: {e}");
+                        // Out of descriptors or memory: give closing connections a moment.
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                },
+                Ok(false) => {}
                 Err(e) => {
-                    log::error!("accept failed: {e}");
-                    // Out of descriptors or memory: give closing connections a moment.
+                    log::error!("waiting for connections failed: {e}");
                     thread::sleep(Duration::from_millis(10));
                 }
             }
         }
         self.shutdown();
+    }
+
+    /// Blocks until a connection is waiting (true) or the stop pipe is written (false).
+    fn wait_for_connection(&self) -> Result<bool, Errno> {
+        let mut fds = [
+            PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        // The stop pipe first: once stopping, a waiting connection is not taken on.
+        Ok(!ready(&fds[1]) && ready(&fds[0]))
     }
 
     fn accept(&self, mut stream: UnixStream) {
@@ -293,12 +367,23 @@ impl Server {
             }
             connections.streams.insert(id, handle);
         }
-        log::info!("conn {id} opened (pid {pid}, uid {uid})");
+        log::debug!("conn {id} opened (pid {pid}, uid {uid})");
+        let accepted = Accepted {
+            id,
+            name: format!("pid:{pid}"),
+            stream,
+        };
+        // A thread that has just finished a connection takes it; otherwise start one.
+        let accepted = match self.handoff.try_send(accepted) {
+            Ok(()) => return,
+            Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => a,
+        };
         let shared = self.shared.clone();
+        let idle = self.idle.clone();
         let spawned = thread::Builder::new()
-            .name(format!("nkv-conn-{id}"))
+            .name("nkv-conn".into())
             .stack_size(THREAD_STACK)
-            .spawn(move || serve(&shared, id, format!("pid:{pid}"), stream));
+            .spawn(move || connection_thread(&shared, accepted, &idle));
         if let Err(e) = spawned {
             log::error!("conn {id}: cannot start a thread: {e}");
             self.shared.connections.lock().streams.remove(&id);
@@ -307,7 +392,7 @@ impl Server {
 
     fn shutdown(self) {
         log::info!("shutting down");
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        sd::notify("STOPPING=1");
         self.shared.store.notifier().shutdown();
         // Readers see end-of-file once they have answered what they already received.
         for stream in self.shared.connections.lock().streams.values() {
@@ -342,7 +427,17 @@ impl Server {
     }
 }
 
-/// A connection thread's body. A panic is contained here: logged, the connection closed, the
+/// Serves connections one after another: the first, then whichever the accept loop hands over
+/// within [`LINGER`] of the last one finishing.
+fn connection_thread(shared: &Arc<Shared>, first: Accepted, idle: &Receiver<Accepted>) {
+    let mut next = Some(first);
+    while let Some(Accepted { id, name, stream }) = next {
+        serve(shared, id, name, stream);
+        next = idle.recv_timeout(LINGER).ok();
+    }
+}
+
+/// A connection's body. A panic is contained here: logged, the connection closed, the
 /// server and the shared state (parking_lot locks do not poison) unaffected.
 fn serve(shared: &Arc<Shared>, id: u64, name: String, stream: UnixStream) {
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -356,6 +451,10 @@ fn serve(shared: &Arc<Shared>, id: u64, name: String, stream: UnixStream) {
             .unwrap_or_default();
         log::error!("conn {id}: connection thread panicked: {what}; connection closed");
     }
-    shared.connections.lock().streams.remove(&id);
+    {
+        let mut connections = shared.connections.lock();
+        connections.streams.remove(&id);
+        connections.names.remove(&id);
+    }
     shared.closed.notify_all();
 }
