@@ -144,7 +144,10 @@ fn libc_timeval(timeout: Option<Duration>) -> nix::libc::timeval {
 impl Conn {
     fn open(path: &Path, timeouts: Timeouts) -> io::Result<Conn> {
         let stream = open_stream(path, timeouts.connect).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot connect to {}: {e}", path.display()))
+            io::Error::new(
+                e.kind(),
+                format!("cannot connect to {}: {e}", path.display()),
+            )
         })?;
         stream.set_write_timeout(timeouts.request)?;
         stream.set_read_timeout(timeouts.request)?;
@@ -534,8 +537,8 @@ impl Event {
         struct Probe {
             ok: Option<bool>,
         }
-        let probe: Probe = serde_json::from_str(line)
-            .map_err(|e| Error::Protocol(format!("{e}: {line:?}")))?;
+        let probe: Probe =
+            serde_json::from_str(line).map_err(|e| Error::Protocol(format!("{e}: {line:?}")))?;
         if probe.ok.is_some() {
             return parse_reply::<wire::Done>(line).map(|_| None);
         }

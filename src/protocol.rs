@@ -385,7 +385,13 @@ impl Response {
                 id,
                 out,
             ),
-            Response::Values(values) => ok(wire::Values { values: RawMap(values) }, id, out),
+            Response::Values(values) => ok(
+                wire::Values {
+                    values: RawMap(values),
+                },
+                id,
+                out,
+            ),
             Response::Keys(keys) => ok(wire::KeyList { keys: KeySeq(keys) }, id, out),
             Response::Deleted(n) => ok(wire::Deleted { deleted: *n as u64 }, id, out),
             Response::Trace(key, subscribers) => ok(
@@ -515,7 +521,9 @@ impl Request {
     /// What a log line may say about the request: its verb and key, never a value.
     pub fn summary(&self) -> String {
         match self {
-            Request::Put { key, .. } | Request::Trace(key) => format!("{} {key}", self.op().as_str()),
+            Request::Put { key, .. } | Request::Trace(key) => {
+                format!("{} {key}", self.op().as_str())
+            }
             Request::Get(t) | Request::Del(t) | Request::Sub(t) | Request::Unsub(t) => {
                 format!("{} {t}", self.op().as_str())
             }

@@ -281,11 +281,25 @@ pub struct Dumped<S, V> {
 #[serde(tag = "event", rename_all = "lowercase")]
 pub enum Event<S, V> {
     /// A key's value when the subscription started.
-    Init { key: S, value: V, rev: u64 },
+    Init {
+        key: S,
+        value: V,
+        rev: u64,
+    },
     /// All initial values of subscription `sub` have been sent.
-    Ready { sub: S, count: u64 },
-    Put { key: S, value: V, rev: u64 },
-    Del { key: S, rev: u64 },
+    Ready {
+        sub: S,
+        count: u64,
+    },
+    Put {
+        key: S,
+        value: V,
+        rev: u64,
+    },
+    Del {
+        key: S,
+        rev: u64,
+    },
     /// The server is stopping; no more events follow.
     Shutdown,
 }
@@ -294,9 +308,7 @@ impl<S, V> Event<S, V> {
     /// The key an init, put or del event is about.
     pub fn key(&self) -> Option<&S> {
         match self {
-            Event::Init { key, .. } | Event::Put { key, .. } | Event::Del { key, .. } => {
-                Some(key)
-            }
+            Event::Init { key, .. } | Event::Put { key, .. } | Event::Del { key, .. } => Some(key),
             Event::Ready { .. } | Event::Shutdown => None,
         }
     }

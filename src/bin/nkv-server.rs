@@ -90,25 +90,34 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 /// environment variable, since either may have set it.
 fn parse_args() -> Result<(Args, ArgMatches), clap::Error> {
     let mut command = Args::command();
-    let matches = command.try_get_matches_from_mut(std::env::args_os()).map_err(|e| {
-        use clap::error::{ContextKind, ContextValue};
-        let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
-            return e;
-        };
-        let long = arg.trim_start_matches("--").split([' ', '=']).next().unwrap_or("");
-        let env = command
-            .get_arguments()
-            .find(|a| a.get_long() == Some(long))
-            .and_then(|a| a.get_env())
-            .map(|env| env.to_string_lossy().into_owned());
-        match env {
-            Some(env) => {
-                let message = format!("{}(set by --{long} or the environment variable {env})\n", e.render());
-                clap::Error::raw(e.kind(), message).with_cmd(&command)
+    let matches = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .map_err(|e| {
+            use clap::error::{ContextKind, ContextValue};
+            let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+                return e;
+            };
+            let long = arg
+                .trim_start_matches("--")
+                .split([' ', '='])
+                .next()
+                .unwrap_or("");
+            let env = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .and_then(|a| a.get_env())
+                .map(|env| env.to_string_lossy().into_owned());
+            match env {
+                Some(env) => {
+                    let message = format!(
+                        "{}(set by --{long} or the environment variable {env})\n",
+                        e.render()
+                    );
+                    clap::Error::raw(e.kind(), message).with_cmd(&command)
+                }
+                None => e,
             }
-            None => e,
-        }
-    })?;
+        })?;
     let args = Args::from_arg_matches(&matches).map_err(|e| e.with_cmd(&command))?;
     Ok((args, matches))
 }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::io::{PipeReader, PipeWriter, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -174,6 +175,9 @@ pub struct Server {
     listener: UnixListener,
     path: PathBuf,
     inherited: bool,
+    /// Device and inode of the socket file we bound: at stop we remove the file only if it is
+    /// still ours, not one another server put in its place.
+    socket_file: Option<(u64, u64)>,
     next_id: AtomicU64,
     /// The read end of the stop pipe, polled beside the listener: stopping needs neither the
     /// socket path (which may be gone or taken by another server) nor a free descriptor.
@@ -257,8 +261,12 @@ impl Server {
             store.len(),
             store.rev()
         );
-        let (wake, waker) = std::io::pipe()
-            .map_err(|e| socket_err("create the stop pipe for", e))?;
+        let socket_file = (!inherited)
+            .then(|| std::fs::symlink_metadata(&path).ok())
+            .flatten()
+            .map(|m| (m.dev(), m.ino()));
+        let (wake, waker) =
+            std::io::pipe().map_err(|e| socket_err("create the stop pipe for", e))?;
         let (handoff, idle) = crossbeam_channel::bounded(0);
         Ok(Server {
             wake,
@@ -275,6 +283,7 @@ impl Server {
             listener,
             path,
             inherited,
+            socket_file,
             next_id: AtomicU64::new(1),
         })
     }
@@ -418,7 +427,9 @@ impl Server {
             }
         }
         drop(connections);
-        if !self.inherited {
+        let still_ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| Some((m.dev(), m.ino())) == self.socket_file);
+        if !self.inherited && still_ours {
             if let Err(e) = std::fs::remove_file(&self.path) {
                 log::warn!("cannot remove {}: {e}", self.path.display());
             }

@@ -19,7 +19,10 @@ pub enum SocketError {
     NotASocket(PathBuf),
     /// Connecting to the existing socket failed with something other than "connection
     /// refused" (permission denied, say): a server may well be listening, so it is not stale.
-    Unprobed { path: PathBuf, source: io::Error },
+    Unprobed {
+        path: PathBuf,
+        source: io::Error,
+    },
     UnknownGroup(String),
     Io {
         action: &'static str,

@@ -422,7 +422,11 @@ fn subscribe_exits_130_on_sigint() {
     assert_eq!(sub.line(), "put a.b 1");
     // The shell's convention (128 + SIGINT), so that a loop around it stops.
     let status = sub.interrupt_and_wait();
-    assert_eq!(status.code(), Some(130), "exit status after SIGINT: {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit status after SIGINT: {status:?}"
+    );
 }
 
 #[test]

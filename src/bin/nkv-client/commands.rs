@@ -64,8 +64,7 @@ pub fn request(
             let _: wire::Rev = ask(client, &request, context)?;
         }
         Command::Delete { key } if is_pattern(key) => {
-            let deleted: wire::Deleted =
-                ask(client, &JsonRequest::new(Op::Del).key(key), context)?;
+            let deleted: wire::Deleted = ask(client, &JsonRequest::new(Op::Del).key(key), context)?;
             if !json {
                 writeln!(out, "deleted {}", deleted.deleted)?;
             }

@@ -26,12 +26,7 @@ fn take_subscription(client: &mut Client, target: &str) -> Result<Subscription, 
 }
 
 fn follow(sub: &Subscription, context: &Context) -> Following {
-    Following::start(
-        context
-            .at_prompt
-            .then(|| sub.interrupter().ok())
-            .flatten(),
-    )
+    Following::start(context.at_prompt.then(|| sub.interrupter().ok()).flatten())
 }
 
 /// How the stream of events ended.

@@ -22,7 +22,7 @@ mod signals;
 mod transfer;
 
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -134,8 +134,9 @@ fn execute(client: &mut Client, command: &Command, context: &Context) -> Result<
         Command::Dump { prefix } => transfer::dump(client, prefix.as_deref(), context),
         Command::Restore => transfer::restore(client, context),
         Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut command, "nkv-client", &mut io::stdout());
+            let mut out = io::stdout().lock();
+            out.write_all(completions(*shell).as_bytes())?;
+            out.flush()?;
             Ok(Outcome::Ok)
         }
         Command::Man => {
@@ -144,5 +145,22 @@ fn execute(client: &mut Client, command: &Command, context: &Context) -> Result<
             Ok(Outcome::Ok)
         }
         other => commands::request(client, other, context),
+    }
+}
+
+/// The completion script for `shell`.
+///
+/// clap_complete's bash script names a subcommand's case label `nkv__subcmd__client__...`
+/// where it dispatches to `nkv__client__...` (it mangles the `-` of the binary's name in two
+/// ways), so no subcommand's arguments or options ever completed; the labels are made to
+/// match here. `tests/it/terminal.rs` completes through real bash, zsh and fish.
+fn completions(shell: clap_complete::Shell) -> String {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "nkv-client", &mut script);
+    let script = String::from_utf8_lossy(&script).into_owned();
+    match shell {
+        clap_complete::Shell::Bash => script.replace("nkv__subcmd__client", "nkv__client"),
+        _ => script,
     }
 }
