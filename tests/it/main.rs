@@ -5,6 +5,7 @@ mod support;
 
 mod access;
 mod cli;
+mod client_retry;
 mod core;
 mod follow;
 mod hostile;
@@ -17,3 +18,4 @@ mod props;
 mod session;
 mod soak;
 mod subscribe;
+mod terminal;
