@@ -30,10 +30,11 @@ pub enum Section {
     Footprint,
     Startup,
     Floors,
+    Connect,
 }
 
 impl Section {
-    pub const ALL: [Section; 7] = [
+    pub const ALL: [Section; 8] = [
         Section::Get,
         Section::Put,
         Section::Wildcard,
@@ -41,6 +42,7 @@ impl Section {
         Section::Footprint,
         Section::Startup,
         Section::Floors,
+        Section::Connect,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +54,7 @@ impl Section {
             Section::Footprint => "footprint",
             Section::Startup => "startup",
             Section::Floors => "floors",
+            Section::Connect => "connect",
         }
     }
 

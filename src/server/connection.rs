@@ -337,7 +337,7 @@ impl<'a> Connection<'a> {
         if self.mailbox.is_none() {
             let _ = self.stream.shutdown(Shutdown::Both);
         }
-        log::info!(
+        log::debug!(
             "conn {} ({}) closed after {} requests",
             self.id,
             self.name,

@@ -4,45 +4,35 @@
 //! - [`lines`]: reading request lines with limits;
 //! - [`connection`]: one connection's loop and the dispatch `match`.
 
+mod accept;
 mod connection;
 mod lines;
 pub mod sd;
 mod socket;
 
 use std::collections::HashMap;
-use std::io::{PipeReader, PipeWriter, Write};
+use std::io::{PipeWriter, Write};
 use std::net::Shutdown;
-use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use parking_lot::{Condvar, Mutex};
 
 pub use socket::SocketError;
 
 use crate::disk::OpenError;
-use crate::error::ErrorCode;
-use crate::protocol::Response;
 use crate::store::Store;
+use accept::Acceptor;
 use connection::Connection;
 
 /// Stack size of connection threads: requests need little stack (JSON nesting is capped by
 /// serde_json), and hundreds of threads should not reserve megabytes each.
 pub(crate) const THREAD_STACK: usize = 256 * 1024;
-
-/// How long a connection thread whose client left waits for the next accepted connection
-/// before it exits: one-shot clients (`socat`, `nkv-client get`) then cost no thread start.
-const LINGER: Duration = Duration::from_secs(2);
 
 /// How long shutdown waits for connections to finish before closing them forcibly.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
@@ -172,29 +162,16 @@ impl Drop for WriterGuard {
 /// A running server's listener and state.
 pub struct Server {
     shared: Arc<Shared>,
-    listener: UnixListener,
+    /// The listener and the connection threads' turns at it (see [`accept`]).
+    acceptor: Arc<Acceptor>,
     path: PathBuf,
     inherited: bool,
     /// Device and inode of the socket file we bound: at stop we remove the file only if it is
     /// still ours, not one another server put in its place.
     socket_file: Option<(u64, u64)>,
-    next_id: AtomicU64,
-    /// The read end of the stop pipe, polled beside the listener: stopping needs neither the
-    /// socket path (which may be gone or taken by another server) nor a free descriptor.
-    wake: PipeReader,
-    /// The write end, shared by every [`StopHandle`].
+    /// The write end of the stop pipe, shared by every [`StopHandle`]; its read end is
+    /// polled beside the listener.
     waker: Arc<PipeWriter>,
-    /// Hands an accepted connection to a connection thread that is waiting for one. A
-    /// rendezvous channel: `try_send` succeeds only when a thread is waiting right now.
-    handoff: Sender<Accepted>,
-    idle: Receiver<Accepted>,
-}
-
-/// An accepted connection on its way to a connection thread.
-struct Accepted {
-    id: u64,
-    name: String,
-    stream: UnixStream,
 }
 
 /// Stops a running [`Server`] from another thread (a signal handler thread, a test).
@@ -267,24 +244,20 @@ impl Server {
             .map(|m| (m.dev(), m.ino()));
         let (wake, waker) =
             std::io::pipe().map_err(|e| socket_err("create the stop pipe for", e))?;
-        let (handoff, idle) = crossbeam_channel::bounded(0);
+        let shared = Arc::new(Shared {
+            store,
+            limits: config.limits.clone(),
+            connections: Mutex::new(Connections::default()),
+            closed: Condvar::new(),
+            stopping: AtomicBool::new(false),
+        });
         Ok(Server {
-            wake,
+            acceptor: Arc::new(Acceptor::new(shared.clone(), listener, wake)),
             waker: Arc::new(waker),
-            handoff,
-            idle,
-            shared: Arc::new(Shared {
-                store,
-                limits: config.limits.clone(),
-                connections: Mutex::new(Connections::default()),
-                closed: Condvar::new(),
-                stopping: AtomicBool::new(false),
-            }),
-            listener,
+            shared,
             path,
             inherited,
             socket_file,
-            next_id: AtomicU64::new(1),
         })
     }
 
@@ -308,95 +281,11 @@ impl Server {
     /// Accepts connections until stopped, then shuts down in order: subscribers get a
     /// `shutdown` event, connections finish their in-flight request, the socket file goes.
     pub fn run(self) {
-        while !self.shared.stopping.load(Ordering::SeqCst) {
-            match self.wait_for_connection() {
-                Ok(true) => match self.listener.accept() {
-                    Ok((stream, _)) => self.accept(stream),
-                    Err(e) => {
-                        log::error!("accept failed: {e}");
-                        // Out of descriptors or memory: give closing connections a moment.
-                        thread::sleep(Duration::from_millis(10));
-                    }
-                },
-                Ok(false) => {}
-                Err(e) => {
-                    log::error!("waiting for connections failed: {e}");
-                    thread::sleep(Duration::from_millis(10));
-                }
-            }
+        match self.acceptor.start() {
+            Ok(()) => self.acceptor.wait_for_stop(),
+            Err(e) => log::error!("cannot start a connection thread: {e}; stopping"),
         }
         self.shutdown();
-    }
-
-    /// Blocks until a connection is waiting (true) or the stop pipe is written (false).
-    fn wait_for_connection(&self) -> Result<bool, Errno> {
-        let mut fds = [
-            PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(Errno::EINTR) => return Ok(false),
-            Err(e) => return Err(e),
-        }
-        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-        // The stop pipe first: once stopping, a waiting connection is not taken on.
-        Ok(!ready(&fds[1]) && ready(&fds[0]))
-    }
-
-    fn accept(&self, mut stream: UnixStream) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (pid, uid) = match getsockopt(&stream, PeerCredentials) {
-            Ok(cred) => (cred.pid(), cred.uid()),
-            Err(_) => (0, u32::MAX),
-        };
-        let handle = match stream.try_clone() {
-            Ok(handle) => handle,
-            Err(e) => {
-                log::error!("conn {id}: cannot clone socket: {e}");
-                return;
-            }
-        };
-        {
-            let mut connections = self.shared.connections.lock();
-            if connections.streams.len() >= self.shared.limits.max_connections {
-                drop(connections);
-                log::warn!("conn {id} (pid {pid}, uid {uid}) refused: too many connections");
-                let mut line = Vec::new();
-                Response::error(
-                    ErrorCode::TooManyConnections,
-                    format!(
-                        "the server has {} connections (--max-connections); try again later",
-                        self.shared.limits.max_connections
-                    ),
-                )
-                .write(None, &mut line);
-                let _ = stream.write_all(&line);
-                return;
-            }
-            connections.streams.insert(id, handle);
-        }
-        log::debug!("conn {id} opened (pid {pid}, uid {uid})");
-        let accepted = Accepted {
-            id,
-            name: format!("pid:{pid}"),
-            stream,
-        };
-        // A thread that has just finished a connection takes it; otherwise start one.
-        let accepted = match self.handoff.try_send(accepted) {
-            Ok(()) => return,
-            Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => a,
-        };
-        let shared = self.shared.clone();
-        let idle = self.idle.clone();
-        let spawned = thread::Builder::new()
-            .name("nkv-conn".into())
-            .stack_size(THREAD_STACK)
-            .spawn(move || connection_thread(&shared, accepted, &idle));
-        if let Err(e) = spawned {
-            log::error!("conn {id}: cannot start a thread: {e}");
-            self.shared.connections.lock().streams.remove(&id);
-        }
     }
 
     fn shutdown(self) {
@@ -435,16 +324,6 @@ impl Server {
             }
         }
         log::info!("stopped");
-    }
-}
-
-/// Serves connections one after another: the first, then whichever the accept loop hands over
-/// within [`LINGER`] of the last one finishing.
-fn connection_thread(shared: &Arc<Shared>, first: Accepted, idle: &Receiver<Accepted>) {
-    let mut next = Some(first);
-    while let Some(Accepted { id, name, stream }) = next {
-        serve(shared, id, name, stream);
-        next = idle.recv_timeout(LINGER).ok();
     }
 }
 
