@@ -287,3 +287,44 @@ fn both_man_pages_have_environment_and_exit_status_and_point_only_to_real_pages(
         assert!(text.contains("EXIT STATUS"), "{text}");
     }
 }
+
+/// What a client in another container does: its own mount namespace, where the server's
+/// directory is bind-mounted elsewhere, as a user other than the server's.
+#[test]
+fn a_non_root_client_in_another_mount_namespace_reaches_the_server_through_the_directory() {
+    let mut server = Server::start_with(&["--socket-mode", "0666"]);
+    std::fs::set_permissions(&server.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(elsewhere.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mount = elsewhere.path().join("nkv");
+    std::fs::create_dir(&mount).unwrap();
+    let dir = server.dir.clone();
+    let run_in_namespace = |args: &str| {
+        let script = format!(
+            "mount --bind {dir} {mount} && exec setpriv --reuid=65534 --regid=65534 --clear-groups \
+             {CLIENT} --socket {mount}/nkv.sock {args}",
+            dir = dir.display(),
+            mount = mount.display(),
+        );
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .output()
+            .expect("unshare (util-linux) is needed")
+    };
+    let out = run_in_namespace("put ns.k from-the-namespace");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        server.client().get("ns.k").unwrap(),
+        Some(serde_json::json!("from-the-namespace"))
+    );
+    assert!(
+        !mount.join("nkv.sock").exists(),
+        "the bind mount stayed in its namespace"
+    );
+    // The server starts again with a new socket file: a mount of the directory still reaches
+    // it (a mount of the old socket file would not).
+    server.restart();
+    let out = run_in_namespace("get ns.k");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-the-namespace\n");
+}
