@@ -17,8 +17,9 @@
 //! - [`disk`]: one file per key: load at start, atomic write, remove.
 //! - [`notify`]: who subscribes to what; publishing a change to the matching mailboxes.
 //! - [`mailbox`]: one subscriber's bounded queue that keeps the latest state of every key.
-//! - [`server`]: listener, accept loop, one connection's loop and dispatch, shutdown.
-//! - [`client`]: the blocking client: [`Client`], [`Subscription`].
+//! - [`server`]: listener, accept (leader/followers), one connection's loop and dispatch,
+//!   shutdown.
+//! - [`client`]: the blocking client: [`Client`], [`Subscription`], [`Timeouts`].
 //! - [`error`]: error types.
 //!
 //! # Invariants

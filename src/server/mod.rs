@@ -1,6 +1,8 @@
 //! The server: accept loop, one thread per connection, and an orderly shutdown.
 //!
 //! - [`socket`]: binding (or inheriting) the listening socket;
+//! - `accept`: connection threads taking turns at accepting (leader/followers);
+//! - [`sd`]: readiness notifications to systemd;
 //! - [`lines`]: reading request lines with limits;
 //! - [`connection`]: one connection's loop and the dispatch `match`.
 
