@@ -204,17 +204,19 @@ fn main() -> ExitCode {
             idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         },
     };
-    let server = match Server::start(&config) {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("nkv-server: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // Before the socket exists: a SIGTERM sent as soon as it accepts must stop us cleanly, not
+    // kill us. Signals that arrive before the handling thread runs wait in `signals`.
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("nkv-server: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::start(&config) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("nkv-server: {e}");
             return ExitCode::FAILURE;
         }
     };
