@@ -131,6 +131,17 @@ fn subscribe_exits_0_on_shutdown_and_2_when_the_connection_is_lost() {
     assert_eq!(stdout(&out), "ready a 0\nshutdown\n");
 
     server.spawn_and_wait();
+    let sub = Running::spawn(&server, &["--json", "subscribe", "a"]);
+    wait_subscribers(&server, 1);
+    assert!(server.stop().success());
+    let out = sub.finish();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "{\"event\":\"ready\",\"sub\":\"a\",\"count\":0}\n{\"event\":\"shutdown\"}\n"
+    );
+
+    server.spawn_and_wait();
     let sub = Running::spawn(&server, &["subscribe", "a"]);
     wait_subscribers(&server, 1);
     server.kill();

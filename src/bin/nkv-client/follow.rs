@@ -75,7 +75,10 @@ pub fn subscribe(client: &mut Client, key: &str, context: &Context) -> Result<Ou
             Ok(next) => next,
             Err(End::Shutdown) => {
                 if context.cli.json {
-                    println!("{{\"event\":\"shutdown\"}}");
+                    let shutdown: Event = Event::Shutdown;
+                    let line = serde_json::to_string(&shutdown)
+                        .map_err(|e| Failure::Usage(e.to_string()))?;
+                    println!("{line}");
                 } else {
                     println!("shutdown");
                 }
