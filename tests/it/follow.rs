@@ -154,10 +154,15 @@ fn subscribe_exits_0_on_shutdown_and_2_when_the_connection_is_lost() {
 fn a_subscribing_client_holds_one_connection() {
     let server = Server::start();
     let _sub = Running::spawn(&server, &["subscribe", "a"]);
-    wait_subscribers(&server, 1);
-    // This client's own connection plus the subscriber's: no idle request connection.
-    let stats = server.client().server_stats().unwrap();
-    assert_eq!(stats.connections, 2, "{stats:?}");
+    let mut client = server.client();
+    wait_until("the subscriber", || {
+        client.server_stats().unwrap().subscribers == 1
+    });
+    // This client's connection plus the subscriber's: no idle request connection beside it.
+    // (Connections close asynchronously, so the count settles; a held one never would.)
+    wait_until("two connections", || {
+        client.server_stats().unwrap().connections == 2
+    });
 }
 
 /// A watch command that logs its environment to `log` and, while `gate` is absent, waits.
