@@ -10,7 +10,7 @@ options:
   --quick            small op counts, one round, every section once (a few seconds, for CI)
   --rounds N         A/B rounds (nkv and Redis interleaved); medians are reported [5; quick 1]
   --out DIR          where results.md and results.json go [target/nkv-bench]
-  --only LIST        comma-separated sections: get,put,wildcard,notify,footprint,startup,floors
+  --only LIST        comma-separated sections: get,put,wildcard,notify,footprint,startup,floors,connect
   --fsync            start nkv with --fsync and fsync the temp+rename floor too
   --cpus LIST        run everything (load generator and servers) on these CPUs, via taskset
                      (e.g. 0: one core, so no cross-CPU wake-ups; see docs/PERFORMANCE.md)
