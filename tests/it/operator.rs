@@ -165,8 +165,13 @@ fn socket_flags_are_logged_as_ignored_under_socket_activation() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("systemd-socket-activate (systemd) is needed");
-    wait_until("the activation socket", || activated.exists());
-    let mut raw = Raw::connect(&activated);
+    // The file appears at bind(), before listen(): wait until it accepts.
+    let mut raw = None;
+    wait_until("the activation socket", || {
+        raw = Raw::try_connect(&activated).ok();
+        raw.is_some()
+    });
+    let mut raw = raw.expect("connected");
     assert!(raw.healthy());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
