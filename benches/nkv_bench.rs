@@ -172,6 +172,10 @@ fn run(opts: &Opts) -> Result<(), String> {
             eprint!(" get");
             get_round(&rig, &plan, runs(Section::Get), nkv_first, &mut res)?;
         }
+        if runs(Section::Connect) {
+            eprint!(" connect");
+            connect_round(&rig, &plan, nkv_first, &mut res)?;
+        }
         if runs(Section::Put) || runs(Section::Floors) {
             eprint!(" put");
             put_round(
@@ -255,7 +259,7 @@ fn run(opts: &Opts) -> Result<(), String> {
 fn setup(env: &Env, opts: &Opts, plan: &Plan, res: &mut Results) -> Result<Rig, String> {
     let runs = |s| opts.runs(s);
     let (get, put, notify, floors, framed) = (
-        runs(Section::Get),
+        runs(Section::Get) || runs(Section::Connect),
         runs(Section::Put),
         runs(Section::Notify),
         runs(Section::Floors),
@@ -352,6 +356,17 @@ fn get_round(
         if let Some(e) = &rig.echo {
             let st = kv::get(&e.socket, Dialect::Echo, c, plan.value_sizes[0], plan)?;
             res.add(&format!("echo/c{c}"), &st.metrics());
+        }
+    }
+    Ok(())
+}
+
+/// Connect + GET + close at 1 and 8 clients: every op a new connection.
+fn connect_round(rig: &Rig, plan: &Plan, nkv_first: bool, res: &mut Results) -> Result<(), String> {
+    for c in plan.clients.iter().copied().filter(|c| *c == 1 || *c == 8) {
+        for s in order(nkv_first, [&rig.nkv, &rig.redis]) {
+            let st = kv::connect_get(&s.socket, s.dialect, c, plan)?;
+            res.add(&format!("connect/{}/c{c}", sys(s)), &st.metrics());
         }
     }
     Ok(())

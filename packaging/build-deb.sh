@@ -6,7 +6,9 @@
 # Cargo.toml, root (for dpkg -i) and dpkg. Installs cargo-deb if missing.
 # Checks, failing (non-zero exit) on the first that breaks:
 #   - `dpkg-deb -c` lists every expected path (binaries, units, tmpfiles.d
-#     entry, /etc/default/nkv, docs);
+#     entry, /etc/default/nkv, docs, both man pages, bash/zsh/fish completions);
+#   - the installed man pages render with `man` and the installed bash
+#     completion completes a subcommand's options;
 #   - /etc/default/nkv is a conffile and the maintainer scripts enable the
 #     units and only call systemctl when systemd is running;
 #   - `dpkg -i` succeeds (also where systemd is not PID 1: the generated
@@ -49,6 +51,17 @@ if ! cargo deb --version >/dev/null 2>&1; then
     cargo install cargo-deb --locked
 fi
 
+step "building the binaries and generating man pages and completions"
+cargo build --release --locked --bins
+target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+assets=target/assets
+mkdir -p "$assets"
+"$target_dir/release/nkv-server" --man | gzip -9n > "$assets/nkv-server.1.gz"
+"$target_dir/release/nkv-client" man | gzip -9n > "$assets/nkv-client.1.gz"
+"$target_dir/release/nkv-client" completions bash > "$assets/nkv-client.bash"
+"$target_dir/release/nkv-client" completions zsh > "$assets/_nkv-client"
+"$target_dir/release/nkv-client" completions fish > "$assets/nkv-client.fish"
+
 step "building the package ($(cargo deb --version))"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
@@ -80,6 +93,11 @@ expected=(
     ./usr/share/doc/nkv/README.md
     ./usr/share/doc/nkv/LICENSE
     ./usr/share/doc/nkv/copyright
+    ./usr/share/man/man1/nkv-server.1.gz
+    ./usr/share/man/man1/nkv-client.1.gz
+    ./usr/share/bash-completion/completions/nkv-client
+    ./usr/share/zsh/vendor-completions/_nkv-client
+    ./usr/share/fish/vendor_completions.d/nkv-client.fish
 )
 missing=0
 for path in "${expected[@]}"; do
@@ -126,6 +144,17 @@ if command -v systemd-analyze >/dev/null; then
     systemd-analyze verify "${unitdir#.}/nkv.service" "${unitdir#.}/nkv.socket" \
         || fail "systemd-analyze verify rejected the installed units"
 fi
+if command -v man >/dev/null; then
+    for page in nkv-server nkv-client; do
+        MANPAGER=cat MANWIDTH=80 man "$page" 2>/dev/null | grep -q "EXIT STATUS" \
+            || fail "man $page does not show the installed page with its EXIT STATUS"
+    done
+fi
+# What bash does on Tab: the installed script's function, asked about `wait --e`.
+completed=$(bash -c 'source /usr/share/bash-completion/completions/nkv-client
+    COMP_WORDS=(nkv-client wait --e); COMP_CWORD=2
+    _nkv__client nkv-client --e wait; echo "${COMPREPLY[*]}"') || true
+[[ $completed == --equals ]] || fail "the installed bash completion completes 'nkv-client wait --e' to '$completed'"
 got=$(/usr/bin/nkv-server --version) || fail "/usr/bin/nkv-server --version failed"
 echo "$got"
 [[ $got == *"$upstream"* ]] || fail "nkv-server --version printed '$got', expected version $upstream"

@@ -20,16 +20,32 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Retries and timeouts
+//!
+//! A request is sent again on a new connection only when it cannot have been applied: its
+//! write failed (the server had closed the connection, so it never read the line), or the
+//! server answered that it closed the connection for idleness before reading it. A PUT or DEL
+//! whose connection breaks after it was sent is *not* retried — it may have been applied — and
+//! fails with an error that says so; reads are retried once. [`Timeouts`] bound connecting and
+//! waiting for each response.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Write};
+use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::error::{Error, ErrorCode};
+use crate::wire::{self, JsonRequest, Op, Reply};
+
+pub use crate::wire::{Stats, Subscriber};
 
 /// A key's value with the revision of its last change.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,37 +54,114 @@ pub struct Entry {
     pub rev: u64,
 }
 
-/// One persistent connection to an nkv server; requests are answered in order on it.
+/// An event on a subscription, as the client reads it.
+pub type Event = wire::Event<String, Value>;
+
+/// How long the client waits; `None` waits forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// For the connection to be accepted (the server's backlog may be full).
+    pub connect: Option<Duration>,
+    /// For each response once its request is sent (and for the request to be written).
+    pub request: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    /// 10 s to connect, 30 s per response: long enough for a busy server with `--fsync`,
+    /// short enough that a stuck one does not hang a script forever.
+    fn default() -> Timeouts {
+        Timeouts {
+            connect: Some(Duration::from_secs(10)),
+            request: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Timeouts {
+    /// The same timeout for connecting and for each response.
+    pub fn all(timeout: Option<Duration>) -> Timeouts {
+        Timeouts {
+            connect: timeout,
+            request: timeout,
+        }
+    }
+}
+
+/// One persistent connection to an nkv server; requests are answered in order on it. The
+/// connection is opened again (once, for the next request) when the server has closed it.
 pub struct Client {
     path: PathBuf,
-    conn: Conn,
-    /// No request has completed on this connection yet. The server closes a connection that
-    /// sends nothing for `--idle-timeout`; a request failing on such a connection was never
-    /// received, so it is safe to retry it once on a new one.
-    fresh: bool,
+    conn: Option<Conn>,
+    timeouts: Timeouts,
 }
 
 struct Conn {
     reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    /// Requests answered on this connection (0: nothing proves the server still reads it).
+    answered: u64,
+}
+
+/// Connects to `path`, waiting at most `timeout` for the server to accept.
+fn open_stream(path: &Path, timeout: Option<Duration>) -> io::Result<UnixStream> {
+    use nix::sys::socket::{
+        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr,
+    };
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // A Unix stream connect waits for room in a full backlog for at most the send timeout.
+    let tv = nix::sys::time::TimeVal::from(libc_timeval(timeout));
+    setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+    let addr = UnixAddr::new(path)?;
+    use std::os::fd::AsRawFd;
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EAGAIN) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the server did not accept the connection within {:?}",
+                    timeout.unwrap_or_default()
+                ),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(UnixStream::from(fd))
+}
+
+fn libc_timeval(timeout: Option<Duration>) -> nix::libc::timeval {
+    let d = timeout.unwrap_or_default();
+    nix::libc::timeval {
+        tv_sec: d.as_secs() as nix::libc::time_t,
+        tv_usec: d.subsec_micros() as nix::libc::suseconds_t,
+    }
 }
 
 impl Conn {
-    fn open(path: &Path) -> io::Result<Conn> {
-        let stream = UnixStream::connect(path)?;
+    fn open(path: &Path, timeouts: Timeouts) -> io::Result<Conn> {
+        let stream = open_stream(path, timeouts.connect).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot connect to {}: {e}", path.display()),
+            )
+        })?;
+        stream.set_write_timeout(timeouts.request)?;
+        stream.set_read_timeout(timeouts.request)?;
         Ok(Conn {
-            writer: stream.try_clone()?,
             reader: BufReader::new(stream),
+            answered: 0,
         })
     }
 
-    /// Sends one line and reads one response line.
-    fn round_trip(&mut self, line: &str) -> io::Result<String> {
+    fn send(&mut self, line: &str) -> io::Result<()> {
         let mut request = Vec::with_capacity(line.len() + 1);
         request.extend_from_slice(line.as_bytes());
         request.push(b'\n');
-        self.writer.write_all(&request)?;
-        self.read_line()
+        self.reader.get_ref().write_all(&request)
     }
 
     fn read_line(&mut self) -> io::Result<String> {
@@ -79,47 +172,139 @@ impl Conn {
                 "the server closed the connection",
             ));
         }
-        if response.ends_with('\n') {
-            response.pop();
+        if response.pop() != Some('\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection in the middle of a line",
+            ));
         }
         Ok(response)
     }
 }
 
 impl Client {
-    /// Connects to the server's socket.
+    /// Connects to the server's socket with the default [`Timeouts`].
     ///
     /// # Errors
     /// [`Error::Io`] when the socket cannot be reached.
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
-        let path = path.as_ref().to_owned();
-        Ok(Client {
-            conn: Conn::open(&path)?,
-            path,
-            fresh: true,
-        })
+        Client::connect_with(path, Timeouts::default())
+    }
+
+    /// Connects to the server's socket with the given timeouts.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the socket cannot be reached in time.
+    pub fn connect_with(path: impl AsRef<Path>, timeouts: Timeouts) -> Result<Client, Error> {
+        let mut client = Client::lazy(path, timeouts);
+        client.conn = Some(Conn::open(&client.path, timeouts)?);
+        Ok(client)
+    }
+
+    /// A client that connects when it sends its first request.
+    pub fn lazy(path: impl AsRef<Path>, timeouts: Timeouts) -> Client {
+        Client {
+            path: path.as_ref().to_owned(),
+            conn: None,
+            timeouts,
+        }
+    }
+
+    /// The socket this client connects to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
     }
 
     /// Sends one request line as is and returns the response line as is (without `\n`).
+    /// Retried on a new connection only when the server cannot have read it (see the module
+    /// documentation); a line that is not a read is never sent twice.
     ///
     /// # Errors
-    /// [`Error::Io`] when the connection fails.
+    /// [`Error::Io`] when the connection fails or a timeout passes.
     pub fn raw(&mut self, line: &str) -> Result<String, Error> {
-        let result = match self.conn.round_trip(line) {
-            Err(e) if self.fresh && is_disconnect(&e) => {
-                self.conn = Conn::open(&self.path)?;
-                self.conn.round_trip(line)
-            }
-            other => other,
+        let op = if line.trim_start().starts_with('{') {
+            serde_json::from_str::<JsonRequest>(line)
+                .ok()
+                .and_then(|r| Op::parse(&r.op))
+        } else {
+            line.split(' ').next().and_then(Op::parse)
         };
-        self.fresh = false;
-        Ok(result?)
+        self.round_trip(line, op.is_some_and(is_read))
     }
 
-    /// Sends a JSON-form request; returns the fields of a successful response.
-    fn call(&mut self, request: &Value) -> Result<Map<String, Value>, Error> {
-        let line = self.raw(&request.to_string())?;
-        parse_response(&line)
+    fn round_trip(&mut self, line: &str, repeatable: bool) -> Result<String, Error> {
+        let mut retried = false;
+        loop {
+            let conn = match &mut self.conn {
+                Some(conn) => conn,
+                None => self.conn.insert(Conn::open(&self.path, self.timeouts)?),
+            };
+            let reused = conn.answered > 0;
+            if let Err(e) = conn.send(line) {
+                self.conn = None;
+                // A failed write never delivered the whole line: the server did not act on it.
+                if is_disconnect(&e) && !retried {
+                    retried = true;
+                    continue;
+                }
+                return Err(self.timed(e).into());
+            }
+            match conn.read_line() {
+                Ok(response) => {
+                    if reused && !retried && closed_for_idleness(&response) {
+                        // The server stopped reading before our line: it was not applied.
+                        self.conn = None;
+                        retried = true;
+                        continue;
+                    }
+                    conn.answered += 1;
+                    return Ok(response);
+                }
+                Err(e) => {
+                    self.conn = None;
+                    if is_disconnect(&e) && repeatable && !retried {
+                        retried = true;
+                        continue;
+                    }
+                    if is_disconnect(&e) {
+                        return Err(Error::Io(io::Error::new(
+                            e.kind(),
+                            "the connection closed before the server answered; the request \
+                             may or may not have been applied",
+                        )));
+                    }
+                    return Err(self.timed(e).into());
+                }
+            }
+        }
+    }
+
+    /// A read timeout surfaces as `WouldBlock`; say what it was.
+    fn timed(&self, e: io::Error) -> io::Error {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            let after = self.timeouts.request.unwrap_or_default();
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no response within {after:?}"),
+            )
+        } else {
+            e
+        }
+    }
+
+    /// Sends a JSON-form request and decodes the body of a successful response.
+    fn call<B: DeserializeOwned>(&mut self, request: &JsonRequest) -> Result<B, Error> {
+        let repeatable = Op::parse(&request.op).is_some_and(is_read);
+        let text = serde_json::to_string(request).map_err(|e| Error::Protocol(e.to_string()))?;
+        let line = self.round_trip(&text, repeatable)?;
+        parse_reply(&line)
     }
 
     /// A key's value, or `None` when there is no such key.
@@ -135,10 +320,10 @@ impl Client {
     /// # Errors
     /// An invalid key, or a connection or server failure.
     pub fn get_entry(&mut self, key: &str) -> Result<Option<Entry>, Error> {
-        match self.call(&json!({"op": "get", "key": key})) {
-            Ok(mut fields) => Ok(Some(Entry {
-                value: fields.remove("value").unwrap_or(Value::Null),
-                rev: rev_of(&fields)?,
+        match self.call::<wire::Got<String, Value>>(&JsonRequest::new(Op::Get).key(key)) {
+            Ok(got) => Ok(Some(Entry {
+                value: got.value,
+                rev: got.rev,
             })),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
@@ -150,13 +335,9 @@ impl Client {
     /// # Errors
     /// An invalid pattern, or a connection or server failure.
     pub fn get_matching(&mut self, pattern: &str) -> Result<BTreeMap<String, Value>, Error> {
-        let mut fields = self.call(&json!({"op": "get", "key": pattern}))?;
-        match fields.remove("values") {
-            Some(Value::Object(values)) => Ok(values.into_iter().collect()),
-            _ => Err(Error::Protocol(
-                "a wildcard GET response without values".into(),
-            )),
-        }
+        let values: wire::Values<BTreeMap<String, Value>> =
+            self.call(&JsonRequest::new(Op::Get).key(pattern))?;
+        Ok(values.values)
     }
 
     /// Stores `value` under `key`; returns the change's revision.
@@ -164,9 +345,12 @@ impl Client {
     /// # Errors
     /// An invalid key, a value over the server's limit, or a connection or server failure.
     pub fn put<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<u64, Error> {
-        let value = serde_json::to_value(value).map_err(|e| Error::Protocol(e.to_string()))?;
-        let fields = self.call(&json!({"op": "put", "key": key, "value": value}))?;
-        rev_of(&fields)
+        let value: Box<RawValue> =
+            serde_json::value::to_raw_value(value).map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut request = JsonRequest::new(Op::Put).key(key);
+        request.value = Some(&value);
+        let rev: wire::Rev = self.call(&request)?;
+        Ok(rev.rev)
     }
 
     /// Deletes `key`; returns the delete's revision, or `None` when there was no such key.
@@ -174,8 +358,8 @@ impl Client {
     /// # Errors
     /// An invalid key, or a connection or server failure.
     pub fn delete(&mut self, key: &str) -> Result<Option<u64>, Error> {
-        match self.call(&json!({"op": "del", "key": key})) {
-            Ok(fields) => rev_of(&fields).map(Some),
+        match self.call::<wire::Rev>(&JsonRequest::new(Op::Del).key(key)) {
+            Ok(rev) => Ok(Some(rev.rev)),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
@@ -186,8 +370,8 @@ impl Client {
     /// # Errors
     /// An invalid pattern, or a connection or server failure.
     pub fn delete_matching(&mut self, pattern: &str) -> Result<u64, Error> {
-        let fields = self.call(&json!({"op": "del", "key": pattern}))?;
-        number(&fields, "deleted")
+        let deleted: wire::Deleted = self.call(&JsonRequest::new(Op::Del).key(pattern))?;
+        Ok(deleted.deleted)
     }
 
     /// The keys covered by `target` (a key and what is below it, or a pattern); all keys for
@@ -196,13 +380,12 @@ impl Client {
     /// # Errors
     /// An invalid target, or a connection or server failure.
     pub fn keys(&mut self, target: Option<&str>) -> Result<Vec<String>, Error> {
-        let request = match target {
-            Some(t) => json!({"op": "keys", "key": t}),
-            None => json!({"op": "keys"}),
-        };
-        let mut fields = self.call(&request)?;
-        serde_json::from_value(fields.remove("keys").unwrap_or_default())
-            .map_err(|e| Error::Protocol(format!("keys: {e}")))
+        let mut request = JsonRequest::new(Op::Keys);
+        if let Some(target) = target {
+            request = request.key(target);
+        }
+        let keys: wire::KeyList<Vec<String>> = self.call(&request)?;
+        Ok(keys.keys)
     }
 
     /// Checks the server answers.
@@ -210,7 +393,8 @@ impl Client {
     /// # Errors
     /// A connection or server failure.
     pub fn health(&mut self) -> Result<(), Error> {
-        self.call(&json!({"op": "health"})).map(drop)
+        self.call::<wire::Health<String>>(&JsonRequest::new(Op::Health))
+            .map(drop)
     }
 
     /// The server's version.
@@ -218,26 +402,60 @@ impl Client {
     /// # Errors
     /// A connection or server failure.
     pub fn version(&mut self) -> Result<String, Error> {
-        let mut fields = self.call(&json!({"op": "version"}))?;
-        match fields.remove("version") {
-            Some(Value::String(v)) => Ok(v),
-            _ => Err(Error::Protocol(
-                "a VERSION response without a version".into(),
-            )),
-        }
+        let version: wire::Version<String> = self.call(&JsonRequest::new(Op::Version))?;
+        Ok(version.version)
     }
 
-    /// The server's counters (`connections`, `subscribers`, `keys`, `rev`, `events`,
+    /// The server's counters by name (`connections`, `subscribers`, `keys`, `rev`, `events`,
     /// `coalesced`).
     ///
     /// # Errors
     /// A connection or server failure.
     pub fn stats(&mut self) -> Result<BTreeMap<String, u64>, Error> {
-        let fields = self.call(&json!({"op": "stats"}))?;
-        Ok(fields
-            .into_iter()
-            .filter_map(|(k, v)| v.as_u64().map(|n| (k, n)))
-            .collect())
+        let stats = self.server_stats()?;
+        Ok([
+            ("connections", stats.connections as u64),
+            ("subscribers", stats.subscribers as u64),
+            ("keys", stats.keys as u64),
+            ("rev", stats.rev),
+            ("events", stats.events),
+            ("coalesced", stats.coalesced),
+            ("threads", stats.threads as u64),
+            ("behind", stats.behind as u64),
+            ("dropped_slow", stats.dropped_slow),
+            ("not_durable", stats.not_durable),
+        ]
+        .into_iter()
+        .map(|(name, n)| (name.to_owned(), n))
+        .collect())
+    }
+
+    /// The server's counters and the names of its connections, as STATS sends them.
+    ///
+    /// # Errors
+    /// A connection or server failure.
+    pub fn server_stats(&mut self) -> Result<Stats, Error> {
+        self.call(&JsonRequest::new(Op::Stats))
+    }
+
+    /// The subscribers a change to `key` would reach.
+    ///
+    /// # Errors
+    /// An invalid key, or a connection or server failure.
+    pub fn trace(&mut self, key: &str) -> Result<Vec<Subscriber>, Error> {
+        let traced: wire::Traced<String, Vec<Subscriber>> =
+            self.call(&JsonRequest::new(Op::Trace).key(key))?;
+        Ok(traced.subscribers)
+    }
+
+    /// Names this connection (shown by STATS, TRACE and the server's log).
+    ///
+    /// # Errors
+    /// An invalid name, or a connection or server failure.
+    pub fn hello(&mut self, name: &str) -> Result<(), Error> {
+        let mut request = JsonRequest::new(Op::Hello);
+        request.name = Some(name.into());
+        self.call::<wire::Done>(&request).map(drop)
     }
 
     /// Subscribes to `target` on a new, dedicated connection (this client stays usable).
@@ -246,82 +464,70 @@ impl Client {
     /// # Errors
     /// An invalid target, or a connection or server failure.
     pub fn subscribe(&self, target: &str) -> Result<Subscription, Error> {
-        let mut sub = Subscription {
-            conn: Conn::open(&self.path)?,
-        };
-        let line = sub
-            .conn
-            .round_trip(&json!({"op": "sub", "key": target}).to_string())?;
-        parse_response(&line)?;
-        Ok(sub)
+        Subscription::open(Conn::open(&self.path, self.timeouts)?, target)
     }
+
+    /// Turns this client's connection into a subscription to `target`, so that no idle
+    /// request connection is left beside it.
+    ///
+    /// # Errors
+    /// An invalid target, or a connection or server failure.
+    pub fn into_subscription(mut self, target: &str) -> Result<Subscription, Error> {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => Conn::open(&self.path, self.timeouts)?,
+        };
+        Subscription::open(conn, target)
+    }
+}
+
+/// Whether a request changes nothing, so sending it twice is harmless.
+fn is_read(op: Op) -> bool {
+    matches!(
+        op,
+        Op::Get | Op::Keys | Op::Trace | Op::Stats | Op::Health | Op::Version | Op::Help
+    )
 }
 
 fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::NotConnected
     )
 }
 
-/// Parses a response line; an error response becomes [`Error::Server`].
-fn parse_response(line: &str) -> Result<Map<String, Value>, Error> {
-    let mut fields: Map<String, Value> =
-        serde_json::from_str(line).map_err(|e| Error::Protocol(format!("{e}: {line:?}")))?;
-    match fields.get("ok") {
-        Some(Value::Bool(true)) => Ok(fields),
-        Some(Value::Bool(false)) => {
-            let text = |v: Option<Value>| match v {
-                Some(Value::String(s)) => s,
-                _ => String::new(),
-            };
-            let raw_code = text(fields.remove("error"));
-            Err(Error::Server {
-                code: ErrorCode::from_wire(&raw_code),
-                raw_code,
-                message: text(fields.remove("message")),
-            })
-        }
-        _ => Err(Error::Protocol(format!("no \"ok\" field: {line:?}"))),
+/// Whether a response is the server's notice that it closed the connection for idleness
+/// (sent instead of reading further, so the request that crossed it was never read).
+fn closed_for_idleness(line: &str) -> bool {
+    matches!(
+        parse_reply::<wire::Done>(line),
+        Err(Error::Server { code: Some(ErrorCode::Timeout), ref message, .. })
+            if message.contains("idle timeout")
+    )
+}
+
+/// Decodes a response line: the body of a success, [`Error::Server`] for a failure.
+///
+/// # Errors
+/// A failure response, or a line that is not a response of the expected shape.
+pub fn parse_reply<B: DeserializeOwned>(line: &str) -> Result<B, Error> {
+    let protocol = |e: serde_json::Error| Error::Protocol(format!("{e}: {line:?}"));
+    let status: wire::Status = serde_json::from_str(line).map_err(protocol)?;
+    if status.ok {
+        let reply: Reply<B, Value> = serde_json::from_str(line).map_err(protocol)?;
+        Ok(reply.body)
+    } else {
+        let reply: Reply<wire::Failure<String>, Value> =
+            serde_json::from_str(line).map_err(protocol)?;
+        Err(Error::Server {
+            code: ErrorCode::from_wire(&reply.body.error),
+            raw_code: reply.body.error,
+            message: reply.body.message,
+        })
     }
-}
-
-fn number(fields: &Map<String, Value>, name: &str) -> Result<u64, Error> {
-    fields
-        .get(name)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| Error::Protocol(format!("response without {name:?}")))
-}
-
-fn rev_of(fields: &Map<String, Value>) -> Result<u64, Error> {
-    number(fields, "rev")
-}
-
-/// An event on a subscription.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// A key's value when the subscription started.
-    Init {
-        key: String,
-        value: Value,
-        rev: u64,
-    },
-    /// All initial values of subscription `sub` have been sent.
-    Ready {
-        sub: String,
-        count: u64,
-    },
-    Put {
-        key: String,
-        value: Value,
-        rev: u64,
-    },
-    Del {
-        key: String,
-        rev: u64,
-    },
-    /// The server is stopping; no more events follow.
-    Shutdown,
 }
 
 impl Event {
@@ -331,38 +537,18 @@ impl Event {
     /// # Errors
     /// An error response, or a line that is neither an event nor a response.
     pub fn parse(line: &str) -> Result<Option<Event>, Error> {
-        let mut fields: Map<String, Value> =
-            serde_json::from_str(line).map_err(|e| Error::Protocol(format!("{e}: {line:?}")))?;
-        if fields.contains_key("ok") {
-            return parse_response(line).map(|_| None);
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            ok: Option<bool>,
         }
-        let text = |fields: &mut Map<String, Value>, name: &str| match fields.remove(name) {
-            Some(Value::String(s)) => Ok(s),
-            _ => Err(Error::Protocol(format!("event without {name:?}: {line:?}"))),
-        };
-        let kind = text(&mut fields, "event")?;
-        Ok(Some(match kind.as_str() {
-            "init" | "put" => {
-                let key = text(&mut fields, "key")?;
-                let rev = rev_of(&fields)?;
-                let value = fields.remove("value").unwrap_or(Value::Null);
-                if kind == "init" {
-                    Event::Init { key, value, rev }
-                } else {
-                    Event::Put { key, value, rev }
-                }
-            }
-            "del" => Event::Del {
-                key: text(&mut fields, "key")?,
-                rev: rev_of(&fields)?,
-            },
-            "ready" => Event::Ready {
-                sub: text(&mut fields, "sub")?,
-                count: number(&fields, "count")?,
-            },
-            "shutdown" => Event::Shutdown,
-            other => return Err(Error::Protocol(format!("unknown event {other:?}"))),
-        }))
+        let probe: Probe =
+            serde_json::from_str(line).map_err(|e| Error::Protocol(format!("{e}: {line:?}")))?;
+        if probe.ok.is_some() {
+            return parse_reply::<wire::Done>(line).map(|_| None);
+        }
+        serde_json::from_str(line)
+            .map(Some)
+            .map_err(|e| Error::Protocol(format!("not an event ({e}): {line:?}")))
     }
 }
 
@@ -372,14 +558,34 @@ pub struct Subscription {
     conn: Conn,
 }
 
+/// Ends a [`Subscription`]'s blocking read from another thread (a signal handler's, say): the
+/// subscription then ends as if the server had closed it.
+pub struct Interrupter(UnixStream);
+
+impl Interrupter {
+    pub fn interrupt(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
 impl Subscription {
+    fn open(mut conn: Conn, target: &str) -> Result<Subscription, Error> {
+        let request = serde_json::to_string(&JsonRequest::new(Op::Sub).key(target))
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        conn.send(&request)?;
+        parse_reply::<wire::Done>(&conn.read_line()?)?;
+        // Events may be minutes apart: only the acknowledgement had a deadline.
+        conn.reader.get_ref().set_read_timeout(None)?;
+        Ok(Subscription { conn })
+    }
+
     /// Adds another subscription on this connection; its initial values and marker follow in
     /// the event stream.
     ///
     /// # Errors
     /// The connection failed (a server error arrives in the stream).
     pub fn subscribe(&mut self, target: &str) -> Result<(), Error> {
-        self.send(json!({"op": "sub", "key": target}))
+        self.send(JsonRequest::new(Op::Sub).key(target))
     }
 
     /// Drops a subscription of this connection.
@@ -387,14 +593,29 @@ impl Subscription {
     /// # Errors
     /// The connection failed (a server error arrives in the stream).
     pub fn unsubscribe(&mut self, target: &str) -> Result<(), Error> {
-        self.send(json!({"op": "unsub", "key": target}))
+        self.send(JsonRequest::new(Op::Unsub).key(target))
     }
 
-    fn send(&mut self, request: Value) -> Result<(), Error> {
-        let mut line = request.to_string();
-        line.push('\n');
-        self.conn.writer.write_all(line.as_bytes())?;
-        Ok(())
+    fn send(&mut self, request: JsonRequest) -> Result<(), Error> {
+        let line = serde_json::to_string(&request).map_err(|e| Error::Protocol(e.to_string()))?;
+        Ok(self.conn.send(&line)?)
+    }
+
+    /// Waits at most `timeout` for each next line (`None`: forever); a read that times out
+    /// fails with [`io::ErrorKind::WouldBlock`] or [`io::ErrorKind::TimedOut`].
+    ///
+    /// # Errors
+    /// The socket refused the setting.
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        Ok(self.conn.reader.get_ref().set_read_timeout(timeout)?)
+    }
+
+    /// A handle that ends this subscription from another thread.
+    ///
+    /// # Errors
+    /// No descriptor was free to make it.
+    pub fn interrupter(&self) -> Result<Interrupter, Error> {
+        Ok(Interrupter(self.conn.reader.get_ref().try_clone()?))
     }
 
     /// The next line from the server as is, or `None` when the connection is closed.

@@ -10,7 +10,9 @@
 //! notify → mailbox → the subscriber's own connection. Only the response line flows back.
 //!
 //! - [`key`]: the `Key` newtype and patterns; the only place a key is validated.
-//! - [`protocol`]: the wire format: `Request` parsing, `Response` and `Event` lines.
+//! - [`wire`]: the shape of every request, response and event line, shared by server and client.
+//! - [`protocol`]: the server's side of the wire: `Request` parsing, `Response` and `Event` lines.
+//! - [`value`]: `Value`, a stored value as JSON text (a leaf, so no layer imports another for it).
 //! - [`store`]: the shared map behind the `RwLock`; put/get/delete; calls disk and notify.
 //! - [`disk`]: one file per key: load at start (trusting nothing), atomic write, remove; the
 //!   data directory belongs to the server alone.
@@ -18,9 +20,9 @@
 //! - [`notify`]: who subscribes to what; publishing a change to the matching mailboxes.
 //! - [`mailbox`]: one subscriber's bounded queue that keeps the latest state of every key, and
 //!   its sending (one lock for every decision).
-//! - [`server`]: listener, accept loop, one connection's loop and dispatch, shutdown; the
+//! - [`server`]: listener, accept (leader/followers), one connection's loop and dispatch, shutdown; the
 //!   framed front end for the clients of the nkv this project replaces (`server::framed`).
-//! - [`client`]: the blocking client: [`Client`], [`Subscription`].
+//! - [`client`]: the blocking client: [`Client`], [`Subscription`], [`Timeouts`].
 //! - [`error`]: error types.
 //!
 //! # Invariants
@@ -45,8 +47,10 @@ pub mod notify;
 pub mod protocol;
 pub mod server;
 pub mod store;
+pub mod value;
+pub mod wire;
 
-pub use client::{Client, Entry, Event, Subscription};
+pub use client::{Client, Entry, Event, Subscription, Timeouts};
 pub use error::{Error, ErrorCode};
 
 // The README's Rust example is compiled as a doctest, so it cannot rot.

@@ -1,19 +1,20 @@
 //! The wire format, and the only module that knows it: a request line is parsed into a
 //! [`Request`] here, and every [`Response`] and [`Event`] line is written here.
 //!
-//! Values travel as JSON text and are kept as received ([`Value`]): a GET copies the stored text
-//! into the response without re-serialising it. Keys need no escaping (see [`crate::key`]).
+//! The shapes of the lines are [`crate::wire`]'s types, shared with the client; this module
+//! maps the server's own types onto them. Values travel as JSON text and are kept as received
+//! ([`Value`]): a GET copies the stored text into the response without re-serialising it.
 
-use std::borrow::Cow;
 use std::fmt;
-use std::io::Write;
 
-use serde::{Deserialize, Deserializer};
-use serde_json::value::RawValue;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::error::ErrorCode;
 use crate::key::{Key, KeyError, Target};
-use crate::store::Value;
+use crate::value::Value;
+use crate::wire::{self, JsonRequest, Op, Raw, Reply};
+
+pub use crate::wire::{Stats, Subscriber as SubscriberInfo};
 
 /// One parsed request line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,14 +120,20 @@ fn parse_text(line: &str, max_value: usize) -> Result<Request, RequestError> {
         Some((verb, rest)) => (verb, Some(rest)),
         None => (line, None),
     };
-    let verb = verb.to_ascii_uppercase();
+    let Some(op) = Op::parse(verb) else {
+        return Err(RequestError::bad(format!(
+            "unknown command {:?}; send HELP for the list",
+            truncate(verb, 40)
+        )));
+    };
+    let upper = op.as_str().to_ascii_uppercase();
     let mut args = Args {
-        verb: &verb,
+        verb: &upper,
         rest,
         used: 0,
     };
-    let request = match verb.as_str() {
-        "PUT" => {
+    let request = match op {
+        Op::Put => {
             let key = Key::parse(args.next("a key")?)?;
             let text = args
                 .rest
@@ -137,24 +144,18 @@ fn parse_text(line: &str, max_value: usize) -> Result<Request, RequestError> {
                 value: text_value(text, max_value)?,
             });
         }
-        "GET" => Request::Get(Target::parse(args.next("a key or pattern")?)?),
-        "DEL" | "DELETE" => Request::Del(Target::parse(args.next("a key or pattern")?)?),
-        "KEYS" => Request::Keys(args.optional().map(Target::parse).transpose()?),
-        "SUB" | "SUBSCRIBE" => Request::Sub(Target::parse(args.next("a key or pattern")?)?),
-        "UNSUB" | "UNSUBSCRIBE" => Request::Unsub(Target::parse(args.next("a key or pattern")?)?),
-        "HELLO" => Request::Hello(parse_name(args.next("a name")?)?),
-        "TRACE" => Request::Trace(Key::parse(args.next("a key")?)?),
-        "STATS" => Request::Stats,
-        "HEALTH" | "PING" => Request::Health,
-        "VERSION" => Request::Version,
-        "HELP" => Request::Help,
-        "QUIT" => Request::Quit,
-        _ => {
-            return Err(RequestError::bad(format!(
-                "unknown command {:?}; send HELP for the list",
-                truncate(line.split(' ').next().unwrap_or(line), 40)
-            )))
-        }
+        Op::Get => Request::Get(Target::parse(args.next("a key or pattern")?)?),
+        Op::Del => Request::Del(Target::parse(args.next("a key or pattern")?)?),
+        Op::Keys => Request::Keys(args.optional().map(Target::parse).transpose()?),
+        Op::Sub => Request::Sub(Target::parse(args.next("a key or pattern")?)?),
+        Op::Unsub => Request::Unsub(Target::parse(args.next("a key or pattern")?)?),
+        Op::Hello => Request::Hello(parse_name(args.next("a name")?)?),
+        Op::Trace => Request::Trace(Key::parse(args.next("a key")?)?),
+        Op::Stats => Request::Stats,
+        Op::Health => Request::Health,
+        Op::Version => Request::Version,
+        Op::Help => Request::Help,
+        Op::Quit => Request::Quit,
     };
     args.finish()?;
     Ok(request)
@@ -255,39 +256,9 @@ fn truncate(text: &str, max: usize) -> &str {
     }
 }
 
-/// The JSON request form. Unknown fields are an error, so a typo is never silently ignored.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonRequest<'a> {
-    #[serde(borrow)]
-    op: Cow<'a, str>,
-    #[serde(borrow, default)]
-    key: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    value: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    name: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    id: Option<&'a RawValue>,
-}
-
-/// Only the `id`, to echo it even when the rest of the object is wrong.
-#[derive(Deserialize)]
-struct JsonId<'a> {
-    #[serde(borrow, default, deserialize_with = "present")]
-    id: Option<&'a RawValue>,
-}
-
-/// A present field is `Some`, even when its value is JSON `null` (a valid value to store).
-fn present<'de, D: Deserializer<'de>>(de: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(de).map(Some)
-}
-
 fn parse_json(line: &str, max_value: usize) -> Result<Envelope, RequestError> {
     let req: JsonRequest = serde_json::from_str(line).map_err(|err| {
-        let id = serde_json::from_str::<JsonId>(line)
-            .ok()
-            .and_then(|j| j.id)
+        let id = JsonRequest::id_of(line)
             .filter(|raw| readable_json(raw.get()).is_ok())
             .map(|raw| Box::from(raw.get()));
         RequestError::bad(format!("invalid JSON request: {err}")).with_id(id)
@@ -306,6 +277,12 @@ fn parse_json(line: &str, max_value: usize) -> Result<Envelope, RequestError> {
 }
 
 fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestError> {
+    let Some(parsed) = Op::parse(&req.op) else {
+        return Err(RequestError::bad(format!(
+            "unknown op {:?}; send HELP for the list",
+            truncate(&req.op, 40)
+        )));
+    };
     let op = req.op.to_ascii_lowercase();
     let key = || {
         req.key
@@ -321,28 +298,19 @@ fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestE
             Ok(())
         }
     };
-    if op != "put" {
+    if parsed != Op::Put {
         unexpected("value", req.value.is_some())?;
     }
-    if op != "hello" {
+    if parsed != Op::Hello {
         unexpected("name", req.name.is_some())?;
     }
     let takes_key = matches!(
-        op.as_str(),
-        "put"
-            | "get"
-            | "del"
-            | "delete"
-            | "keys"
-            | "sub"
-            | "subscribe"
-            | "unsub"
-            | "unsubscribe"
-            | "trace"
+        parsed,
+        Op::Put | Op::Get | Op::Del | Op::Keys | Op::Sub | Op::Unsub | Op::Trace
     );
     unexpected("key", !takes_key && req.key.is_some())?;
-    Ok(match op.as_str() {
-        "put" => {
+    Ok(match parsed {
+        Op::Put => {
             let key = Key::parse(key()?)?;
             let raw = req
                 .value
@@ -355,59 +323,23 @@ fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestE
                 value: Value::from(raw.get()),
             }
         }
-        "get" => Request::Get(Target::parse(key()?)?),
-        "del" | "delete" => Request::Del(Target::parse(key()?)?),
-        "keys" => Request::Keys(req.key.as_deref().map(Target::parse).transpose()?),
-        "sub" | "subscribe" => Request::Sub(Target::parse(key()?)?),
-        "unsub" | "unsubscribe" => Request::Unsub(Target::parse(key()?)?),
-        "trace" => Request::Trace(Key::parse(key()?)?),
-        "hello" => Request::Hello(parse_name(
+        Op::Get => Request::Get(Target::parse(key()?)?),
+        Op::Del => Request::Del(Target::parse(key()?)?),
+        Op::Keys => Request::Keys(req.key.as_deref().map(Target::parse).transpose()?),
+        Op::Sub => Request::Sub(Target::parse(key()?)?),
+        Op::Unsub => Request::Unsub(Target::parse(key()?)?),
+        Op::Trace => Request::Trace(Key::parse(key()?)?),
+        Op::Hello => Request::Hello(parse_name(
             req.name
                 .as_deref()
                 .ok_or_else(|| RequestError::bad("op \"hello\" needs a \"name\""))?,
         )?),
-        "stats" => Request::Stats,
-        "health" | "ping" => Request::Health,
-        "version" => Request::Version,
-        "help" => Request::Help,
-        "quit" => Request::Quit,
-        _ => {
-            return Err(RequestError::bad(format!(
-                "unknown op {:?}; send HELP for the list",
-                truncate(&req.op, 40)
-            )))
-        }
+        Op::Stats => Request::Stats,
+        Op::Health => Request::Health,
+        Op::Version => Request::Version,
+        Op::Help => Request::Help,
+        Op::Quit => Request::Quit,
     })
-}
-
-/// A subscriber as `TRACE` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubscriberInfo {
-    pub id: u64,
-    pub name: String,
-    pub subscriptions: Vec<String>,
-}
-
-/// Server counters as `STATS` reports them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub connections: usize,
-    pub subscribers: usize,
-    pub keys: usize,
-    pub rev: u64,
-    /// Events queued to subscribers since start.
-    pub events: u64,
-    /// Intermediate events replaced by a later one for the same key before they were sent.
-    pub coalesced: u64,
-    /// Changes applied and announced whose fsync failed (answered `not_durable`).
-    pub not_durable: u64,
-    /// Threads serving clients (one per connection; a subscriber's thread also sends its
-    /// events, there are no other writer threads).
-    pub threads: usize,
-    /// Subscribers that are behind: coalescing, or their socket is full.
-    pub behind: usize,
-    /// Subscribers disconnected because their socket accepted nothing for `--send-timeout`.
-    pub dropped_slow: u64,
 }
 
 /// One response line.
@@ -432,85 +364,67 @@ impl Response {
         Response::Error(code, message.to_string())
     }
 
-    /// Appends the response line, `\n` included, echoing `id` when given.
+    /// Appends the response line, `\n` included, echoing `id` (raw JSON text) when given.
     pub fn write(&self, id: Option<&str>, out: &mut Vec<u8>) {
+        fn ok<B: Serialize>(body: B, id: Option<&str>, out: &mut Vec<u8>) {
+            let reply = Reply {
+                ok: true,
+                body,
+                id: id.map(Raw),
+            };
+            wire::write_line(&reply, out);
+        }
         match self {
-            Response::Ok => out.extend_from_slice(b"{\"ok\":true"),
-            Response::Rev(rev) => {
-                let _ = write!(out, "{{\"ok\":true,\"rev\":{rev}");
-            }
-            Response::Value { key, value, rev } => {
-                out.extend_from_slice(b"{\"ok\":true,\"key\":\"");
-                out.extend_from_slice(key.as_str().as_bytes());
-                out.extend_from_slice(b"\",\"value\":");
-                out.extend_from_slice(value.as_bytes());
-                let _ = write!(out, ",\"rev\":{rev}");
-            }
-            Response::Values(values) => {
-                out.extend_from_slice(b"{\"ok\":true,\"values\":{");
-                for (i, (key, value)) in values.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.push(b'"');
-                    out.extend_from_slice(key.as_str().as_bytes());
-                    out.extend_from_slice(b"\":");
-                    out.extend_from_slice(value.as_bytes());
-                }
-                out.push(b'}');
-            }
-            Response::Keys(keys) => {
-                out.extend_from_slice(b"{\"ok\":true,\"keys\":[");
-                write_key_list(keys.iter().map(Key::as_str), out);
-                out.push(b']');
-            }
-            Response::Deleted(n) => {
-                let _ = write!(out, "{{\"ok\":true,\"deleted\":{n}");
-            }
-            Response::Trace(key, subscribers) => {
-                let _ = write!(out, "{{\"ok\":true,\"key\":\"{key}\",\"subscribers\":[");
-                for (i, sub) in subscribers.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    let _ = write!(out, "{{\"id\":{},\"name\":\"{}\",", sub.id, sub.name);
-                    out.extend_from_slice(b"\"subscriptions\":[");
-                    write_key_list(sub.subscriptions.iter().map(String::as_str), out);
-                    out.extend_from_slice(b"]}");
-                }
-                out.push(b']');
-            }
-            Response::Stats(s) => {
-                let _ = write!(
-                    out,
-                    "{{\"ok\":true,\"connections\":{},\"subscribers\":{},\"keys\":{},\"rev\":{},\"events\":{},\"coalesced\":{},\"threads\":{},\"behind\":{},\"dropped_slow\":{}",
-                    s.connections, s.subscribers, s.keys, s.rev, s.events, s.coalesced,
-                    s.threads, s.behind, s.dropped_slow
-                );
-                let _ = write!(out, ",\"not_durable\":{}", s.not_durable);
-            }
-            Response::Health => out.extend_from_slice(b"{\"ok\":true,\"status\":\"ok\""),
-            Response::Version => {
-                let _ = write!(
-                    out,
-                    "{{\"ok\":true,\"version\":\"{}\"",
-                    env!("CARGO_PKG_VERSION")
-                );
-            }
-            Response::Help => {
-                out.extend_from_slice(b"{\"ok\":true,\"help\":");
-                write_json_string(HELP, out);
-            }
+            Response::Ok => ok(wire::Done {}, id, out),
+            Response::Rev(rev) => ok(wire::Rev { rev: *rev }, id, out),
+            Response::Value { key, value, rev } => ok(
+                wire::Got {
+                    key: key.as_str(),
+                    value: Raw(value),
+                    rev: *rev,
+                },
+                id,
+                out,
+            ),
+            Response::Values(values) => ok(
+                wire::Values {
+                    values: RawMap(values),
+                },
+                id,
+                out,
+            ),
+            Response::Keys(keys) => ok(wire::KeyList { keys: KeySeq(keys) }, id, out),
+            Response::Deleted(n) => ok(wire::Deleted { deleted: *n as u64 }, id, out),
+            Response::Trace(key, subscribers) => ok(
+                wire::Traced {
+                    key: key.as_str(),
+                    subscribers,
+                },
+                id,
+                out,
+            ),
+            Response::Stats(stats) => ok(stats, id, out),
+            Response::Health => ok(wire::Health { status: "ok" }, id, out),
+            Response::Version => ok(
+                wire::Version {
+                    version: env!("CARGO_PKG_VERSION"),
+                },
+                id,
+                out,
+            ),
+            Response::Help => ok(wire::Help { help: HELP }, id, out),
             Response::Error(code, message) => {
-                let _ = write!(out, "{{\"ok\":false,\"error\":\"{code}\",\"message\":");
-                write_json_string(message, out);
+                let reply = Reply {
+                    ok: false,
+                    body: wire::Failure {
+                        error: code.as_str(),
+                        message: message.as_str(),
+                    },
+                    id: id.map(Raw),
+                };
+                wire::write_line(&reply, out);
             }
         }
-        if let Some(id) = id {
-            out.extend_from_slice(b",\"id\":");
-            out.extend_from_slice(id.as_bytes());
-        }
-        out.extend_from_slice(b"}\n");
     }
 }
 
@@ -562,21 +476,26 @@ impl Response {
     }
 }
 
-/// Keys, subscription targets and names are validated to need no JSON escaping.
-fn write_key_list<'a>(items: impl Iterator<Item = &'a str>, out: &mut Vec<u8>) {
-    for (i, item) in items.enumerate() {
-        if i > 0 {
-            out.push(b',');
+/// A GET pattern's matches as a JSON object, the stored values written as they are.
+struct RawMap<'a>(&'a [(Key, Value)]);
+
+impl Serialize for RawMap<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (key, value) in self.0 {
+            map.serialize_entry(key.as_str(), &Raw(value))?;
         }
-        out.push(b'"');
-        out.extend_from_slice(item.as_bytes());
-        out.push(b'"');
+        map.end()
     }
 }
 
-fn write_json_string(text: &str, out: &mut Vec<u8>) {
-    // Serialising a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, text);
+/// Keys as a JSON array of strings.
+struct KeySeq<'a>(&'a [Key]);
+
+impl Serialize for KeySeq<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(Key::as_str))
+    }
 }
 
 /// What happened to a key, as a subscriber is told.
@@ -601,30 +520,78 @@ pub struct Event {
 impl Event {
     /// Appends the event line, `\n` included.
     pub fn write(&self, out: &mut Vec<u8>) {
-        let kind = match self.kind {
-            EventKind::Init => "init",
-            EventKind::Put => "put",
-            EventKind::Del => "del",
+        let key = self.key.as_str();
+        let rev = self.rev;
+        let value = self.value.as_deref().map(Raw);
+        let event: wire::Event<&str, Raw> = match (&self.kind, value) {
+            (EventKind::Init, Some(value)) => wire::Event::Init { key, value, rev },
+            (EventKind::Put, Some(value)) => wire::Event::Put { key, value, rev },
+            // An init or put always has a value; without one the key is gone, as for a delete.
+            (EventKind::Del, _) | (_, None) => wire::Event::Del { key, rev },
         };
-        let _ = write!(out, "{{\"event\":\"{kind}\",\"key\":\"{}\"", self.key);
-        if let Some(value) = &self.value {
-            out.extend_from_slice(b",\"value\":");
-            out.extend_from_slice(value.as_bytes());
-        }
-        let _ = writeln!(out, ",\"rev\":{}}}", self.rev);
+        wire::write_line(&event, out);
     }
 }
 
 /// The marker after a subscription's initial values.
 pub fn write_ready(sub: &Target, count: usize, out: &mut Vec<u8>) {
-    let _ = writeln!(
-        out,
-        "{{\"event\":\"ready\",\"sub\":\"{sub}\",\"count\":{count}}}"
-    );
+    let sub = sub.to_string();
+    let event: wire::Event<&str, Raw> = wire::Event::Ready {
+        sub: &sub,
+        count: count as u64,
+    };
+    wire::write_line(&event, out);
 }
 
-/// The last line a subscriber gets when the server stops.
+/// The last line a subscriber gets when the server stops (`wire::Event::Shutdown`; a test
+/// checks they agree).
 pub const SHUTDOWN_EVENT: &[u8] = b"{\"event\":\"shutdown\"}\n";
+
+impl Request {
+    /// The request's operation, for logs.
+    pub fn op(&self) -> Op {
+        match self {
+            Request::Put { .. } => Op::Put,
+            Request::Get(_) => Op::Get,
+            Request::Del(_) => Op::Del,
+            Request::Keys(_) => Op::Keys,
+            Request::Sub(_) => Op::Sub,
+            Request::Unsub(_) => Op::Unsub,
+            Request::Hello(_) => Op::Hello,
+            Request::Trace(_) => Op::Trace,
+            Request::Stats => Op::Stats,
+            Request::Health => Op::Health,
+            Request::Version => Op::Version,
+            Request::Help => Op::Help,
+            Request::Quit => Op::Quit,
+        }
+    }
+
+    /// What a log line may say about the request: its verb and key, never a value.
+    pub fn summary(&self) -> String {
+        match self {
+            Request::Put { key, .. } | Request::Trace(key) => {
+                format!("{} {key}", self.op().as_str())
+            }
+            Request::Get(t) | Request::Del(t) | Request::Sub(t) | Request::Unsub(t) => {
+                format!("{} {t}", self.op().as_str())
+            }
+            Request::Keys(Some(t)) => format!("keys {t}"),
+            Request::Hello(name) => format!("hello {name}"),
+            _ => self.op().as_str().to_owned(),
+        }
+    }
+}
+
+impl Response {
+    /// The outcome, for logs: `ok` or the error code.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Response::Error(code, _) => code.as_str(),
+            _ => "ok",
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -801,5 +768,12 @@ mod tests {
             response.write(id, &mut out);
             assert_eq!(String::from_utf8(out).unwrap(), format!("{want}\n"));
         }
+    }
+
+    #[test]
+    fn shutdown_event_is_the_wire_shape() {
+        let mut out = Vec::new();
+        wire::write_line(&wire::Event::<&str, Raw>::Shutdown, &mut out);
+        assert_eq!(out, SHUTDOWN_EVENT);
     }
 }

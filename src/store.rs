@@ -21,8 +21,7 @@ use crate::mailbox::{Item, Kicks, Mailbox};
 use crate::notify::{Notifier, SubError};
 use crate::protocol::{Event, EventKind};
 
-/// A value: its JSON text exactly as received, shared by the map, responses and events.
-pub type Value = Arc<str>;
+pub use crate::value::Value;
 
 /// Number of per-key order locks. Keys hash onto them; more stripes, fewer false collisions.
 const STRIPES: usize = 256;

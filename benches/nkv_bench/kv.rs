@@ -176,3 +176,36 @@ pub fn wildcard(
         })
     })
 }
+
+/// What a shell one-liner (`echo 'GET k' | socat - UNIX-CONNECT:...`) costs: connect, one
+/// `GET`, close, every op on a new connection. The GET keys of the smallest value size.
+pub fn connect_get(
+    socket: &Path,
+    dialect: Dialect,
+    clients: usize,
+    plan: &Plan,
+) -> Result<Stats, String> {
+    let size = plan.value_sizes[0];
+    let prefix = get_prefix(size);
+    let keys = plan.get_keys;
+    loadgen::run(clients, plan.ops_per_cell, plan.cell_time, |c| {
+        let mut req = Vec::with_capacity(128);
+        let prefix = prefix.as_bytes();
+        Ok(move |i: usize| {
+            req.clear();
+            req.extend_from_slice(b"GET ");
+            req.extend_from_slice(prefix);
+            push_u64(&mut req, ((c * 7919 + i) % keys) as u64);
+            req.extend_from_slice(terminator(dialect));
+            let mut conn = Conn::connect(socket, dialect)?;
+            let reply = conn.call(&req)?;
+            if reply.len() < size {
+                return Err(io::Error::other(format!(
+                    "short reply to GET: {:?}",
+                    String::from_utf8_lossy(reply)
+                )));
+            }
+            Ok(())
+        })
+    })
+}

@@ -10,7 +10,7 @@ options:
   --quick            small op counts, one round, every section once (a few seconds, for CI)
   --rounds N         A/B rounds (nkv and Redis interleaved); medians are reported [5; quick 1]
   --out DIR          where results.md and results.json go [target/nkv-bench]
-  --only LIST        comma-separated sections: get,put,wildcard,notify,footprint,startup,floors,framed
+  --only LIST        comma-separated sections: get,put,wildcard,notify,footprint,startup,floors,framed,connect
   --fsync            start nkv with --fsync and fsync the temp+rename floor too
   --cpus LIST        run everything (load generator and servers) on these CPUs, via taskset
                      (e.g. 0: one core, so no cross-CPU wake-ups; see docs/PERFORMANCE.md)
@@ -32,10 +32,11 @@ pub enum Section {
     Floors,
     /// The framed protocol beside the line protocol, a connection per request.
     Framed,
+    Connect,
 }
 
 impl Section {
-    pub const ALL: [Section; 8] = [
+    pub const ALL: [Section; 9] = [
         Section::Get,
         Section::Put,
         Section::Wildcard,
@@ -44,6 +45,7 @@ impl Section {
         Section::Startup,
         Section::Floors,
         Section::Framed,
+        Section::Connect,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +58,7 @@ impl Section {
             Section::Startup => "startup",
             Section::Floors => "floors",
             Section::Framed => "framed",
+            Section::Connect => "connect",
         }
     }
 

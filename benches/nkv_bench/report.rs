@@ -70,6 +70,36 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
         out.push(t);
     }
 
+    if has("connect/") {
+        let mut t = Table::new(
+            "Connect + GET + close, a new connection per request (ops/s; latency µs)",
+            &[
+                "clients",
+                "nkv ops/s",
+                "p50",
+                "p99",
+                "Redis ops/s",
+                "p50",
+                "p99",
+                "nkv/Redis ops/s",
+            ],
+        );
+        for c in plan.clients.iter().copied().filter(|c| *c == 1 || *c == 8) {
+            let n = format!("connect/nkv/c{c}");
+            let r = format!("connect/redis/c{c}");
+            t.row(
+                [
+                    &[c.to_string()][..],
+                    &load_cells(res, &n),
+                    &load_cells(res, &r),
+                    &[cell_ratio(res, &n, &r, "ops_per_s")],
+                ]
+                .concat(),
+            );
+        }
+        out.push(t);
+    }
+
     if has("put-disk/") {
         let mut t = Table::new(
             format!("PUT, data dir on disk ({})", fs.disk),

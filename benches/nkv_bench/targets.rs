@@ -79,6 +79,21 @@ pub fn evaluate(res: &Results, plan: &Plan) -> Vec<Target> {
         }
     }
     for &c in &low {
+        let (n, r) = (
+            res.get(&format!("connect/nkv/c{c}"), "ops_per_s"),
+            res.get(&format!("connect/redis/c{c}"), "ops_per_s"),
+        );
+        if n.is_some() && r.is_some() {
+            push(
+                format!("connect + GET + close ops/s ≥ Redis, {c} client(s)"),
+                format!("{} vs {} ops/s", k(n), k(r)),
+                ratio(n, r),
+                1.0,
+                true,
+            );
+        }
+    }
+    for &c in &low {
         for &v in &plan.value_sizes {
             let (n, e) = (
                 res.get(&format!("get/nkv/c{c}/v{v}"), "p50_us"),

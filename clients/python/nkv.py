@@ -90,9 +90,12 @@ def _connect(path, timeout, wait):
             # waits for the socket to appear; back off up to 0.5 s.
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.5)
-        except OSError:
+        except OSError as exc:
+            # Permission denied, a path too long for a socket address, a timeout:
+            # still a failure to connect, reported as one.
             sock.close()
-            raise
+            reason = exc.strerror or str(exc)
+            raise NkvError("closed", "cannot connect to %s: %s" % (path, reason)) from exc
 
 
 class _Connection:

@@ -391,6 +391,31 @@ class LifetimeTest(ServerTestCase):
             nkv.Client(os.path.join(self.tmp, "absent.sock"))
         self.assertEqual(caught.exception.code, "closed")
 
+    def test_connect_errors_are_nkv_errors(self):
+        # A path too long for a socket address is an OSError, not a missing file.
+        with self.assertRaises(nkv.NkvError) as caught:
+            nkv.Client(os.path.join(self.tmp, "x" * 200, "nkv.sock"))
+        self.assertEqual(caught.exception.code, "closed")
+        # Permission denied, as a user who may not enter the socket's directory.
+        server = self.server
+        probe = (
+            "import nkv, sys\n"
+            "try:\n"
+            "    nkv.Client(sys.argv[1])\n"
+            "except nkv.NkvError as e:\n"
+            "    print(e.code, e.message)\n"
+        )
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-c", probe, server.socket_path],
+            cwd=os.path.dirname(os.path.abspath(nkv.__file__)),
+            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(nkv.__file__))},
+            capture_output=True, text=True, timeout=DEADLINE,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("closed", out.stdout)
+        self.assertIn("Permission denied", out.stdout)
+
     def test_sd_notify_ready_and_stopping(self):
         # wait_ready() returns once the socket accepts; READY=1 must have been
         # sent by then or come right after.

@@ -1,11 +1,18 @@
 //! `nkv-server`: argument parsing, logging and signals; the work is in `nkv::server`.
+//!
+//! Exit status: 0 after an orderly stop, 1 when it cannot start, 2 for bad usage.
+
+#[path = "common/man.rs"]
+mod man;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::builder::BoolishValueParser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -59,7 +66,9 @@ struct Args {
     send_timeout: u64,
 
     /// Fsync every write and its directory entry before acknowledging it
-    #[arg(long, env = "NKV_FSYNC")]
+    #[arg(long, env = "NKV_FSYNC", value_name = "BOOL", num_args = 0..=1,
+          default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
     fsync: bool,
 
     /// Permissions of the socket file, in octal
@@ -73,8 +82,14 @@ struct Args {
 
     /// Use an existing socket or data directory even if it is a symlink, owned by another
     /// user or writable by others (by default the server refuses it and exits with status 1)
-    #[arg(long, env = "NKV_ALLOW_UNSAFE_DIRS")]
+    #[arg(long, env = "NKV_ALLOW_UNSAFE_DIRS", value_name = "BOOL", num_args = 0..=1,
+          default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
     allow_unsafe_dirs: bool,
+
+    /// Print the man page (roff) and exit
+    #[arg(long, hide = true)]
+    man: bool,
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -84,11 +99,114 @@ fn parse_mode(text: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{text:?} is not an octal mode such as 0660"))
 }
 
+/// Parses the command line and environment. A bad value's error names both the flag and its
+/// environment variable, since either may have set it.
+fn parse_args() -> Result<(Args, ArgMatches), clap::Error> {
+    let mut command = Args::command();
+    let matches = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .map_err(|e| {
+            use clap::error::{ContextKind, ContextValue};
+            let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+                return e;
+            };
+            let long = arg
+                .trim_start_matches("--")
+                .split([' ', '='])
+                .next()
+                .unwrap_or("");
+            let env = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .and_then(|a| a.get_env())
+                .map(|env| env.to_string_lossy().into_owned());
+            match env {
+                Some(env) => {
+                    let message = format!(
+                        "{}(set by --{long} or the environment variable {env})\n",
+                        e.render()
+                    );
+                    clap::Error::raw(e.kind(), message).with_cmd(&command)
+                }
+                None => e,
+            }
+        })?;
+    let args = Args::from_arg_matches(&matches).map_err(|e| e.with_cmd(&command))?;
+    Ok((args, matches))
+}
+
+/// Where a setting's value came from, for the start-up log.
+fn source(matches: &ArgMatches, id: &str) -> &'static str {
+    match matches.value_source(id) {
+        Some(ValueSource::CommandLine) => "flag",
+        Some(ValueSource::EnvVariable) => "env",
+        _ => "default",
+    }
+}
+
+/// Logs every setting with its source; under socket activation, the socket settings that
+/// systemd's socket unit decides instead are logged as ignored.
+fn log_config(args: &Args, matches: &ArgMatches, inherited: bool) {
+    let s = |id| source(matches, id);
+    log::info!(
+        "config: socket={} ({}) data-dir={} ({}) max-connections={} ({}) max-value-bytes={} ({}) \
+         max-subscriptions={} ({}) idle-timeout={}s ({}) send-timeout={}s ({}) fsync={} ({}) \
+         socket-mode={:04o} ({}) socket-group={} ({}) allow-unsafe-dirs={} ({})",
+        args.socket.display(),
+        s("socket"),
+        args.data_dir.display(),
+        s("data_dir"),
+        args.max_connections,
+        s("max_connections"),
+        args.max_value_bytes,
+        s("max_value_bytes"),
+        args.max_subscriptions,
+        s("max_subscriptions"),
+        args.idle_timeout,
+        s("idle_timeout"),
+        args.send_timeout,
+        s("send_timeout"),
+        args.fsync,
+        s("fsync"),
+        args.socket_mode,
+        s("socket_mode"),
+        args.socket_group.as_deref().unwrap_or("-"),
+        s("socket_group"),
+        args.allow_unsafe_dirs,
+        s("allow_unsafe_dirs"),
+    );
+    if inherited {
+        for (id, flag) in [
+            ("socket", "--socket (NKV_SOCKET)"),
+            ("socket_mode", "--socket-mode (NKV_SOCKET_MODE)"),
+            ("socket_group", "--socket-group (NKV_SOCKET_GROUP)"),
+        ] {
+            if s(id) != "default" {
+                log::info!("{flag} ignored: the socket comes from systemd (its socket unit sets path, mode and group)");
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let (args, matches) = match parse_args() {
+        Ok(parsed) => parsed,
+        Err(e) => e.exit(),
+    };
+    if args.man {
+        return match man::render(Args::command(), &man::SERVER, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nkv-server: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     raise_fd_limit();
     return_large_buffers_to_the_os();
+    let activated = std::env::var("LISTEN_PID").ok() == Some(std::process::id().to_string());
+    log_config(&args, &matches, activated);
 
     let config = Config {
         socket: args.socket,
@@ -106,17 +224,19 @@ fn main() -> ExitCode {
             send_timeout: (args.send_timeout > 0).then(|| Duration::from_secs(args.send_timeout)),
         },
     };
-    let server = match Server::start(&config) {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("nkv-server: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // Before the socket exists: a SIGTERM sent as soon as it accepts must stop us cleanly, not
+    // kill us. Signals that arrive before the handling thread runs wait in `signals`.
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("nkv-server: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::start(&config) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("nkv-server: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -131,7 +251,7 @@ fn main() -> ExitCode {
             stop.stop();
         }
     });
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    nkv::server::sd::notify("READY=1");
     server.run();
     ExitCode::SUCCESS
 }

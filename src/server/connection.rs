@@ -258,7 +258,15 @@ impl<'a> Connection<'a> {
     fn dispatch(&mut self, envelope: Envelope) -> bool {
         let Envelope { request, id } = envelope;
         let id = id.as_deref();
+        let summary = log::log_enabled!(log::Level::Debug).then(|| request.summary());
         let reply = self.handle(request, id);
+        if let Some(summary) = summary {
+            let outcome = match &reply {
+                Reply::Send(r) | Reply::SendAndClose(r) => r.outcome(),
+                Reply::Queued => "ok",
+            };
+            log::debug!("conn {}: {summary}: {outcome}", self.id);
+        }
         match reply {
             Reply::Send(response) => {
                 self.respond(&response, id);
@@ -324,6 +332,7 @@ impl<'a> Connection<'a> {
             Request::Hello(name) => {
                 log::info!("conn {} is now named {name}", self.id);
                 store.notifier().rename(self.id, &name);
+                self.shared.set_name(self.id, &name);
                 self.name = name;
                 Response::Ok
             }
@@ -342,6 +351,7 @@ impl<'a> Connection<'a> {
                 threads: self.shared.connection_count(),
                 behind: store.notifier().behind(),
                 dropped_slow: store.notifier().dropped_slow(),
+                names: self.shared.names(),
             }),
             Request::Health => Response::Health,
             Request::Version => Response::Version,
@@ -468,7 +478,7 @@ impl<'a> Connection<'a> {
             self.flush();
         }
         let _ = self.stream.shutdown(Shutdown::Both);
-        log::info!(
+        log::debug!(
             "conn {} ({}) closed after {} requests",
             self.id,
             self.name,

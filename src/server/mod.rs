@@ -1,36 +1,38 @@
 //! The server: accept loop, one thread per connection, and an orderly shutdown.
 //!
 //! - [`socket`]: binding (or inheriting) the listening socket;
+//! - `accept`: connection threads taking turns at accepting (leader/followers);
+//! - [`sd`]: readiness notifications to systemd;
 //! - [`lines`]: reading request lines with limits;
 //! - [`connection`]: one connection's loop and the dispatch `match`;
 //! - [`framed`]: the framed protocol of the system nkv replaces, on the same socket.
 
+mod accept;
 mod connection;
 mod framed;
 mod lines;
+pub mod sd;
 mod socket;
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
+use std::io::{PipeWriter, Write};
 use std::net::Shutdown;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use parking_lot::{Condvar, Mutex};
 
 pub use socket::SocketError;
 
 use crate::disk::owner::Policy;
 use crate::disk::{OpenError, Options};
-use crate::error::ErrorCode;
-use crate::protocol::Response;
 use crate::store::Store;
+use accept::Acceptor;
 use connection::Connection;
 
 /// Stack size of connection threads: requests need little stack (JSON nesting is capped by
@@ -131,6 +133,8 @@ struct Connections {
     /// The connections that have subscribed (their mailbox is in the subscription table).
     /// Shutdown lets the others finish first, then tells these.
     subscribers: HashSet<u64>,
+    /// The names connections gave with HELLO (for STATS), removed when they close.
+    names: HashMap<u64, String>,
 }
 
 impl Connections {
@@ -153,22 +157,40 @@ impl Shared {
     fn mark_subscriber(&self, id: u64) {
         self.connections.lock().subscribers.insert(id);
     }
+
+    /// Records the name connection `id` gave itself with HELLO.
+    fn set_name(&self, id: u64, name: &str) {
+        self.connections.lock().names.insert(id, name.to_owned());
+    }
+
+    /// The names of open connections, sorted.
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.connections.lock().names.values().cloned().collect();
+        names.sort();
+        names
+    }
 }
 
 /// A running server's listener and state.
 pub struct Server {
     shared: Arc<Shared>,
-    listener: UnixListener,
+    /// The listener and the connection threads' turns at it (see [`accept`]).
+    acceptor: Arc<Acceptor>,
     path: PathBuf,
     inherited: bool,
-    next_id: AtomicU64,
+    /// Device and inode of the socket file we bound: at stop we remove the file only if it is
+    /// still ours, not one another server put in its place.
+    socket_file: Option<(u64, u64)>,
+    /// The write end of the stop pipe, shared by every [`StopHandle`]; its read end is
+    /// polled beside the listener.
+    waker: Arc<PipeWriter>,
 }
 
 /// Stops a running [`Server`] from another thread (a signal handler thread, a test).
 #[derive(Clone)]
 pub struct StopHandle {
     shared: Arc<Shared>,
-    path: PathBuf,
+    waker: Arc<PipeWriter>,
 }
 
 impl StopHandle {
@@ -176,8 +198,11 @@ impl StopHandle {
     /// subscribers, and [`Server::run`] returns.
     pub fn stop(&self) {
         if !self.shared.stopping.swap(true, Ordering::SeqCst) {
-            // Wake the blocking accept() with a connection of our own.
-            let _ = UnixStream::connect(&self.path);
+            // One byte into the empty pipe the accept loop polls: it cannot block, and it
+            // needs no new descriptor.
+            if let Err(e) = (&*self.waker).write_all(b"s") {
+                log::error!("cannot wake the accept loop to stop: {e}");
+            }
         }
     }
 }
@@ -238,20 +263,33 @@ impl Server {
             store.len(),
             store.rev()
         );
+        let socket_file = (!inherited)
+            .then(|| std::fs::symlink_metadata(&path).ok())
+            .flatten()
+            .map(|m| (m.dev(), m.ino()));
+        let (wake, waker) =
+            std::io::pipe().map_err(|e| socket_err("create the stop pipe for", e))?;
+        let shared = Arc::new(Shared {
+            store,
+            limits: config.limits.clone(),
+            connections: Mutex::new(Connections::default()),
+            closed: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            framed: framed::Registry::default(),
+        });
         Ok(Server {
-            shared: Arc::new(Shared {
-                store,
-                limits: config.limits.clone(),
-                connections: Mutex::new(Connections::default()),
-                closed: Condvar::new(),
-                stopping: AtomicBool::new(false),
-                framed: framed::Registry::default(),
-            }),
-            listener,
+            acceptor: Arc::new(Acceptor::new(shared.clone(), listener, wake)),
+            waker: Arc::new(waker),
+            shared,
             path,
             inherited,
-            next_id: AtomicU64::new(1),
+            socket_file,
         })
+    }
+
+    /// Whether the listening socket came from systemd (socket activation).
+    pub fn inherited(&self) -> bool {
+        self.inherited
     }
 
     /// The socket path clients connect to.
@@ -262,71 +300,18 @@ impl Server {
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
             shared: self.shared.clone(),
-            path: self.path.clone(),
+            waker: self.waker.clone(),
         }
     }
 
     /// Accepts connections until stopped, then shuts down in order: subscribers get a
     /// `shutdown` event, connections finish their in-flight request, the socket file goes.
     pub fn run(self) {
-        for stream in self.listener.incoming() {
-            if self.shared.stopping.load(Ordering::SeqCst) {
-                break;
-            }
-            match stream {
-                Ok(stream) => self.accept(stream),
-                Err(e) => {
-                    log::error!("accept failed: {e}");
-                    // Out of descriptors or memory: give closing connections a moment.
-                    thread::sleep(Duration::from_millis(10));
-                }
-            }
+        match self.acceptor.start() {
+            Ok(()) => self.acceptor.wait_for_stop(),
+            Err(e) => log::error!("cannot start a connection thread: {e}; stopping"),
         }
         self.shutdown();
-    }
-
-    fn accept(&self, mut stream: UnixStream) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (pid, uid) = match getsockopt(&stream, PeerCredentials) {
-            Ok(cred) => (cred.pid(), cred.uid()),
-            Err(_) => (0, u32::MAX),
-        };
-        let handle = match stream.try_clone() {
-            Ok(handle) => handle,
-            Err(e) => {
-                log::error!("conn {id}: cannot clone socket: {e}");
-                return;
-            }
-        };
-        {
-            let mut connections = self.shared.connections.lock();
-            if connections.streams.len() >= self.shared.limits.max_connections {
-                drop(connections);
-                log::warn!("conn {id} (pid {pid}, uid {uid}) refused: too many connections");
-                let mut line = Vec::new();
-                Response::error(
-                    ErrorCode::TooManyConnections,
-                    format!(
-                        "the server has {} connections (--max-connections); try again later",
-                        self.shared.limits.max_connections
-                    ),
-                )
-                .write(None, &mut line);
-                let _ = stream.write_all(&line);
-                return;
-            }
-            connections.streams.insert(id, handle);
-        }
-        log::info!("conn {id} opened (pid {pid}, uid {uid})");
-        let shared = self.shared.clone();
-        let spawned = thread::Builder::new()
-            .name(format!("nkv-conn-{id}"))
-            .stack_size(THREAD_STACK)
-            .spawn(move || serve(&shared, id, format!("pid:{pid}"), stream));
-        if let Err(e) = spawned {
-            log::error!("conn {id}: cannot start a thread: {e}");
-            self.shared.connections.lock().streams.remove(&id);
-        }
     }
 
     /// Stops in order: no more accepts (already); request connections finish what they
@@ -334,7 +319,7 @@ impl Server {
     /// as its last line; then the socket file goes.
     fn shutdown(self) {
         log::info!("shutting down");
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        sd::notify("STOPPING=1");
         // 1. Readers see end-of-file once they have answered what they already received.
         {
             let connections = self.shared.connections.lock();
@@ -352,7 +337,9 @@ impl Server {
         // 2. Every change has been published: `shutdown` is the last thing subscribers get.
         self.shared.store.notifier().shutdown();
         self.drain("subscribers", Connections::is_idle, |_, _| true);
-        if !self.inherited {
+        let still_ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| Some((m.dev(), m.ino())) == self.socket_file);
+        if !self.inherited && still_ours {
             if let Err(e) = std::fs::remove_file(&self.path) {
                 log::warn!("cannot remove {}: {e}", self.path.display());
             }
@@ -420,6 +407,7 @@ fn serve(shared: &Arc<Shared>, id: u64, name: String, stream: UnixStream) {
     let mut connections = shared.connections.lock();
     connections.streams.remove(&id);
     connections.subscribers.remove(&id);
+    connections.names.remove(&id);
     drop(connections);
     shared.closed.notify_all();
 }

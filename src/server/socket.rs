@@ -19,6 +19,12 @@ pub enum SocketError {
     InUse(PathBuf),
     /// The path exists and is not a socket; we never delete such a file.
     NotASocket(PathBuf),
+    /// Connecting to the existing socket failed with something other than "connection
+    /// refused" (permission denied, say): a server may well be listening, so it is not stale.
+    Unprobed {
+        path: PathBuf,
+        source: io::Error,
+    },
     UnknownGroup(String),
     /// The socket's directory is unsafe (see [`owner::prepare`]).
     Dir(owner::DirError),
@@ -42,7 +48,13 @@ impl std::fmt::Display for SocketError {
                 "{} exists and is not a socket; refusing to replace it",
                 path.display()
             ),
-            SocketError::UnknownGroup(group) => write!(f, "--socket-group: no group {group:?}"),
+            SocketError::Unprobed { path, source } => write!(
+                f,
+                "cannot tell whether a server listens on {} ({source}); refusing to replace it: \
+                 stop that server, remove the file, or choose another --socket (NKV_SOCKET)",
+                path.display()
+            ),
+            SocketError::UnknownGroup(group) => write!(f, "--socket-group (NKV_SOCKET_GROUP): no group {group:?}"),
             SocketError::Dir(err) => write!(f, "socket directory: {err}"),
             SocketError::Io {
                 action,
@@ -79,7 +91,9 @@ pub fn inherited() -> io::Result<Option<UnixListener>> {
 
 /// Binds `path` with `mode` (and `group`), creating parent directories (`0700`, or `0750`
 /// with a group, plus search permission for whom `mode` admits) or checking an existing one's owner and mode (see [`Policy`]). A stale
-/// socket file left by a crashed server is replaced; a live one is never touched.
+/// socket file left by a crashed server is replaced; a live one is never touched. Only
+/// "connection refused" proves a socket stale: a socket we may not connect to (EACCES) can
+/// have a live server behind it, run by another user.
 ///
 /// # Errors
 /// See [`SocketError`].
@@ -103,11 +117,26 @@ pub fn bind(
     }
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(SocketError::InUse(path.to_owned()));
+            match UnixStream::connect(path) {
+                Ok(_) => return Err(SocketError::InUse(path.to_owned())),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    log::info!("replacing stale socket {}", path.display());
+                    match fs::remove_file(path) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                            return Err(io_err("remove stale socket", path)(e))
+                        }
+                        _ => {}
+                    }
+                }
+                // Removed between the look and the connect: nothing to replace.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(SocketError::Unprobed {
+                        path: path.to_owned(),
+                        source,
+                    })
+                }
             }
-            log::info!("replacing stale socket {}", path.display());
-            fs::remove_file(path).map_err(io_err("remove stale socket", path))?;
         }
         Ok(_) => return Err(SocketError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -413,15 +413,20 @@ fn subscribe_prints_init_ready_and_change_lines() {
 }
 
 #[test]
-fn subscribe_exits_0_on_sigint() {
+fn subscribe_exits_130_on_sigint() {
     let server = Server::start();
     let mut client = server.client();
     let sub = Subscriber::spawn(&server, &["subscribe", "a"]);
     assert_eq!(sub.line(), "ready a 0");
     client.put("a.b", &1).unwrap();
     assert_eq!(sub.line(), "put a.b 1");
+    // The shell's convention (128 + SIGINT), so that a loop around it stops.
     let status = sub.interrupt_and_wait();
-    assert!(status.success(), "exit status after SIGINT: {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit status after SIGINT: {status:?}"
+    );
 }
 
 #[test]

@@ -48,8 +48,13 @@ fn socket_activation_uses_the_inherited_listener_and_leaves_the_socket() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn systemd-socket-activate");
-    wait_until("the activation socket", || activated.exists());
-    let mut raw = Raw::connect(&activated);
+    // The file appears at bind(), before listen(): wait until it accepts.
+    let mut raw = None;
+    wait_until("the activation socket", || {
+        raw = Raw::try_connect(&activated).ok();
+        raw.is_some()
+    });
+    let mut raw = raw.expect("connected");
     assert_eq!(raw.request("PUT svc.a 1")["rev"], 1);
     assert_eq!(raw.request("GET svc.a")["value"], 1);
     assert!(

@@ -1,0 +1,150 @@
+//! The man pages of both binaries: clap_mangen's sections for the name, synopsis, description
+//! and options, then sections written here that clap does not know: COMMANDS (without the
+//! per-command pages clap would point to, which do not exist), ENVIRONMENT (from the flags'
+//! variables), EXIT STATUS, and SEE ALSO naming only pages that are shipped.
+
+use std::io::{self, Write};
+
+/// What a page adds to clap's sections.
+pub struct Page {
+    /// Environment variables that are not a flag's: name, meaning.
+    pub environment: &'static [(&'static str, &'static str)],
+    pub exit_status: &'static [(&'static str, &'static str)],
+    /// Further sections: title, paragraphs.
+    pub sections: &'static [(&'static str, &'static [&'static str])],
+    pub see_also: &'static str,
+}
+
+#[allow(dead_code)]
+pub const CLIENT: Page = Page {
+    environment: &[(
+        "NO_COLOR",
+        "Has no effect: nkv-client prints no colour.",
+    )],
+    exit_status: &[
+        ("0", "Success; for subscribe, the server stopped (it sent a shutdown event)."),
+        ("1", "The key (or, for a session, some key) was not found; wait timed out."),
+        ("2", "Any other error: the server could not be reached or refused the request, the connection was lost, bad usage. A session exits with the worst status of its commands."),
+        ("130", "Interrupted by Ctrl-C (SIGINT) while following events (subscribe, wait, watch); 143 for SIGTERM."),
+    ],
+    sections: &[(
+        "SESSIONS",
+        &[
+            "With no command, nkv-client reads commands from standard input, one per line, written as on the command line (get KEY, put KEY VALUE, ...), plus help and quit. At a terminal it prompts and offers line editing; Ctrl-C during subscribe, wait or watch returns to the prompt. A put value is the rest of the line as typed. When the server restarts, the session reconnects; a request that cannot have reached the server is sent again, a put or delete that may have been applied is reported as failed instead.",
+        ],
+    )],
+    see_also: "nkv-server(1)",
+};
+
+#[allow(dead_code)]
+pub const SERVER: Page = Page {
+    environment: &[
+        ("RUST_LOG", "Log filter (error, warn, info, debug; default info). At debug, each request is logged with its verb, key and outcome, never its value."),
+        ("NOTIFY_SOCKET", "Set by systemd (Type=notify): READY=1 is sent once the socket accepts, STOPPING=1 at shutdown. A name starting with @ is an abstract socket."),
+        ("LISTEN_FDS, LISTEN_PID", "Set by systemd socket activation: the listening socket is inherited and --socket, --socket-mode and --socket-group are ignored (and logged as such)."),
+    ],
+    exit_status: &[
+        ("0", "Stopped by SIGTERM or SIGINT after an orderly shutdown."),
+        ("1", "Could not start: bad setting, data directory unusable or locked, socket in use or not provably stale."),
+        ("2", "Bad usage (unknown flag, malformed value)."),
+    ],
+    sections: &[(
+        "SIGNALS",
+        &[
+            "SIGTERM and SIGINT stop the server: it stops accepting, lets in-flight requests finish, sends subscribers a shutdown event, removes the socket file (unless inherited) and exits 0. Stopping needs neither the socket path nor a free descriptor. SIGHUP is logged and otherwise ignored.",
+        ],
+    )],
+    see_also: "nkv-client(1), systemd.socket(5)",
+};
+
+/// Roff text: backslashes, hyphens and a leading control character escaped.
+fn esc(text: &str) -> String {
+    let text = text.replace('\\', "\\e").replace('-', "\\-");
+    if text.starts_with('.') || text.starts_with('\'') {
+        format!("\\&{text}")
+    } else {
+        text
+    }
+}
+
+/// Writes the page for `cmd` onto `out`. A closed `out` (`| head`) is not an error.
+pub fn render(cmd: clap::Command, page: &Page, out: &mut dyn Write) -> io::Result<()> {
+    match write_page(cmd, page, out) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+fn write_page(mut cmd: clap::Command, page: &Page, out: &mut dyn Write) -> io::Result<()> {
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    let commands: Vec<&clap::Command> = cmd
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set() && c.get_name() != "help")
+        .collect();
+    if !commands.is_empty() {
+        writeln!(out, ".SH COMMANDS")?;
+        for sub in commands {
+            let mut usage = sub.clone().bin_name(sub.get_name().to_owned());
+            let usage = usage.render_usage().to_string();
+            let usage = usage.trim_start_matches("Usage:").trim();
+            writeln!(out, ".TP\n\\fB{}\\fR", esc(usage))?;
+            if let Some(about) = sub.get_about() {
+                writeln!(out, "{}", esc(&about.to_string()))?;
+            }
+            let aliases: Vec<&str> = sub.get_visible_aliases().collect();
+            if !aliases.is_empty() {
+                writeln!(out, ".br\nAlias: {}", esc(&aliases.join(", ")))?;
+            }
+        }
+    }
+    writeln!(out, ".SH ENVIRONMENT")?;
+    let mut seen = Vec::new();
+    let args = cmd
+        .get_arguments()
+        .chain(cmd.get_subcommands().flat_map(|c| c.get_arguments()));
+    for arg in args {
+        let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) else {
+            continue;
+        };
+        let env = env.to_string_lossy().into_owned();
+        if seen.contains(&env) {
+            continue;
+        }
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        let boolish = if arg.get_num_args().is_some_and(|n| n.min_values() == 0) {
+            " Accepts 1, 0, true, false, yes, no, on, off."
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            ".TP\n\\fB{}\\fR\nAs \\fB\\-\\-{}\\fR: {}.{boolish}",
+            esc(&env),
+            esc(long),
+            esc(&help)
+        )?;
+        seen.push(env);
+    }
+    for (name, text) in page.environment {
+        writeln!(out, ".TP\n\\fB{}\\fR\n{}", esc(name), esc(text))?;
+    }
+    writeln!(out, ".SH \"EXIT STATUS\"")?;
+    for (code, text) in page.exit_status {
+        writeln!(out, ".TP\n\\fB{code}\\fR\n{}", esc(text))?;
+    }
+    for (title, paragraphs) in page.sections {
+        writeln!(out, ".SH {title}")?;
+        for paragraph in *paragraphs {
+            writeln!(out, ".PP\n{}", esc(paragraph))?;
+        }
+    }
+    writeln!(out, ".SH \"SEE ALSO\"\n{}", esc(page.see_also))?;
+    man.render_version_section(out)?;
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! The commands that are one request and one response: send, decode with the wire types,
+//! print (or, with `--json`, print the response line as it came).
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{self, IsTerminal, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use nkv::client::parse_reply;
+use nkv::wire::{self, JsonRequest, Op};
+use nkv::Client;
+
+use crate::cli::Command;
+use crate::{Context, Failure, Outcome};
+
+/// Sends `request`, prints the line as is under `--json`, decodes the body of a success.
+pub fn ask<B: DeserializeOwned>(
+    client: &mut Client,
+    request: &JsonRequest,
+    context: &Context,
+) -> Result<B, Failure> {
+    let text = serde_json::to_string(request).map_err(|e| Failure::Usage(e.to_string()))?;
+    let line = client.raw(&text)?;
+    if context.cli.json {
+        let mut out = io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+    }
+    Ok(parse_reply(&line)?)
+}
+
+pub fn request(
+    client: &mut Client,
+    command: &Command,
+    context: &Context,
+) -> Result<Outcome, Failure> {
+    let json = context.cli.json;
+    let mut out = io::stdout().lock();
+    match command {
+        Command::Get { key } if is_pattern(key) => {
+            let got: wire::Values<BTreeMap<String, Value>> =
+                ask(client, &JsonRequest::new(Op::Get).key(key), context)?;
+            if !json {
+                for (key, value) in got.values {
+                    writeln!(out, "{key} {}", display(&value))?;
+                }
+            }
+        }
+        Command::Get { key } => {
+            let got: wire::Got<String, Value> =
+                ask(client, &JsonRequest::new(Op::Get).key(key), context)?;
+            if !json {
+                writeln!(out, "{}", display(&got.value))?;
+            }
+        }
+        Command::Put { key, value } => {
+            let value = value_argument(&value.join(" "), context)?;
+            let raw: Box<RawValue> = serde_json::value::to_raw_value(&value)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            let mut request = JsonRequest::new(Op::Put).key(key);
+            request.value = Some(&raw);
+            let _: wire::Rev = ask(client, &request, context)?;
+        }
+        Command::Delete { key } if is_pattern(key) => {
+            let deleted: wire::Deleted = ask(client, &JsonRequest::new(Op::Del).key(key), context)?;
+            if !json {
+                writeln!(out, "deleted {}", deleted.deleted)?;
+            }
+        }
+        Command::Delete { key } => {
+            let _: wire::Rev = ask(client, &JsonRequest::new(Op::Del).key(key), context)?;
+        }
+        Command::Keys { pattern } => {
+            let mut request = JsonRequest::new(Op::Keys);
+            if let Some(pattern) = pattern {
+                request = request.key(pattern);
+            }
+            let keys: wire::KeyList<Vec<String>> = ask(client, &request, context)?;
+            if !json {
+                if io::stdout().is_terminal() {
+                    write_tree(&mut out, &keys.keys)?;
+                } else {
+                    for key in keys.keys {
+                        writeln!(out, "{key}")?;
+                    }
+                }
+            }
+        }
+        Command::Health => {
+            let _: wire::Health<String> = ask(client, &JsonRequest::new(Op::Health), context)?;
+            if !json {
+                writeln!(out, "ok")?;
+            }
+        }
+        Command::Version => {
+            let v: wire::Version<String> = ask(client, &JsonRequest::new(Op::Version), context)?;
+            if !json {
+                writeln!(out, "{}", v.version)?;
+            }
+        }
+        Command::Stats => {
+            let s: wire::Stats = ask(client, &JsonRequest::new(Op::Stats), context)?;
+            if !json {
+                writeln!(out, "connections {}", s.connections)?;
+                writeln!(out, "subscribers {}", s.subscribers)?;
+                writeln!(out, "keys {}", s.keys)?;
+                writeln!(out, "rev {}", s.rev)?;
+                writeln!(out, "events {}", s.events)?;
+                writeln!(out, "coalesced {}", s.coalesced)?;
+                writeln!(out, "names {}", s.names.join(" "))?;
+            }
+        }
+        Command::Trace { key } => {
+            let t: wire::Traced<String, Vec<wire::Subscriber>> =
+                ask(client, &JsonRequest::new(Op::Trace).key(key), context)?;
+            if !json {
+                for sub in t.subscribers {
+                    let targets = serde_json::to_string(&sub.subscriptions)
+                        .map_err(|e| Failure::Usage(e.to_string()))?;
+                    writeln!(out, "{} {} {targets}", sub.id, sub.name)?;
+                }
+            }
+        }
+        // Handled by the caller; listed so that a new command must be placed somewhere.
+        Command::Subscribe { .. }
+        | Command::Wait { .. }
+        | Command::Watch { .. }
+        | Command::Dump { .. }
+        | Command::Restore
+        | Command::Completions { .. }
+        | Command::Man => {
+            return Err(Failure::Usage(
+                "this command is not a single request".into(),
+            ))
+        }
+    }
+    out.flush()?;
+    Ok(Outcome::Ok)
+}
+
+fn is_pattern(target: &str) -> bool {
+    target.contains('*')
+}
+
+/// A command-line value: JSON if it parses, otherwise a string (as in the text protocol);
+/// `-` reads standard input, except in a session, where standard input is the commands.
+pub fn value_argument(text: &str, context: &Context) -> Result<Value, Failure> {
+    if text != "-" {
+        return Ok(parse_value(text));
+    }
+    if context.in_session {
+        return Err(Failure::Usage(
+            "put KEY -: in a session standard input carries the commands; give the value on the line".into(),
+        ));
+    }
+    let mut input = String::new();
+    io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| Failure::Usage(format!("cannot read the value from standard input: {e}")))?;
+    if input.ends_with('\n') {
+        input.pop();
+    }
+    Ok(parse_value(&input))
+}
+
+/// JSON if it parses, otherwise the text as a string.
+pub fn parse_value(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+}
+
+/// A string raw, anything else as JSON.
+pub fn display(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Sorted keys as an indented tree, for a person at a terminal. A segment that is only a
+/// branch (not itself a key) ends with `.`.
+fn write_tree(out: &mut impl Write, keys: &[String]) -> io::Result<()> {
+    let is_key: HashSet<&str> = keys.iter().map(String::as_str).collect();
+    let mut previous: Vec<&str> = Vec::new();
+    for key in keys {
+        let segments: Vec<&str> = key.split('.').collect();
+        let common = previous
+            .iter()
+            .zip(&segments)
+            .take_while(|(a, b)| a == b)
+            .count();
+        for depth in common..segments.len() {
+            let path = segments[..=depth].join(".");
+            let dot = if is_key.contains(path.as_str()) {
+                ""
+            } else {
+                "."
+            };
+            writeln!(out, "{}{}{dot}", "  ".repeat(depth), segments[depth])?;
+        }
+        previous = segments;
+    }
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! The commands built on a subscription: `subscribe`, `wait`, `watch`.
+//!
+//! Each turns the command's own connection into the subscriber connection (no idle second
+//! connection is held), and so reads the snapshot and every later change without a gap: no
+//! poll loop and no race between looking and waiting.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Write};
+use std::process::Stdio;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use nkv::{Client, Event, Subscription};
+
+use crate::commands::{display, parse_value};
+use crate::signals::Following;
+use crate::{Context, Failure, Outcome};
+
+/// This command's connection, made a subscription to `target`; the client is left to
+/// reconnect for the next command of a session.
+fn take_subscription(client: &mut Client, target: &str) -> Result<Subscription, Failure> {
+    let fresh = Client::lazy(client.path(), client.timeouts());
+    Ok(std::mem::replace(client, fresh).into_subscription(target)?)
+}
+
+fn follow(sub: &Subscription, context: &Context) -> Following {
+    Following::start(context.at_prompt.then(|| sub.interrupter().ok()).flatten())
+}
+
+/// How the stream of events ended.
+enum End {
+    /// The server sent `shutdown`.
+    Shutdown,
+    /// Ctrl-C at the prompt.
+    Interrupted,
+    Lost(String),
+}
+
+/// Reads the next event; `Err(End)` when the stream is over.
+fn next_event(sub: &mut Subscription, following: &Following) -> Result<(Event, String), End> {
+    loop {
+        let line = match sub.next_line() {
+            Ok(Some(line)) => line,
+            Ok(None) if following.interrupted() => return Err(End::Interrupted),
+            Ok(None) => return Err(End::Lost("the server closed the connection".into())),
+            Err(_) if following.interrupted() => return Err(End::Interrupted),
+            Err(e) => return Err(End::Lost(e.to_string())),
+        };
+        match Event::parse(&line) {
+            Ok(Some(Event::Shutdown)) => return Err(End::Shutdown),
+            Ok(Some(event)) => return Ok((event, line)),
+            Ok(None) => continue,
+            Err(e) => return Err(End::Lost(e.to_string())),
+        }
+    }
+}
+
+fn ended(end: End, what: &str) -> Outcome {
+    match end {
+        End::Shutdown | End::Interrupted => Outcome::Ok,
+        End::Lost(why) => {
+            eprintln!("nkv-client: {what}: connection to the server lost: {why}");
+            Outcome::Failed
+        }
+    }
+}
+
+pub fn subscribe(client: &mut Client, key: &str, context: &Context) -> Result<Outcome, Failure> {
+    let mut sub = take_subscription(client, key)?;
+    let following = follow(&sub, context);
+    loop {
+        let (event, line) = match next_event(&mut sub, &following) {
+            Ok(next) => next,
+            Err(End::Shutdown) => {
+                if context.cli.json {
+                    let shutdown: Event = Event::Shutdown;
+                    let line = serde_json::to_string(&shutdown)
+                        .map_err(|e| Failure::Usage(e.to_string()))?;
+                    println!("{line}");
+                } else {
+                    println!("shutdown");
+                }
+                return Ok(Outcome::Ok);
+            }
+            Err(end) => return Ok(ended(end, "subscribe")),
+        };
+        // Stdout is locked per event, not across the blocking read, and flushed each time:
+        // an interrupt finds nothing pending and nothing locked.
+        let mut out = io::stdout().lock();
+        if context.cli.json {
+            writeln!(out, "{line}")?;
+        } else {
+            match event {
+                Event::Init { key, value, .. } => writeln!(out, "init {key} {}", display(&value))?,
+                Event::Put { key, value, .. } => writeln!(out, "put {key} {}", display(&value))?,
+                Event::Del { key, .. } => writeln!(out, "del {key}")?,
+                Event::Ready { sub, count } => writeln!(out, "ready {sub} {count}")?,
+                Event::Shutdown => {}
+            }
+        }
+        out.flush()?;
+    }
+}
+
+pub fn wait(
+    client: &mut Client,
+    key: &str,
+    equals: Option<&str>,
+    context: &Context,
+) -> Result<Outcome, Failure> {
+    if key.contains('*') {
+        return Err(Failure::Usage(format!(
+            "wait: {key:?} is a pattern; wait takes one key"
+        )));
+    }
+    let want: Option<Value> = equals.map(parse_value);
+    let deadline = context
+        .cli
+        .timeout
+        .filter(|t| !t.is_zero())
+        .map(|t| Instant::now() + t);
+    let mut sub = take_subscription(client, key)?;
+    let following = follow(&sub, context);
+    loop {
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(timed_out(key, context));
+            }
+            sub.set_timeout(Some(left))?;
+        }
+        let (event, line) = match next_event(&mut sub, &following) {
+            Ok(next) => next,
+            Err(End::Lost(_)) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                return Ok(timed_out(key, context))
+            }
+            Err(End::Shutdown) => {
+                eprintln!("nkv-client: wait: the server stopped before {key} was there");
+                return Ok(Outcome::Failed);
+            }
+            Err(end) => return Ok(ended(end, "wait")),
+        };
+        let (Event::Init {
+            key: got, value, ..
+        }
+        | Event::Put {
+            key: got, value, ..
+        }) = event
+        else {
+            continue;
+        };
+        if got == key && want.as_ref().is_none_or(|want| *want == value) {
+            let mut out = io::stdout().lock();
+            if context.cli.json {
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(out, "{}", display(&value))?;
+            }
+            out.flush()?;
+            return Ok(Outcome::Ok);
+        }
+    }
+}
+
+fn timed_out(key: &str, context: &Context) -> Outcome {
+    let secs = context.cli.timeout.unwrap_or_default().as_secs_f64();
+    eprintln!("nkv-client: wait: {key} did not appear within {secs} s (--timeout)");
+    Outcome::NotFound
+}
+
+/// Changes not yet handed to CMD: the latest event of each key, in the order keys changed.
+#[derive(Default)]
+struct Pending {
+    order: VecDeque<String>,
+    latest: HashMap<String, Event>,
+    end: Option<End>,
+}
+
+pub fn watch(
+    client: &mut Client,
+    prefix: &str,
+    no_init: bool,
+    command: &[String],
+    context: &Context,
+) -> Result<Outcome, Failure> {
+    let Some((program, args)) = command.split_first() else {
+        return Err(Failure::Usage("watch: give the command after --".into()));
+    };
+    let mut sub = take_subscription(client, prefix)?;
+    let following = Arc::new(follow(&sub, context));
+    let pending = Arc::new((Mutex::new(Pending::default()), Condvar::new()));
+    // The reader keeps reading while CMD runs, so the server never waits on us, and
+    // coalesces: a key that changes again before its run replaces its pending event.
+    let reader = {
+        let pending = pending.clone();
+        let following = following.clone();
+        std::thread::spawn(move || loop {
+            let next = next_event(&mut sub, &following);
+            let (lock, ready) = &*pending;
+            let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+            match next {
+                Ok((Event::Ready { .. }, _)) => continue,
+                Ok((Event::Init { .. }, _)) if no_init => continue,
+                Ok((event, _)) => {
+                    let Some(key) = event.key().cloned() else {
+                        continue;
+                    };
+                    if state.latest.insert(key.clone(), event).is_none() {
+                        state.order.push_back(key);
+                    }
+                }
+                Err(end) => {
+                    state.end = Some(end);
+                    ready.notify_all();
+                    return;
+                }
+            }
+            ready.notify_all();
+        })
+    };
+    let (lock, ready) = &*pending;
+    let outcome = loop {
+        let event = {
+            let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(key) = state.order.pop_front() {
+                    break state.latest.remove(&key);
+                }
+                if let Some(end) = state.end.take() {
+                    drop(state);
+                    let _ = reader.join();
+                    return Ok(ended(end, "watch"));
+                }
+                state = ready.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let Some(event) = event else { continue };
+        if let Err(e) = run_for(program, args, &event) {
+            eprintln!("nkv-client: watch: cannot run {program}: {e}");
+            break Outcome::Failed;
+        }
+    };
+    Ok(outcome)
+}
+
+/// Runs CMD once for `event`; its failure is reported, not returned. Fails only when CMD
+/// cannot be started at all (it never will be).
+fn run_for(program: &str, args: &[String], event: &Event) -> io::Result<()> {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).stdin(Stdio::null());
+    let (kind, key, value, rev) = match event {
+        Event::Init { key, value, rev } => ("init", key, Some(value), rev),
+        Event::Put { key, value, rev } => ("put", key, Some(value), rev),
+        Event::Del { key, rev } => ("del", key, None, rev),
+        Event::Ready { .. } | Event::Shutdown => return Ok(()),
+    };
+    cmd.env("NKV_EVENT", kind)
+        .env("NKV_KEY", key)
+        .env("NKV_REV", rev.to_string());
+    match value {
+        Some(value) => cmd.env("NKV_VALUE", value.to_string()),
+        None => cmd.env_remove("NKV_VALUE"),
+    };
+    let status = cmd.status()?;
+    if !status.success() {
+        eprintln!("nkv-client: watch: {program} failed for {kind} {key} (rev {rev}): {status}");
+    }
+    Ok(())
+}

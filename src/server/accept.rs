@@ -1,0 +1,272 @@
+//! Accepting connections, one thread per connection, without a thread start per connection.
+//!
+//! Leader/followers: exactly one connection thread at a time, the *leader*, waits for the
+//! next connection (polling the listener beside the stop pipe). When no other connection is
+//! waiting behind the one it accepted, the leader passes the leadership to an idle thread —
+//! or starts one — and serves the connection itself, so the request does not wait for another
+//! thread to wake. When more are waiting, the leader hands the connection to an idle thread (or a
+//! new one) and goes on accepting, so that connections are not accepted one wake-up apart.
+//! A thread whose client has left waits [`LINGER`] for the leadership or a connection, then
+//! exits: a burst of one-shot clients (`socat`, `nkv-client get`) is served by a few reused
+//! threads instead of one thread start each.
+//!
+//! Stopping writes one byte into a pipe made at start (see [`super::StopHandle`]): it needs
+//! neither the socket path, which may be gone or belong to another server by then, nor a free
+//! descriptor, and it does not touch the listening socket, which under socket activation is
+//! systemd's as well.
+
+use std::io::{PipeReader, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
+use super::{serve, Shared, THREAD_STACK};
+use crate::error::ErrorCode;
+use crate::protocol::Response;
+
+/// How long a connection thread whose client left waits to lead again before it exits.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// An accepted connection: id, name, socket.
+type Accepted = (u64, String, UnixStream);
+
+/// What an idle connection thread is given.
+enum Turn {
+    Lead,
+    Serve(Accepted),
+}
+
+/// What every connection thread shares to take turns at accepting.
+pub(super) struct Acceptor {
+    shared: Arc<Shared>,
+    listener: UnixListener,
+    /// The read end of the stop pipe. Never drained: once written, every poll sees it.
+    wake: PipeReader,
+    next_id: AtomicU64,
+    /// The leadership, or a connection to serve, handed to an idle thread. Rendezvous
+    /// channels: `try_send` succeeds only when a thread is waiting right now.
+    lead: Sender<()>,
+    lead_idle: Receiver<()>,
+    handoff: Sender<Accepted>,
+    handoff_idle: Receiver<Accepted>,
+}
+
+/// What woke a waiting thread.
+enum Woken {
+    Connection,
+    Stop,
+}
+
+impl Acceptor {
+    pub(super) fn new(shared: Arc<Shared>, listener: UnixListener, wake: PipeReader) -> Acceptor {
+        let (lead, lead_idle) = crossbeam_channel::bounded(0);
+        let (handoff, handoff_idle) = crossbeam_channel::bounded(0);
+        Acceptor {
+            shared,
+            listener,
+            wake,
+            next_id: AtomicU64::new(1),
+            lead,
+            lead_idle,
+            handoff,
+            handoff_idle,
+        }
+    }
+
+    /// Starts the first leader.
+    ///
+    /// # Errors
+    /// No thread could be started.
+    pub(super) fn start(self: &Arc<Self>) -> std::io::Result<()> {
+        self.spawn(Turn::Lead).map(drop)
+    }
+
+    /// Blocks until the stop pipe is written.
+    pub(super) fn wait_for_stop(&self) {
+        loop {
+            match wait(&[self.wake.as_fd()]) {
+                Ok(_) => return,
+                Err(e) => {
+                    log::error!("waiting for the stop signal failed: {e}");
+                    thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, turn: Turn) -> std::io::Result<thread::JoinHandle<()>> {
+        let acceptor = self.clone();
+        thread::Builder::new()
+            .name("nkv-conn".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || acceptor.connection_thread(turn))
+    }
+
+    /// Leads or serves, as it is given turns; exits when stopping or idle for [`LINGER`].
+    fn connection_thread(self: Arc<Self>, mut turn: Turn) {
+        loop {
+            match turn {
+                Turn::Serve((id, name, stream)) => serve(&self.shared, id, name, stream),
+                Turn::Lead => {
+                    let Some(accepted) = self.accept_one() else {
+                        return;
+                    };
+                    if self.more_waiting() {
+                        self.hand_over(accepted);
+                        continue;
+                    }
+                    if !self.pass_lead() {
+                        // Nobody to take over accepting: keep leading, drop this connection.
+                        log::error!("conn {}: no thread to serve it; closed", accepted.0);
+                        self.shared.connections.lock().streams.remove(&accepted.0);
+                        continue;
+                    }
+                    let (id, name, stream) = accepted;
+                    serve(&self.shared, id, name, stream);
+                }
+            }
+            turn = crossbeam_channel::select! {
+                recv(self.lead_idle) -> lead => match lead {
+                    Ok(()) => Turn::Lead,
+                    Err(_) => return,
+                },
+                recv(self.handoff_idle) -> accepted => match accepted {
+                    Ok(accepted) => Turn::Serve(accepted),
+                    Err(_) => return,
+                },
+                default(LINGER) => return,
+            };
+        }
+    }
+
+    /// Whether another connection is already waiting to be accepted.
+    fn more_waiting(&self) -> bool {
+        let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
+    /// Hands the leadership to an idle thread, or to a new one. False when neither exists.
+    fn pass_lead(self: &Arc<Self>) -> bool {
+        if self.lead.try_send(()).is_ok() {
+            return true;
+        }
+        match self.spawn(Turn::Lead) {
+            Ok(_) => true,
+            Err(e) => {
+                log::error!("cannot start a connection thread: {e}");
+                false
+            }
+        }
+    }
+
+    /// Gives a connection to an idle thread, or to a new one; closes it when neither exists.
+    fn hand_over(self: &Arc<Self>, accepted: Accepted) {
+        let accepted = match self.handoff.try_send(accepted) {
+            Ok(()) => return,
+            Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => a,
+        };
+        let id = accepted.0;
+        if let Err(e) = self.spawn(Turn::Serve(accepted)) {
+            log::error!("conn {id}: cannot start a thread: {e}; closed");
+            self.shared.connections.lock().streams.remove(&id);
+        }
+    }
+
+    /// Accepts the next connection that may be served; `None` once stopping.
+    fn accept_one(&self) -> Option<Accepted> {
+        loop {
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                return None;
+            }
+            match wait(&[self.listener.as_fd(), self.wake.as_fd()]) {
+                Ok(Woken::Stop) => return None,
+                Ok(Woken::Connection) => {}
+                Err(e) => {
+                    log::error!("waiting for connections failed: {e}");
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            }
+            // Only the leader accepts, so a connection that poll reported is still there.
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Some(accepted) = self.register(stream) {
+                        return Some(accepted);
+                    }
+                }
+                Err(e) => {
+                    log::error!("accept failed: {e}");
+                    // Out of descriptors or memory: give closing connections a moment.
+                    thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// Counts the connection in (or refuses it over `--max-connections`).
+    fn register(&self, mut stream: UnixStream) -> Option<Accepted> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (pid, uid) = match getsockopt(&stream, PeerCredentials) {
+            Ok(cred) => (cred.pid(), cred.uid()),
+            Err(_) => (0, u32::MAX),
+        };
+        let handle = match stream.try_clone() {
+            Ok(handle) => handle,
+            Err(e) => {
+                log::error!("conn {id}: cannot clone socket: {e}");
+                return None;
+            }
+        };
+        let limit = self.shared.limits.max_connections;
+        {
+            let mut connections = self.shared.connections.lock();
+            if connections.streams.len() >= limit {
+                drop(connections);
+                log::warn!("conn {id} (pid {pid}, uid {uid}) refused: too many connections");
+                let mut line = Vec::new();
+                Response::error(
+                    ErrorCode::TooManyConnections,
+                    format!(
+                        "the server has {limit} connections (--max-connections); try again later"
+                    ),
+                )
+                .write(None, &mut line);
+                let _ = stream.write_all(&line);
+                return None;
+            }
+            connections.streams.insert(id, handle);
+        }
+        log::debug!("conn {id} opened (pid {pid}, uid {uid})");
+        Some((id, format!("pid:{pid}"), stream))
+    }
+}
+
+/// Polls `fds` (the last is the stop pipe) until one is ready.
+fn wait(fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Woken, Errno> {
+    let mut polled: Vec<PollFd> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    loop {
+        match poll(&mut polled, PollTimeout::NONE) {
+            Ok(_) => break,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+    // The stop pipe first: once stopping, a waiting connection is not taken on.
+    if polled.last().is_some_and(ready) {
+        Ok(Woken::Stop)
+    } else {
+        Ok(Woken::Connection)
+    }
+}

@@ -1,0 +1,264 @@
+//! `nkv-client subscribe`, `wait` and `watch`: built on one subscription, with the exit
+//! statuses scripts and `ExecStartPre=` rely on.
+
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::{wait_until, Server, DEADLINE};
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A background `nkv-client` whose output is collected when it exits.
+struct Running(Option<Child>);
+
+impl Running {
+    fn spawn(server: &Server, args: &[&str]) -> Running {
+        let child = server
+            .cli_command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nkv-client");
+        Running(Some(child))
+    }
+
+    fn exited(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .expect("running")
+            .try_wait()
+            .expect("try_wait")
+            .is_some()
+    }
+
+    /// Waits for the exit (failing after `DEADLINE`) and returns the output.
+    fn finish(mut self) -> Output {
+        wait_until("nkv-client to exit", || self.exited());
+        self.0.take().unwrap().wait_with_output().expect("output")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The server's `subscribers` count reaches `n`: a follower is subscribed.
+fn wait_subscribers(server: &Server, n: usize) {
+    let mut client = server.client();
+    wait_until("the follower to subscribe", || {
+        client.server_stats().unwrap().subscribers == n
+    });
+}
+
+#[test]
+fn wait_prints_an_existing_value_at_once() {
+    let server = Server::start();
+    server
+        .client()
+        .put("svc.ready", &json!({"port": 80}))
+        .unwrap();
+    let out = server.cli(&["wait", "svc.ready"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out), "{\"port\":80}\n");
+}
+
+#[test]
+fn wait_blocks_until_the_key_has_the_value() {
+    let server = Server::start();
+    let mut client = server.client();
+    client.put("svc.state", "starting").unwrap();
+    // A key below does not count; nor does another value.
+    let waiter = Running::spawn(&server, &["wait", "svc.state", "--equals", "up"]);
+    wait_subscribers(&server, 1);
+    client.put("svc.state.sub", "up").unwrap();
+    client.put("svc.state", "degraded").unwrap();
+    client.put("svc.state", "up").unwrap();
+    let out = waiter.finish();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out), "up\n");
+
+    let waiter = Running::spawn(&server, &["wait", "new.key", "--timeout", "30"]);
+    wait_subscribers(&server, 1);
+    client.put("new.key", &7).unwrap();
+    let out = waiter.finish();
+    assert_eq!((out.status.code(), stdout(&out)), (Some(0), "7\n".into()));
+}
+
+#[test]
+fn wait_exits_1_on_timeout_and_2_on_errors() {
+    let mut server = Server::start();
+    let started = Instant::now();
+    let out = server.cli(&["wait", "never", "--timeout", "0.3"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(stderr(&out).contains("--timeout"), "{out:?}");
+    assert_eq!(stdout(&out), "");
+    let out = server.cli(&["wait", "a..b"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = server.cli(&["wait", "a.*"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // The server stopping is an error for a waiter: the key never came.
+    let waiter = Running::spawn(&server, &["wait", "never"]);
+    wait_subscribers(&server, 1);
+    assert!(server.stop().success());
+    let out = waiter.finish();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr(&out).contains("stopped"), "{out:?}");
+}
+
+#[test]
+fn subscribe_exits_0_on_shutdown_and_2_when_the_connection_is_lost() {
+    let mut server = Server::start();
+    let sub = Running::spawn(&server, &["subscribe", "a"]);
+    wait_subscribers(&server, 1);
+    assert!(server.stop().success());
+    let out = sub.finish();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out), "ready a 0\nshutdown\n");
+
+    server.spawn_and_wait();
+    let sub = Running::spawn(&server, &["--json", "subscribe", "a"]);
+    wait_subscribers(&server, 1);
+    assert!(server.stop().success());
+    let out = sub.finish();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "{\"event\":\"ready\",\"sub\":\"a\",\"count\":0}\n{\"event\":\"shutdown\"}\n"
+    );
+
+    server.spawn_and_wait();
+    let sub = Running::spawn(&server, &["subscribe", "a"]);
+    wait_subscribers(&server, 1);
+    server.kill();
+    let out = sub.finish();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr(&out).contains("lost"), "{out:?}");
+}
+
+#[test]
+fn a_subscribing_client_holds_one_connection() {
+    let server = Server::start();
+    let _sub = Running::spawn(&server, &["subscribe", "a"]);
+    let mut client = server.client();
+    wait_until("the subscriber", || {
+        client.server_stats().unwrap().subscribers == 1
+    });
+    // This client's connection plus the subscriber's: no idle request connection beside it.
+    // (Connections close asynchronously, so the count settles; a held one never would.)
+    wait_until("two connections", || {
+        client.server_stats().unwrap().connections == 2
+    });
+}
+
+/// A watch command that logs its environment to `log` and, while `gate` is absent, waits.
+fn logging_command(dir: &std::path::Path) -> Vec<String> {
+    let script = format!(
+        "printf '%s %s %s %s\\n' \"$NKV_EVENT\" \"$NKV_KEY\" \"${{NKV_VALUE-unset}}\" \"$NKV_REV\" >> {log}; \
+         while [ ! -e {gate} ]; do sleep 0.01; done; \
+         [ \"$NKV_KEY\" != w.fail ]",
+        log = dir.join("log").display(),
+        gate = dir.join("gate").display()
+    );
+    vec!["sh".into(), "-c".into(), script]
+}
+
+fn log_lines(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn watch_runs_the_command_serially_coalescing_per_key() {
+    let mut server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = server.client();
+    client.put("w.old", &0).unwrap();
+    let mut args = vec!["watch", "w", "--no-init", "--"];
+    let command = logging_command(dir.path());
+    args.extend(command.iter().map(String::as_str));
+    let mut watch = Running::spawn(&server, &args);
+    wait_subscribers(&server, 1);
+    let first = client.put("w.k", &0).unwrap();
+    wait_until("the first run", || log_lines(dir.path()).len() == 1);
+    // While that run waits, w.k changes five times and w.m once.
+    let mut last = 0;
+    for n in 1..=5 {
+        last = client.put("w.k", &n).unwrap();
+    }
+    let m = client.put("w.m", "text").unwrap();
+    let events_before = client.server_stats().unwrap().events;
+    assert!(events_before >= 7, "the server queued the events");
+    std::fs::write(dir.path().join("gate"), "").unwrap();
+    wait_until("the coalesced runs", || log_lines(dir.path()).len() >= 3);
+    let del = client.delete("w.k").unwrap().unwrap();
+    client.put("w.fail", &1).unwrap();
+    wait_until("the delete's and the failing run", || {
+        log_lines(dir.path()).len() >= 5
+    });
+    assert_eq!(
+        log_lines(dir.path()),
+        [
+            format!("put w.k 0 {first}"),
+            format!("put w.k 5 {last}"),
+            format!("put w.m \"text\" {m}"),
+            format!("del w.k unset {del}"),
+            format!("put w.fail 1 {}", del + 1),
+        ]
+    );
+    // A failed run is reported; the watch goes on until the server stops.
+    assert!(!watch.exited(), "the watch goes on after a failed run");
+    assert!(server.stop().success());
+    let out = watch.finish();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stderr(&out).contains("failed for put w.fail"), "{out:?}");
+}
+
+#[test]
+fn watch_runs_for_the_initial_values_unless_no_init() {
+    let mut server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gate"), "").unwrap();
+    let mut client = server.client();
+    let rev = client.put("w.a", &json!([1])).unwrap();
+    client.put("x.b", &1).unwrap();
+    let command = logging_command(dir.path());
+    let mut args = vec!["watch", "w", "--"];
+    args.extend(command.iter().map(String::as_str));
+    let watch = Running::spawn(&server, &args);
+    wait_until("the init run", || log_lines(dir.path()).len() == 1);
+    assert_eq!(log_lines(dir.path()), [format!("init w.a [1] {rev}")]);
+    server.kill();
+    let out = watch.finish();
+    assert_eq!(out.status.code(), Some(2), "connection lost: {out:?}");
+    let out = server.cli(&["watch", "w"]);
+    assert_eq!(out.status.code(), Some(2), "no command: {out:?}");
+}
+
+#[test]
+fn watch_stops_when_the_command_cannot_be_started() {
+    let server = Server::start();
+    server.client().put("w.a", &1).unwrap();
+    let start = Instant::now();
+    let out = server.cli(&["watch", "w", "--", "/nonexistent/cmd"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr(&out).contains("/nonexistent/cmd"), "{out:?}");
+    assert!(start.elapsed() < DEADLINE);
+}
