@@ -74,22 +74,37 @@ impl Tmux {
         }
     }
 
-    /// The exit status once the command has exited.
+    /// The exit status once the command has exited, as a shell reports it: a command ended
+    /// by signal N reads as 128 + N.
     fn exit_status(&self) -> i32 {
         let mut status = None;
-        wait_until("the terminal's command to exit", || {
+        let end = std::time::Instant::now() + crate::support::DEADLINE;
+        while status.is_none() {
             let out = self.run(&[
                 "display",
                 "-p",
                 "-t",
                 "t",
-                "#{pane_dead} #{pane_dead_status}",
+                "#{pane_dead}|#{pane_dead_status}|#{pane_dead_signal}",
             ]);
-            let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            status = text.strip_prefix("1 ").and_then(|s| s.parse().ok());
-            status.is_some()
-        });
-        status.unwrap()
+            let last = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let fields: Vec<&str> = last.split('|').collect();
+            if let ["1", code, signal] = fields[..] {
+                status = code
+                    .parse()
+                    .ok()
+                    .or_else(|| signal.parse::<i32>().ok().map(|n| 128 + n));
+            }
+            assert!(
+                status.is_some() || std::time::Instant::now() < end,
+                "timed out waiting for the terminal's command to exit (pane: {last:?}); screen:\n{}",
+                self.screen()
+            );
+            if status.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        status.unwrap_or_default()
     }
 }
 
