@@ -676,3 +676,25 @@ fn upstream_library_isolation() {
 fn upstream_library_convergence_under_concurrent_writers() {
     mixed("convergence");
 }
+
+/// A framed subscription gives back every descriptor it held (its socket pair and the
+/// mailbox's eventfd) once its client leaves.
+#[test]
+fn ended_framed_subscriptions_leave_no_descriptor_behind() {
+    let server = Server::start();
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .unwrap()
+            .count()
+    };
+    let mut probe = server.raw();
+    assert!(probe.healthy());
+    let baseline = open_fds();
+    for i in 0..50 {
+        let mut sub = subscribe(&server, "leaky", &format!("f.k{i}"));
+        assert_eq!(read_frame(&mut sub).as_deref(), Some("HELLO"));
+    }
+    wait_until("the framed subscribers' descriptors to be closed", || {
+        probe.request("STATS")["connections"] == 1 && open_fds() <= baseline
+    });
+}

@@ -179,8 +179,10 @@ impl Drop for Subscription<'_> {
         self.shared
             .framed
             .forget(self.client, self.target, self.conn);
-        self.shared.store.notifier().unregister(self.conn);
         self.mailbox.close();
+        // The connection ends here: nothing of it may stay in the table (its mailbox holds
+        // the socket pair and an eventfd).
+        self.shared.store.notifier().forget(self.conn);
     }
 }
 
