@@ -31,7 +31,7 @@ use crate::server::Shared;
 use crate::store::Value;
 use detect::{detect, Detected};
 use read::Incoming;
-use wire::{BadRequest, Command, Frame, FramedRequest, ReplyKind, MAX_FRAME, PREFIX_OF_OVERSIZED};
+use wire::{BadRequest, Command, Frame, FramedRequest, ReplyKind, MAX_FRAME};
 
 pub use detect::framed_refusal;
 pub use stream::Registry;
@@ -75,9 +75,9 @@ fn serve(shared: &Arc<Shared>, conn: u64, stream: &UnixStream, deadline: Option<
     let payload = match read::read_frame(stream, deadline) {
         Ok(Incoming::Frame(payload)) => payload,
         Ok(Incoming::TooLarge { len, prefix }) => {
-            let whole = prefix.len() < PREFIX_OF_OVERSIZED;
+            // The start of a frame over 8 MiB is never the whole request.
             let reason = format!("frame of {len} bytes is over the {MAX_FRAME}-byte limit");
-            refuse(conn, stream, &read::failed_start(&prefix, whole, reason));
+            refuse(conn, stream, &read::failed_start(&prefix, false, reason));
             return;
         }
         Ok(Incoming::Cut { prefix, len }) => {
