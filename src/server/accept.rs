@@ -211,7 +211,8 @@ impl Acceptor {
         }
     }
 
-    /// Counts the connection in (or refuses it over `--max-connections`).
+    /// Counts the connection in (or refuses it over `--max-connections`: a framed client with
+    /// a framed `FAILED`, after waiting at most `framed::REFUSAL_WAIT` for its first bytes).
     fn register(&self, mut stream: UnixStream) -> Option<Accepted> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (pid, uid) = match getsockopt(&stream, PeerCredentials) {
@@ -231,6 +232,11 @@ impl Acceptor {
             if connections.streams.len() >= limit {
                 drop(connections);
                 log::warn!("conn {id} (pid {pid}, uid {uid}) refused: too many connections");
+                // In the client's own protocol: a framed client reads a line as a frame length.
+                if let Some(failed) = super::framed::framed_refusal(&stream) {
+                    let _ = stream.write_all(&failed);
+                    return None;
+                }
                 let mut line = Vec::new();
                 Response::error(
                     ErrorCode::TooManyConnections,

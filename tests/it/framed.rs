@@ -698,3 +698,226 @@ fn ended_framed_subscriptions_leave_no_descriptor_behind() {
         probe.request("STATS")["connections"] == 1 && open_fds() <= baseline
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Split, cut short, trickled and refused frames
+// ---------------------------------------------------------------------------------------------
+
+/// Sends `bytes` in parts, pausing `pause` between them (a client that pauses mid-frame).
+fn send_split(stream: &mut UnixStream, bytes: &[u8], at: usize, pause: Duration) {
+    stream.write_all(&bytes[..at]).expect("send first part");
+    thread::sleep(pause);
+    stream.write_all(&bytes[at..]).expect("send the rest");
+}
+
+#[test]
+fn a_frame_header_split_after_a_newline_byte_is_still_a_frame() {
+    let server = Server::start();
+    // Length 10 is 0a 00 00 00: its first byte alone looks like an empty line.
+    let health = frame(b"HEALTH a b");
+    assert_eq!(health[0], b'\n');
+    let mut stream = connect(&server);
+    send_split(&mut stream, &health, 1, Duration::from_millis(200));
+    assert_eq!(read_frame(&mut stream).as_deref(), Some("base a OK"));
+    assert_eq!(read_frame(&mut stream), None);
+    // Length 266 is 0a 01 00 00: two bytes without a NUL, one of them `\n`.
+    let get = frame(format!("GET 1 c {}\n", "k".repeat(257)).as_bytes());
+    assert_eq!(&get[..2], b"\n\x01");
+    let mut stream = connect(&server);
+    send_split(&mut stream, &get, 2, Duration::from_millis(200));
+    assert_eq!(read_frame(&mut stream).as_deref(), Some("data 1 FAILED"));
+
+    // A complete line shorter than a frame header is still answered as a line: at once when
+    // the client half-closes, after the short wait when it does not.
+    for half_close in [true, false] {
+        let mut raw = server.raw();
+        let started = std::time::Instant::now();
+        raw.send_bytes(b"Q\n");
+        if half_close {
+            raw.stream().shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let v = raw.json();
+        assert_eq!(v["error"], "bad_request", "{v}");
+        let waited = started.elapsed();
+        let bound = if half_close { 900 } else { 1900 };
+        assert!(
+            waited < Duration::from_millis(bound),
+            "half-close {half_close}: answered after {waited:?}"
+        );
+        if !half_close {
+            assert!(raw.healthy(), "the line connection stays usable");
+        }
+    }
+}
+
+#[test]
+fn a_frame_cut_short_is_answered_failed_not_dropped() {
+    let server = Server::start_with(&["--idle-timeout", "1"]);
+    let cases: [(&[u8], bool, &str); 5] = [
+        // Header says 100 bytes, 11 arrive, then the client stalls.
+        (b"\x64\x00\x00\x00HEALTH 5 c\n", false, "base 5 FAILED"),
+        // The same, but the client half-closes: answered at once.
+        (b"\x64\x00\x00\x00GET 7 c a.b", true, "data 7 FAILED"),
+        // A cut id is not echoed: only whole fields count.
+        (b"\x64\x00\x00\x00TRACE r12", false, "trace - FAILED"),
+        // An oversized frame followed by fewer than the 512 bytes read of its start.
+        (b"\x01\x00\x80\x00PUT 4 c k AAAA\n", false, "base 4 FAILED"),
+        // The header itself cut short.
+        (b"\x64\x00", false, "base - FAILED"),
+    ];
+    for (bytes, half_close, want) in cases {
+        let mut stream = connect(&server);
+        let started = std::time::Instant::now();
+        stream.write_all(bytes).expect("send");
+        if half_close {
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        assert_eq!(read_frame(&mut stream).as_deref(), Some(want), "{bytes:?}");
+        assert_eq!(read_frame(&mut stream), None, "then closed");
+        let waited = started.elapsed();
+        let (low, high) = if half_close { (0, 900) } else { (900, 1900) };
+        assert!(
+            waited >= Duration::from_millis(low) && waited < Duration::from_millis(high),
+            "{bytes:?} answered after {waited:?} with --idle-timeout 1"
+        );
+    }
+}
+
+#[test]
+fn the_idle_timeout_bounds_a_trickled_frame_as_a_whole() {
+    let server = Server::start_with(&["--idle-timeout", "1"]);
+    let mut stream = connect(&server);
+    let mut writer = stream.try_clone().unwrap();
+    let full = frame(format!("HEALTH 7 {}\n", "c".repeat(20)).as_bytes());
+    let started = std::time::Instant::now();
+    // One byte each 300 ms after the id: each read comes well within the idle timeout, the
+    // whole frame would take 6 s. The writer stops once the server has closed.
+    let trickle = thread::spawn(move || {
+        let head = 4 + "HEALTH 7 ".len();
+        let _ = writer.write_all(&full[..head]);
+        for byte in &full[head..] {
+            thread::sleep(Duration::from_millis(300));
+            if writer.write_all(&[*byte]).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(read_frame(&mut stream).as_deref(), Some("base 7 FAILED"));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(1900),
+        "a trickled frame held the connection {waited:?} with --idle-timeout 1"
+    );
+    assert_eq!(read_frame(&mut stream), None);
+    drop(stream);
+    trickle.join().unwrap();
+}
+
+#[test]
+fn over_max_connections_a_framed_client_gets_a_framed_failed() {
+    let server = Server::start_with(&["--max-connections", "2"]);
+    // Two line connections admitted (the start-up probe's may still be closing).
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut admitted = None;
+            wait_until("a connection to be admitted", || {
+                let mut raw = server.raw();
+                let ok = raw.try_request("HEALTH").is_ok_and(|v| v["ok"] == true);
+                admitted = ok.then_some(raw);
+                ok
+            });
+            admitted
+        })
+        .collect();
+    assert_eq!(request(&server, b"HEALTH h1 c\n"), "base h1 FAILED");
+    assert_eq!(request(&server, b"GET g1 c a.b\n"), "data g1 FAILED");
+    // A line client is still refused in its own protocol.
+    let mut raw = server.raw();
+    let v = raw.json();
+    assert_eq!(v["error"], "too_many_connections", "{v}");
+    drop(held);
+    wait_until("a framed request to be served again", || {
+        request(&server, b"HEALTH h2 c\n") == "base h2 OK"
+    });
+}
+
+#[test]
+fn empty_values_are_refused_framed_and_never_sent_as_an_empty_field() {
+    let server = Server::start();
+    assert_eq!(request(&server, b"PUT r1 c e.x \n"), "base r1 FAILED");
+    assert_eq!(request(&server, b"GET r2 c e.x\n"), "data r2 FAILED");
+    // A line client may store the empty string; framed clients get its JSON text, `""`.
+    let mut raw = server.raw();
+    assert_eq!(
+        raw.request(r#"{"op":"put","key":"e.s","value":""}"#)["ok"],
+        true
+    );
+    assert_eq!(
+        request(&server, b"GET r3 c e.s\n"),
+        format!("data r3 OK e.s {}", b64(b"\"\""))
+    );
+    let mut sub = subscribe(&server, "c1", "e");
+    assert_eq!(read_frame(&mut sub).as_deref(), Some("HELLO"));
+    assert_eq!(
+        read_frame(&mut sub),
+        Some(format!("UPDATE e.s {}", b64(b"\"\"")))
+    );
+    // Upstream's unchanged client reads it (it panicked on an empty field).
+    assert!(upstream(&server, &["get", "e.*"]).contains(" OK"));
+    // A framed put of `""` round-trips as `""`.
+    assert_eq!(put(&server, "e.q", b"\"\""), "base r1 OK");
+    assert_eq!(raw.request("GET e.q")["value"], json!(""));
+}
+
+#[test]
+fn a_length_of_16_mib_or_more_is_read_as_a_line() {
+    let server = Server::start();
+    // 0x01020304 has no NUL: not a frame (no framed client sends over 8 MiB), so the line
+    // protocol answers it, and refuses it.
+    let mut raw = server.raw();
+    let mut bytes = 0x0102_0304u32.to_le_bytes().to_vec();
+    bytes.extend_from_slice(format!("PUT 4 c k {}\n", "QUFB".repeat(200)).as_bytes());
+    raw.send_bytes(&bytes);
+    raw.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    let v = raw.json();
+    assert_eq!(v["error"], "bad_request", "{v}");
+    raw.assert_closed();
+    // Just under 16 MiB has a NUL: a frame, over the limit, FAILED.
+    let mut stream = connect(&server);
+    let mut bytes = 0x00ff_ffffu32.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"PUT 5 c k QUFB\n");
+    stream.write_all(&bytes).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_frame(&mut stream).as_deref(), Some("base 5 FAILED"));
+    assert_eq!(raw_keys(&server), json!([]));
+}
+
+fn raw_keys(server: &Server) -> serde_json::Value {
+    server.raw().request("KEYS")["keys"].clone()
+}
+
+#[test]
+fn a_framed_sub_that_half_closes_gets_hello_and_its_snapshot_then_the_end() {
+    let server = Server::start();
+    assert_eq!(put(&server, "h.k", b"v0"), "base r1 OK");
+    assert_eq!(put(&server, "h.k2", b"v1"), "base r1 OK");
+    let mut sub = subscribe(&server, "hc", "h");
+    sub.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_frame(&mut sub).as_deref(), Some("HELLO"));
+    assert_eq!(
+        read_frame(&mut sub),
+        Some(format!("UPDATE h.k {}", b64(b"v0")))
+    );
+    assert_eq!(
+        read_frame(&mut sub),
+        Some(format!("UPDATE h.k2 {}", b64(b"v1")))
+    );
+    assert_eq!(
+        read_frame(&mut sub),
+        None,
+        "the stream ends after the snapshot"
+    );
+    wait_until("the ended stream to leave the subscription table", || {
+        request(&server, b"TRACE t c h.k\n") == "trace t FAILED"
+    });
+}

@@ -2,6 +2,7 @@
 //! same socket as the line protocol, onto the same store, with this project's guarantees.
 //!
 //! - [`detect`]: whether a new connection speaks frames (its first 4 bytes hold a NUL);
+//! - [`read`]: the request frame, bounded by the idle timeout as a whole;
 //! - [`wire`]: frames, requests, replies and stream messages;
 //! - [`value`]: bytes ↔ stored JSON values;
 //! - [`stream`]: a framed subscription and the (client id, key) registry `UNSUB` uses.
@@ -10,19 +11,17 @@
 //! except that `SUB` turns the connection into a stream. Every request the protocol can answer
 //! is answered (`FAILED` where upstream dropped the connection or panicked).
 
+mod detect;
+mod read;
 mod stream;
 mod value;
 mod wire;
 
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{recv, MsgFlags};
+use std::time::Instant;
 
 use crate::error::ErrorCode;
 use crate::key::{Key, Pattern, Target};
@@ -30,8 +29,11 @@ use crate::mailbox::Kicks;
 use crate::protocol::Response;
 use crate::server::Shared;
 use crate::store::Value;
-use wire::{BadRequest, Command, Frame, FramedRequest, ReplyKind, MAX_FRAME, PREFIX_OF_OVERSIZED};
+use detect::{detect, Detected};
+use read::Incoming;
+use wire::{BadRequest, Command, Frame, FramedRequest, ReplyKind, MAX_FRAME};
 
+pub use detect::framed_refusal;
 pub use stream::Registry;
 
 /// The version a framed `VERSION` answers: the upstream release whose protocol this front end
@@ -39,26 +41,16 @@ pub use stream::Registry;
 /// warning into its output (see docs/PROTOCOL.md).
 pub const UPSTREAM_VERSION: &str = "0.1.1";
 
-/// Linux's "peer closed its write side" poll event, which nix 0.29 does not name.
-const POLLRDHUP: PollFlags = PollFlags::from_bits_retain(0x2000);
-
-/// What the first bytes of a connection say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Detected {
-    Framed,
-    Line,
-    /// Nothing decisive arrived within the idle timeout.
-    TimedOut,
-}
-
 /// Serves the connection if it is not a line connection: framed, or silent for the whole idle
 /// timeout (answered with the line protocol's `timeout`, as the line reader would have, so the
 /// wait is not doubled). False when the line protocol should serve it.
 pub fn serve_unless_line(shared: &Arc<Shared>, conn: u64, stream: &UnixStream) -> bool {
-    match detect(stream, shared.limits.idle_timeout) {
+    let started = Instant::now();
+    let idle = shared.limits.idle_timeout;
+    match detect(stream, idle, started) {
         Detected::Line => false,
         Detected::Framed => {
-            serve(shared, conn, stream);
+            serve(shared, conn, stream, idle.map(|idle| started + idle));
             true
         }
         Detected::TimedOut => {
@@ -77,56 +69,26 @@ pub fn serve_unless_line(shared: &Arc<Shared>, conn: u64, stream: &UnixStream) -
     }
 }
 
-/// Whether the connection speaks frames. Peeks (consumes nothing): a frame's length is under
-/// 16 MiB, so one of its first 4 bytes is NUL; a line request never holds a NUL. Decides as
-/// soon as it sees a NUL, a `\n`, 4 bytes, or the end of the stream.
-pub fn detect(stream: &UnixStream, idle: Option<Duration>) -> Detected {
-    let mut head = [0u8; 4];
-    let _ = stream.set_read_timeout(idle);
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(1);
-    loop {
-        let n = match recv(stream.as_raw_fd(), &mut head, MsgFlags::MSG_PEEK) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) => return Detected::TimedOut,
-            // Any other error: the line reader reports it as it always does.
-            Err(_) => return Detected::Line,
-        };
-        let seen = &head[..n];
-        if seen.contains(&0) {
-            return Detected::Framed;
-        }
-        if n == 0 || n == head.len() || seen.contains(&b'\n') {
-            return Detected::Line;
-        }
-        // 1 to 3 bytes and no verdict yet: rare (clients write a request at once), and a peek
-        // cannot wait for more, so look again shortly (at once if the client hangs up), for at
-        // most the idle timeout.
-        if idle.is_some_and(|idle| started.elapsed() >= idle) {
-            return Detected::TimedOut;
-        }
-        let mut fds = [PollFd::new(stream.as_fd(), POLLRDHUP)];
-        let wait = PollTimeout::try_from(pause).unwrap_or(PollTimeout::MAX);
-        if let Ok(1..) = poll(&mut fds, wait) {
-            return Detected::Line;
-        }
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
-}
-
-/// Serves one framed connection: one request, or a subscription stream.
-fn serve(shared: &Arc<Shared>, conn: u64, stream: &UnixStream) {
-    let idle = shared.limits.idle_timeout;
-    let _ = stream.set_read_timeout(idle);
-    let mut reader = stream;
-    let payload = match read_frame(&mut reader) {
+/// Serves one framed connection: one request, or a subscription stream. The request frame
+/// must be whole by `deadline` (the idle timeout after the connection began).
+fn serve(shared: &Arc<Shared>, conn: u64, stream: &UnixStream, deadline: Option<Instant>) {
+    let payload = match read::read_frame(stream, deadline) {
         Ok(Incoming::Frame(payload)) => payload,
         Ok(Incoming::TooLarge { len, prefix }) => {
-            let err = oversized(&prefix, len);
-            log::info!("conn {conn}: framed {err}");
-            reply(stream, Frame::reply(err.kind, &err.id, false));
-            close(stream);
+            // The start of a frame over 8 MiB is never the whole request.
+            let reason = format!("frame of {len} bytes is over the {MAX_FRAME}-byte limit");
+            refuse(conn, stream, &read::failed_start(&prefix, false, reason));
+            return;
+        }
+        Ok(Incoming::Cut { prefix, len }) => {
+            let reason = match len {
+                Some(len) => format!(
+                    "frame cut short: {} of its {len} bytes arrived within the idle timeout (--idle-timeout) or before the end of the stream",
+                    prefix.len()
+                ),
+                None => "frame cut short in its length".to_owned(),
+            };
+            refuse(conn, stream, &read::failed_start(&prefix, false, reason));
             return;
         }
         Err(e) => {
@@ -145,43 +107,11 @@ fn serve(shared: &Arc<Shared>, conn: u64, stream: &UnixStream) {
     close(stream);
 }
 
-enum Incoming {
-    Frame(Vec<u8>),
-    /// Over [`MAX_FRAME`]: only the start is read, to answer it.
-    TooLarge {
-        len: usize,
-        prefix: Vec<u8>,
-    },
-}
-
-fn read_frame(reader: &mut impl Read) -> io::Result<Incoming> {
-    let mut len = [0u8; 4];
-    reader.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        let mut prefix = Vec::new();
-        reader
-            .take(PREFIX_OF_OVERSIZED as u64)
-            .read_to_end(&mut prefix)?;
-        return Ok(Incoming::TooLarge { len, prefix });
-    }
-    let mut payload = vec![0u8; len];
-    reader.read_exact(&mut payload)?;
-    Ok(Incoming::Frame(payload))
-}
-
-/// The `FAILED` reply for a frame over the limit, with the command and id of its start.
-fn oversized(prefix: &[u8], len: usize) -> BadRequest {
-    let mut err = match wire::parse_request(prefix) {
-        Ok(req) => BadRequest {
-            kind: req.command.reply_kind(),
-            id: req.id.to_owned(),
-            reason: String::new(),
-        },
-        Err(err) => err,
-    };
-    err.reason = format!("frame of {len} bytes is over the {MAX_FRAME}-byte limit");
-    err
+/// Answers a request that could not be read whole with `FAILED`, and closes.
+fn refuse(conn: u64, stream: &UnixStream, err: &BadRequest) {
+    log::info!("conn {conn}: framed {err}");
+    reply(stream, Frame::reply(err.kind, &err.id, false));
+    close(stream);
 }
 
 /// Runs one request: the one `match` over framed commands.
@@ -351,63 +281,4 @@ fn reply(mut stream: &UnixStream, frame: Frame) {
 
 fn close(stream: &UnixStream) {
     let _ = stream.shutdown(Shutdown::Both);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn detection_tells_frames_from_lines() {
-        let case = |bytes: &[u8]| {
-            let (a, mut b) = UnixStream::pair().unwrap();
-            b.write_all(bytes).unwrap();
-            if bytes.len() < 4 && !bytes.contains(&b'\n') && !bytes.contains(&0) {
-                drop(b); // end of stream decides
-                return detect(&a, Some(Duration::from_secs(5))) == Detected::Framed;
-            }
-            let verdict = detect(&a, Some(Duration::from_secs(5))) == Detected::Framed;
-            // Nothing was consumed.
-            let mut all = vec![0u8; bytes.len()];
-            (&a).read_exact(&mut all).unwrap();
-            assert_eq!(all, bytes);
-            drop(b);
-            verdict
-        };
-        assert!(case(b"\x1b\x00\x00\x00GET r c a\n"));
-        assert!(case(b"\x00\x01\x00\x00PUT"));
-        assert!(case(b"\x47\x01\x02\x00"), "length 0x020147");
-        assert!(!case(b"GET a\n"));
-        assert!(!case(b"\n"));
-        assert!(!case(b"GE"));
-        assert!(!case(b"{\"op\":\"health\"}\n"));
-    }
-
-    #[test]
-    fn detection_waits_for_a_split_length() {
-        let (a, mut b) = UnixStream::pair().unwrap();
-        b.write_all(b"\x1b").unwrap();
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            b.write_all(b"\x00\x00\x00").unwrap();
-            b
-        });
-        assert_eq!(detect(&a, Some(Duration::from_secs(5))), Detected::Framed);
-        drop(writer.join().unwrap());
-    }
-
-    #[test]
-    fn detection_times_out_on_silence_and_on_a_stalled_start() {
-        let (a, _b) = UnixStream::pair().unwrap();
-        assert_eq!(
-            detect(&a, Some(Duration::from_millis(50))),
-            Detected::TimedOut
-        );
-        let (a, mut b) = UnixStream::pair().unwrap();
-        b.write_all(b"GE").unwrap();
-        assert_eq!(
-            detect(&a, Some(Duration::from_millis(50))),
-            Detected::TimedOut
-        );
-    }
 }

@@ -201,8 +201,9 @@ fn display_name(client: &str) -> String {
     format!("framed:{cleaned}")
 }
 
-/// Moves lines from the mailbox's socket to the client as frames, until the client closes,
-/// either socket fails, or the server's `shutdown` line arrives. Between reads it takes the
+/// Moves lines from the mailbox's socket to the client as frames, until the client closes (a
+/// half-close only once the snapshot is sent), either socket fails, or the server's `shutdown`
+/// line arrives. Between reads it takes the
 /// mailbox's sending turn (what publishers' kicks left behind), as a line subscriber's
 /// connection thread does.
 fn relay(
@@ -221,6 +222,11 @@ fn relay(
     // Once the server is stopping, it has shut down our read side: what looks like the client
     // leaving is that, and the queue is still relayed up to the shutdown line.
     let mut watch_client = true;
+    // The snapshot (up to the mailbox's `ready` line) has been relayed. A client that closes
+    // its write side before then still gets HELLO and the snapshot, as a line subscriber
+    // does, and the stream ends after them.
+    let mut snapshot_sent = false;
+    let mut half_closed = false;
     loop {
         // Send what is pending into the pair; the pair's other end is read below, so a full
         // pair only waits for this loop.
@@ -257,7 +263,11 @@ fn relay(
             // end of file or an error ends the subscription.
             match client_side.read(&mut chunk) {
                 Ok(0) if stopping.load(Ordering::SeqCst) => watch_client = false,
-                Ok(0) => return,
+                Ok(0) if snapshot_sent => return,
+                Ok(0) => {
+                    watch_client = false;
+                    half_closed = true;
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -283,6 +293,13 @@ fn relay(
                 match translate(line) {
                     Translated::Frame(frame) => out.extend_from_slice(&frame),
                     Translated::Nothing => {}
+                    Translated::Ready => {
+                        snapshot_sent = true;
+                        if half_closed {
+                            stop = true;
+                            break;
+                        }
+                    }
                     Translated::TooLarge(key) => log::warn!(
                         "conn {conn}: the value of {key} does not fit in an 8 MiB frame; not sent to this framed subscriber"
                     ),
@@ -333,6 +350,8 @@ struct Line<'a> {
 enum Translated {
     Frame(Vec<u8>),
     Nothing,
+    /// The snapshot is complete (the line protocol's `ready`; no frame in this protocol).
+    Ready,
     TooLarge(String),
     Stop,
 }
@@ -358,6 +377,7 @@ fn translate(line: &[u8]) -> Translated {
             .finish()
             .unwrap_or_default(),
         (Some("shutdown"), _, _) => return Translated::Stop,
+        (Some("ready"), _, _) => return Translated::Ready,
         (Some(_), _, _) => return Translated::Nothing,
         (None, _, _) => match (parsed.ok, parsed.unsub) {
             (Some(true), _) => Frame::message("HELLO", None, None)
@@ -380,6 +400,7 @@ mod tests {
         match translate(line.as_bytes()) {
             Translated::Frame(f) => Some(String::from_utf8(f[4..].to_vec()).unwrap()),
             Translated::Nothing => None,
+            Translated::Ready => Some("ready".into()),
             Translated::TooLarge(k) => Some(format!("too large {k}")),
             Translated::Stop => Some("stop".into()),
         }
@@ -400,7 +421,10 @@ mod tests {
             frame(r#"{"event":"del","key":"a","rev":7}"#).as_deref(),
             Some("CLOSE a\n")
         );
-        assert_eq!(frame(r#"{"event":"ready","sub":"a","count":2}"#), None);
+        assert_eq!(
+            frame(r#"{"event":"ready","sub":"a","count":2}"#).as_deref(),
+            Some("ready")
+        );
         assert_eq!(frame(r#"{"unsub":"a.b"}"#).as_deref(), Some("CLOSE a.b\n"));
         assert_eq!(frame(r#"{"event":"shutdown"}"#).as_deref(), Some("stop"));
         assert_eq!(frame("not json"), None);
