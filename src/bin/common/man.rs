@@ -23,7 +23,7 @@ pub const CLIENT: Page = Page {
     )],
     exit_status: &[
         ("0", "Success; for subscribe, the server stopped (it sent a shutdown event)."),
-        ("1", "The key (or, for a session, some key) was not found; wait timed out."),
+        ("1", "The key (or, for a session, some key) was not found; wait timed out (the key did not come, or the server accepted but did not answer, within --timeout)."),
         ("2", "Any other error: the server could not be reached or refused the request, the connection was lost, bad usage. A session exits with the worst status of its commands."),
         ("130", "Interrupted by Ctrl-C (SIGINT) while following events (subscribe, wait, watch); 143 for SIGTERM."),
     ],

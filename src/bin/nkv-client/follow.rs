@@ -123,7 +123,23 @@ pub fn wait(
         .timeout
         .filter(|t| !t.is_zero())
         .map(|t| Instant::now() + t);
-    let mut sub = take_subscription(client, key)?;
+    let mut sub = match take_subscription(client, key) {
+        Ok(sub) => sub,
+        // A server that accepts but does not answer within --timeout: the wait timed out
+        // (exit 1), as it does when the key does not come.
+        Err(Failure::Nkv(nkv::Error::Io(e)))
+            if deadline.is_some()
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                ) =>
+        {
+            let secs = context.cli.timeout.unwrap_or_default().as_secs_f64();
+            eprintln!("nkv-client: wait: no answer from the server within {secs} s (--timeout)");
+            return Ok(Outcome::NotFound);
+        }
+        Err(e) => return Err(e),
+    };
     let following = follow(&sub, context);
     // Whether KEY existed (with another value) at some point: the timeout says so.
     let mut seen = false;
