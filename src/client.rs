@@ -317,7 +317,9 @@ impl Client {
         parse_reply(&line)
     }
 
-    /// A key's value, or `None` when there is no such key.
+    /// A key's value, or `None` when there is no such key. Parsed into a tree: a number
+    /// beyond `f64` precision is rounded and duplicate object keys collapse; use
+    /// [`Client::get_raw`] for the exact stored text.
     ///
     /// # Errors
     /// An invalid key, or a connection or server failure.
