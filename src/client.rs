@@ -57,6 +57,16 @@ pub struct Entry {
 /// An event on a subscription, as the client reads it.
 pub type Event = wire::Event<String, Value>;
 
+/// An event whose value is kept as the JSON text the server sent (see [`RawEvent::parse`]).
+pub type RawEvent = wire::Event<String, Box<RawValue>>;
+
+/// A key's value as the JSON text the server stores, with the revision of its last change.
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    pub value: Box<RawValue>,
+    pub rev: u64,
+}
+
 /// How long the client waits; `None` waits forever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -307,7 +317,9 @@ impl Client {
         parse_reply(&line)
     }
 
-    /// A key's value, or `None` when there is no such key.
+    /// A key's value, or `None` when there is no such key. Parsed into a tree: a number
+    /// beyond `f64` precision is rounded and duplicate object keys collapse; use
+    /// [`Client::get_raw`] for the exact stored text.
     ///
     /// # Errors
     /// An invalid key, or a connection or server failure.
@@ -328,6 +340,35 @@ impl Client {
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// A key's value as the exact JSON text stored (no number rounded, no key reordered or
+    /// dropped, any depth the server accepts), or `None` when there is no such key.
+    ///
+    /// # Errors
+    /// An invalid key, or a connection or server failure.
+    pub fn get_raw(&mut self, key: &str) -> Result<Option<RawEntry>, Error> {
+        match self.call::<wire::Got<String, Box<RawValue>>>(&JsonRequest::new(Op::Get).key(key)) {
+            Ok(got) => Ok(Some(RawEntry {
+                value: got.value,
+                rev: got.rev,
+            })),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every key matching `pattern` with its value as the exact JSON text stored.
+    ///
+    /// # Errors
+    /// An invalid pattern, or a connection or server failure.
+    pub fn get_matching_raw(
+        &mut self,
+        pattern: &str,
+    ) -> Result<BTreeMap<String, Box<RawValue>>, Error> {
+        let values: wire::Values<BTreeMap<String, Box<RawValue>>> =
+            self.call(&JsonRequest::new(Op::Get).key(pattern))?;
+        Ok(values.values)
     }
 
     /// Every key matching `pattern` (`*` or `prefix.*`) with its value.
@@ -517,8 +558,10 @@ pub fn parse_reply<B: DeserializeOwned>(line: &str) -> Result<B, Error> {
     let protocol = |e: serde_json::Error| Error::Protocol(format!("{e}: {line:?}"));
     let status: wire::Status = serde_json::from_str(line).map_err(protocol)?;
     if status.ok {
-        let reply: Reply<B, Value> = serde_json::from_str(line).map_err(protocol)?;
-        Ok(reply.body)
+        // The body is read from the line itself, not through `Reply`'s flattened field:
+        // serde buffers a flattened field as a tree, which cannot hold a `RawValue` and
+        // counts nesting against the recursion limit. Body types ignore `ok` and `id`.
+        serde_json::from_str(line).map_err(protocol)
     } else {
         let reply: Reply<wire::Failure<String>, Value> =
             serde_json::from_str(line).map_err(protocol)?;
@@ -549,6 +592,60 @@ impl Event {
         serde_json::from_str(line)
             .map(Some)
             .map_err(|e| Error::Protocol(format!("not an event ({e}): {line:?}")))
+    }
+}
+
+impl RawEvent {
+    /// Parses an event line keeping its value as the server's JSON text. Response lines give
+    /// `Ok(None)`; error responses give [`Error::Server`].
+    ///
+    /// (An internally tagged enum is read through a buffered tree, which cannot hold a
+    /// `RawValue`; so the fields are read flat and the event assembled here.)
+    ///
+    /// # Errors
+    /// An error response, or a line that is neither an event nor a response.
+    pub fn parse(line: &str) -> Result<Option<RawEvent>, Error> {
+        #[derive(serde::Deserialize)]
+        struct Flat {
+            ok: Option<bool>,
+            event: Option<String>,
+            key: Option<String>,
+            value: Option<Box<RawValue>>,
+            rev: Option<u64>,
+            sub: Option<String>,
+            count: Option<u64>,
+        }
+        let bad = |why: &str| Error::Protocol(format!("not an event ({why}): {line:?}"));
+        let flat: Flat =
+            serde_json::from_str(line).map_err(|e| Error::Protocol(format!("{e}: {line:?}")))?;
+        if flat.ok.is_some() {
+            return parse_reply::<wire::Done>(line).map(|_| None);
+        }
+        let event = flat.event.as_deref().ok_or_else(|| bad("no event field"))?;
+        let key = || flat.key.clone().ok_or_else(|| bad("no key"));
+        let rev = flat.rev.ok_or_else(|| bad("no rev"));
+        Ok(Some(match event {
+            "init" | "put" => {
+                let key = key()?;
+                let value = flat.value.ok_or_else(|| bad("no value"))?;
+                let rev = rev?;
+                if event == "init" {
+                    wire::Event::Init { key, value, rev }
+                } else {
+                    wire::Event::Put { key, value, rev }
+                }
+            }
+            "del" => wire::Event::Del {
+                key: key()?,
+                rev: rev?,
+            },
+            "ready" => wire::Event::Ready {
+                sub: flat.sub.ok_or_else(|| bad("no sub"))?,
+                count: flat.count.ok_or_else(|| bad("no count"))?,
+            },
+            "shutdown" => wire::Event::Shutdown,
+            other => return Err(bad(&format!("unknown event {other:?}"))),
+        }))
     }
 }
 

@@ -50,7 +50,7 @@ pub mod store;
 pub mod value;
 pub mod wire;
 
-pub use client::{Client, Entry, Event, Subscription, Timeouts};
+pub use client::{Client, Entry, Event, RawEntry, RawEvent, Subscription, Timeouts};
 pub use error::{Error, ErrorCode};
 
 // The README's Rust example is compiled as a doctest, so it cannot rot.

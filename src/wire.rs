@@ -4,7 +4,8 @@
 //! [`crate::client`] and `nkv-client`), so a renamed or retyped field fails to compile on both
 //! sides at once. The types are generic over how a side holds text and values: the server
 //! borrows its keys and writes stored JSON text as is ([`Raw`]); the client owns `String`s and
-//! `serde_json::Value`s.
+//! `serde_json::Value`s, or `Box<RawValue>`s to keep the exact text (`nkv-client` does). A body
+//! holding a `RawValue` is read from the line directly, not through [`Reply`]'s flattened field.
 //!
 //! A leaf module: it imports nothing from the crate.
 

@@ -147,12 +147,24 @@ fn source(matches: &ArgMatches, id: &str) -> &'static str {
 /// Logs every setting with its source; under socket activation, the socket settings that
 /// systemd's socket unit decides instead are logged as ignored.
 fn log_config(args: &Args, matches: &ArgMatches, inherited: bool) {
-    let s = |id| source(matches, id);
+    let actual = inherited.then(systemd_socket);
+    let s = |id| match &actual {
+        Some(_) if ["socket", "socket_mode", "socket_group"].contains(&id) => "systemd",
+        _ => source(matches, id),
+    };
+    let (socket, mode, group) = match &actual {
+        Some(used) => (used.path.clone(), used.mode.clone(), used.group.clone()),
+        None => (
+            args.socket.display().to_string(),
+            format!("{:04o}", args.socket_mode),
+            args.socket_group.clone().unwrap_or_else(|| "-".into()),
+        ),
+    };
     log::info!(
         "config: socket={} ({}) data-dir={} ({}) max-connections={} ({}) max-value-bytes={} ({}) \
          max-subscriptions={} ({}) idle-timeout={}s ({}) send-timeout={}s ({}) fsync={} ({}) \
-         socket-mode={:04o} ({}) socket-group={} ({}) allow-unsafe-dirs={} ({})",
-        args.socket.display(),
+         socket-mode={} ({}) socket-group={} ({}) allow-unsafe-dirs={} ({})",
+        socket,
         s("socket"),
         args.data_dir.display(),
         s("data_dir"),
@@ -168,23 +180,68 @@ fn log_config(args: &Args, matches: &ArgMatches, inherited: bool) {
         s("send_timeout"),
         args.fsync,
         s("fsync"),
-        args.socket_mode,
+        mode,
         s("socket_mode"),
-        args.socket_group.as_deref().unwrap_or("-"),
+        group,
         s("socket_group"),
         args.allow_unsafe_dirs,
         s("allow_unsafe_dirs"),
     );
     if inherited {
-        for (id, flag) in [
-            ("socket", "--socket (NKV_SOCKET)"),
-            ("socket_mode", "--socket-mode (NKV_SOCKET_MODE)"),
-            ("socket_group", "--socket-group (NKV_SOCKET_GROUP)"),
+        for (id, flag, value) in [
+            (
+                "socket",
+                "--socket (NKV_SOCKET)",
+                args.socket.display().to_string(),
+            ),
+            (
+                "socket_mode",
+                "--socket-mode (NKV_SOCKET_MODE)",
+                format!("{:04o}", args.socket_mode),
+            ),
+            (
+                "socket_group",
+                "--socket-group (NKV_SOCKET_GROUP)",
+                args.socket_group.clone().unwrap_or_default(),
+            ),
         ] {
-            if s(id) != "default" {
-                log::info!("{flag} ignored: the socket comes from systemd (its socket unit sets path, mode and group)");
+            if source(matches, id) != "default" {
+                log::info!("{flag}={value} ignored: the socket comes from systemd (its socket unit sets path, mode and group)");
             }
         }
+    }
+}
+
+/// The socket systemd passed (descriptor 3), as the start-up log shows it.
+struct UsedSocket {
+    path: String,
+    mode: String,
+    group: String,
+}
+
+/// The path, mode and group of the socket systemd passed, read from the descriptor and the
+/// file it is bound to; `?` for what cannot be read (an abstract or unnamed socket).
+fn systemd_socket() -> UsedSocket {
+    use std::os::unix::fs::MetadataExt;
+    let unknown = || "?".to_owned();
+    let addr = nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(3).ok();
+    let path = addr.as_ref().and_then(|a| a.path().map(|p| p.to_owned()));
+    let meta = path.as_ref().and_then(|p| std::fs::metadata(p).ok());
+    UsedSocket {
+        path: match (&path, addr.as_ref().and_then(|a| a.as_abstract())) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(name)) => format!("@{}", String::from_utf8_lossy(name)),
+            (None, None) => unknown(),
+        },
+        mode: meta
+            .as_ref()
+            .map_or_else(unknown, |m| format!("{:04o}", m.mode() & 0o7777)),
+        group: meta.as_ref().map_or_else(unknown, |m| {
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
+                .ok()
+                .flatten()
+                .map_or_else(|| m.gid().to_string(), |g| g.name)
+        }),
     }
 }
 

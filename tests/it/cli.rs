@@ -516,3 +516,42 @@ fn keys_output_is_a_tree_on_a_terminal() {
         "a\n  b.\n    c\n    d\nb.\n  x\n"
     );
 }
+
+/// Everything after KEY is the value, even words clap would take for flags (issue-11
+/// adversary: `put k --help` printed help and stored nothing).
+#[test]
+fn put_takes_every_word_after_the_key_as_the_value() {
+    let server = Server::start();
+    for word in [
+        "--help",
+        "-h",
+        "--json",
+        "--timeout",
+        "--version",
+        "--socket=x",
+        "--",
+        "-5x",
+    ] {
+        ok(server.cli(&["put", "h.v", word]), "");
+        ok(server.cli(&["get", "h.v"]), &format!("{word}\n"));
+    }
+    ok(server.cli(&["put", "h.n", "-5"]), "");
+    ok(
+        server.cli(&["--json", "get", "h.n"]),
+        "{\"ok\":true,\"key\":\"h.n\",\"value\":-5,\"rev\":9}\n",
+    );
+    ok(server.cli(&["put", "h.w", "-5", "--json", "--help"]), "");
+    ok(server.cli(&["get", "h.w"]), "-5 --json --help\n");
+    // A `--` after the key that is followed by more words only ends the flags.
+    ok(server.cli(&["put", "h.d", "--", "--json"]), "");
+    ok(server.cli(&["get", "h.d"]), "--json\n");
+    // Flags before the key still work.
+    ok(
+        server.cli(&["--timeout", "5", "set", "h.t", "--timeout", "4"]),
+        "",
+    );
+    ok(server.cli(&["get", "h.t"]), "--timeout 4\n");
+    let help = server.cli(&["put", "--help"]);
+    assert_eq!(help.status.code(), Some(0), "{help:?}");
+    assert!(stdout(&help).contains("Store a value"), "{help:?}");
+}

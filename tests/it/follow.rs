@@ -262,3 +262,37 @@ fn watch_stops_when_the_command_cannot_be_started() {
     assert!(stderr(&out).contains("/nonexistent/cmd"), "{out:?}");
     assert!(start.elapsed() < DEADLINE);
 }
+
+/// `wait --timeout` against a server that accepts and never answers is a timeout (exit 1),
+/// like a key that never comes, not an error (issue-11 adversary).
+#[test]
+fn wait_times_out_with_1_when_the_server_never_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mute.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let held = std::thread::spawn(move || {
+        let conn = listener.accept();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(conn);
+    });
+    let started = Instant::now();
+    let out = std::process::Command::new(crate::support::CLIENT)
+        .args([
+            "--socket",
+            path.to_str().unwrap(),
+            "--timeout",
+            "0.3",
+            "wait",
+            "a",
+        ])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(
+        stderr(&out).contains("no answer from the server"),
+        "{out:?}"
+    );
+    held.join().unwrap();
+}

@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod client_retry;
 mod core;
+mod exact;
 mod follow;
 mod framed;
 mod hostile;

@@ -161,6 +161,8 @@ fn socket_flags_are_logged_as_ignored_under_socket_activation() {
         .arg(&activated)
         .arg(SERVER)
         .arg("--socket-mode=0600")
+        .arg("--socket")
+        .arg(dir.path().join("other.sock"))
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .stdout(Stdio::null())
@@ -177,10 +179,37 @@ fn socket_flags_are_logged_as_ignored_under_socket_activation() {
     assert!(raw.healthy());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        text.contains("--socket-mode (NKV_SOCKET_MODE) ignored"),
+        text.contains("--socket-mode (NKV_SOCKET_MODE)=0600 ignored"),
         "{text}"
     );
-    assert!(!text.contains("--socket (NKV_SOCKET) ignored"), "{text}");
+    let other = dir.path().join("other.sock");
+    assert!(
+        text.contains(&format!(
+            "--socket (NKV_SOCKET)={} ignored",
+            other.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains("--socket-group (NKV_SOCKET_GROUP)"),
+        "not given: {text}"
+    );
+    // The configuration line shows the socket in use, with systemd's mode, not the flags.
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata(&activated).unwrap().mode() & 0o7777;
+    let config = text
+        .lines()
+        .find(|l| l.contains("config:"))
+        .expect("a config line");
+    for part in [
+        format!("socket={} (systemd)", activated.display()),
+        format!("socket-mode={mode:04o} (systemd)"),
+        "socket-group=".to_owned(),
+    ] {
+        assert!(config.contains(&part), "{part:?} in {config}");
+    }
+    assert!(!config.contains("other.sock"), "{config}");
+    assert!(!config.contains("(flag) socket-mode"), "{config}");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -152,7 +152,8 @@ fn session_lines_use_the_command_line_grammar() {
         "put g.a   two  spaces \nPUT g.n -5\nget g.a\nget g.n\nset g.s x\ndel g.s\nfrob\nkeys g\n",
     );
     assert_eq!(out.status.code(), Some(2), "frob fails: {out:?}");
-    assert_eq!(stdout(&out), "two  spaces\n-5\ng.a\ng.n\n");
+    // The value is the rest of the line after the one space that follows the key, exactly.
+    assert_eq!(stdout(&out), "  two  spaces \n-5\ng.a\ng.n\n");
     assert!(stderr(&out).contains("frob"), "{out:?}");
     // A missing argument is clap's usage error, and the session goes on.
     let out = server.cli_with_stdin(&[], "get\nwait\nhealth\n");
@@ -285,4 +286,30 @@ fn dump_and_restore_round_trip_and_restore_stops_at_the_first_bad_line() {
     let out = target.cli_with_stdin(&["restore"], "not json\n");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(stderr(&out).contains("line 1"), "{out:?}");
+}
+
+/// A session's put value is the rest of the line after the one space that follows the key,
+/// kept exactly, and words like `--help` are values (issue-11 adversary).
+#[test]
+fn session_put_keeps_the_rest_of_the_line_exactly() {
+    let server = Server::start();
+    let lines = [
+        "put s.a a ",
+        "put s.b  two  spaces ",
+        "put s.c --help",
+        "put s.d -h",
+        "put s.e --",
+        "put s.f -- --json",
+        "put s.g -5",
+        "put s.h #hash",
+    ];
+    let out = server.cli_with_stdin(&[], &(lines.join("\n") + "\n"));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out), "", "{}", stderr(&out));
+    let got = server.client().get_matching("s.*").unwrap();
+    let expected = json!({
+        "s.a": "a ", "s.b": " two  spaces ", "s.c": "--help", "s.d": "-h",
+        "s.e": "--", "s.f": "--json", "s.g": -5, "s.h": "#hash",
+    });
+    assert_eq!(serde_json::to_value(&got).unwrap(), expected);
 }

@@ -211,7 +211,8 @@ fn fish_completes_subcommands_and_their_options() {
         .arg("--no-config")
         .arg("-c")
         .arg(format!(
-            "source {}; complete -C 'nkv-client wait --e'; complete -C 'nkv-client wa'",
+            "source {}; complete -C 'nkv-client wait --e'; complete -C 'nkv-client wa'; \
+             complete -C 'nkv-client completions z'; complete -C 'nkv-client completions f'",
             script.display()
         ))
         .output()
@@ -222,7 +223,11 @@ fn fish_completes_subcommands_and_their_options() {
         .lines()
         .map(|l| l.split('\t').next().unwrap_or(""))
         .collect();
-    assert_eq!(words, ["--equals", "wait", "watch"], "{text}");
+    assert_eq!(
+        words,
+        ["--equals", "wait", "watch", "zsh", "fish"],
+        "{text}"
+    );
 }
 
 #[test]

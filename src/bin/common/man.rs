@@ -23,14 +23,23 @@ pub const CLIENT: Page = Page {
     )],
     exit_status: &[
         ("0", "Success; for subscribe, the server stopped (it sent a shutdown event)."),
-        ("1", "The key (or, for a session, some key) was not found; wait timed out."),
+        ("1", "The key (or, for a session, some key) was not found; wait timed out (the key did not come, or the server accepted but did not answer, within --timeout)."),
         ("2", "Any other error: the server could not be reached or refused the request, the connection was lost, bad usage. A session exits with the worst status of its commands."),
         ("130", "Interrupted by Ctrl-C (SIGINT) while following events (subscribe, wait, watch); 143 for SIGTERM."),
     ],
     sections: &[(
         "SESSIONS",
         &[
-            "With no command, nkv-client reads commands from standard input, one per line, written as on the command line (get KEY, put KEY VALUE, ...), plus help and quit. At a terminal it prompts and offers line editing; Ctrl-C during subscribe, wait or watch returns to the prompt. A put value is the rest of the line as typed. When the server restarts, the session reconnects; a request that cannot have reached the server is sent again, a put or delete that may have been applied is reported as failed instead.",
+            "With no command, nkv-client reads commands from standard input, one per line, written as on the command line (get KEY, put KEY VALUE, ...), plus help and quit. At a terminal it prompts and offers line editing; Ctrl-C during subscribe, wait or watch returns to the prompt. A put value is the rest of the line as typed: everything after the one space that follows the key, leading and trailing spaces kept (a -- right after that space only ends the flags when something follows it). When the server restarts, the session reconnects; a request that cannot have reached the server is sent again, a put or delete that may have been applied is reported as failed instead.",
+        ],
+    ), (
+        "VALUES",
+        &[
+            "Values are printed, dumped and handed to watch exactly as the server stores them (strings printed raw by get and subscribe): a number keeps all its digits and its spelling (12345678901234567890123, 1e2), an object keeps its key order and any duplicate keys, any depth the server accepts is read. put sends a value that is JSON as typed (only whitespace outside strings removed), so dump followed by restore reproduces the store.",
+            "put KEY VALUE...: every word after KEY is the value, even --help, -h, --json, --timeout or --; flags go before the key. A -- right after the key followed by more words only ends the flags (put k -- --json stores \"--json\").",
+            "wait --equals JSON: the key's value equals JSON when their texts are the same once whitespace outside strings is removed. So 1 is not 1.0 nor 1e0, numbers are compared digit by digit (however large), and {\"a\":1,\"b\":2} is not {\"b\":2,\"a\":1}. A --equals that is not JSON is the string it spells.",
+            "watch: NKV_VALUE holds the value's JSON text when it is at most 131008 bytes. A longer value does not fit in one environment string (Linux's 128 KiB limit); then NKV_VALUE is unset and NKV_VALUE_FILE names a private temporary file holding the text, removed when CMD ends. A CMD that fails, or that cannot be started for one change, is reported and the watch goes on; only a CMD that does not exist or may not be run ends it (exit 2).",
+            "dump [PREFIX]: PREFIX and the keys below it; a pattern (*, a.*) dumps the keys it matches.",
         ],
     )],
     see_also: "nkv-server(1)",

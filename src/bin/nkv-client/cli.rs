@@ -1,6 +1,7 @@
 //! The command line, defined once: one-shot commands and the lines of a session are parsed by
 //! these same clap definitions.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -117,6 +118,52 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff)
     Man,
+}
+
+/// `put KEY VALUE...` with everything after KEY made the value, even words clap would read
+/// as flags (`--help`, `-h`, `--json`, `--timeout`, `--`): a `--` is put after KEY. A `--`
+/// right after KEY that is followed by more words is the usual end-of-flags mark and is
+/// dropped (`put k -- --json` stores `"--json"`; `put k --` stores `"--"`). Flags go before
+/// the key; other commands are left alone.
+pub fn put_value_as_typed(args: Vec<OsString>) -> Vec<OsString> {
+    // Global flags that take a value, so that their value is not taken for the command.
+    const WITH_VALUE: &[&str] = &["-s", "--socket", "--addr", "--timeout"];
+    let mut i = 1;
+    let mut command = None;
+    while i < args.len() {
+        let word = args[i].to_string_lossy();
+        if word == "--" {
+            return args;
+        }
+        if word.starts_with('-') {
+            i += if WITH_VALUE.contains(&word.as_ref()) {
+                2
+            } else {
+                1
+            };
+            continue;
+        }
+        match command {
+            None if word == "put" || word == "set" => command = Some(i),
+            None => return args,
+            Some(_) => {
+                let key = i;
+                let mut rest = &args[key + 1..];
+                if rest.is_empty() {
+                    return args;
+                }
+                if rest.len() > 1 && rest[0] == "--" {
+                    rest = &rest[1..];
+                }
+                let mut out = args[..=key].to_vec();
+                out.push("--".into());
+                out.extend_from_slice(rest);
+                return out;
+            }
+        }
+        i += 1;
+    }
+    args
 }
 
 /// One line of a session: a command, parsed with the same definitions.

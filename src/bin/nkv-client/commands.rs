@@ -6,7 +6,6 @@ use std::io::{self, IsTerminal, Read, Write};
 
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
-use serde_json::Value;
 
 use nkv::client::parse_reply;
 use nkv::wire::{self, JsonRequest, Op};
@@ -40,7 +39,7 @@ pub fn request(
     let mut out = io::stdout().lock();
     match command {
         Command::Get { key } if is_pattern(key) => {
-            let got: wire::Values<BTreeMap<String, Value>> =
+            let got: wire::Values<BTreeMap<String, Box<RawValue>>> =
                 ask(client, &JsonRequest::new(Op::Get).key(key), context)?;
             if !json {
                 for (key, value) in got.values {
@@ -49,16 +48,14 @@ pub fn request(
             }
         }
         Command::Get { key } => {
-            let got: wire::Got<String, Value> =
+            let got: wire::Got<String, Box<RawValue>> =
                 ask(client, &JsonRequest::new(Op::Get).key(key), context)?;
             if !json {
                 writeln!(out, "{}", display(&got.value))?;
             }
         }
         Command::Put { key, value } => {
-            let value = value_argument(&value.join(" "), context)?;
-            let raw: Box<RawValue> = serde_json::value::to_raw_value(&value)
-                .map_err(|e| Failure::Usage(e.to_string()))?;
+            let raw = value_argument(&value.join(" "), context)?;
             let mut request = JsonRequest::new(Op::Put).key(key);
             request.value = Some(&raw);
             let _: wire::Rev = ask(client, &request, context)?;
@@ -146,7 +143,7 @@ fn is_pattern(target: &str) -> bool {
 
 /// A command-line value: JSON if it parses, otherwise a string (as in the text protocol);
 /// `-` reads standard input, except in a session, where standard input is the commands.
-pub fn value_argument(text: &str, context: &Context) -> Result<Value, Failure> {
+pub fn value_argument(text: &str, context: &Context) -> Result<Box<RawValue>, Failure> {
     if text != "-" {
         return Ok(parse_value(text));
     }
@@ -165,17 +162,29 @@ pub fn value_argument(text: &str, context: &Context) -> Result<Value, Failure> {
     Ok(parse_value(&input))
 }
 
-/// JSON if it parses, otherwise the text as a string.
-pub fn parse_value(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+/// JSON if it is a value the server accepts, sent as typed (only whitespace outside strings
+/// removed, so that it stays one line): `12345678901234567890123` is not rounded, `1e2` stays
+/// `1e2`, an object keeps its key order. Otherwise the text as a string.
+pub fn parse_value(text: &str) -> Box<RawValue> {
+    if nkv::json::validate(text).is_ok() {
+        if let Ok(raw) = RawValue::from_string(nkv::json::compact(text).into_owned()) {
+            return raw;
+        }
+    }
+    // A `&str` always serialises.
+    serde_json::value::to_raw_value(text)
+        .unwrap_or_else(|_| RawValue::from_string("null".to_owned()).expect("null is JSON"))
 }
 
-/// A string raw, anything else as JSON.
-pub fn display(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+/// A string raw (decoded), anything else as the JSON text the server stores, unchanged.
+pub fn display(value: &RawValue) -> String {
+    let text = value.get();
+    if text.starts_with('"') {
+        if let Ok(s) = serde_json::from_str::<String>(text) {
+            return s;
+        }
     }
+    text.to_owned()
 }
 
 /// Sorted keys as an indented tree, for a person at a terminal. A segment that is only a

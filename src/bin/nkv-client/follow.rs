@@ -10,9 +10,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use serde_json::Value;
+use serde_json::value::RawValue;
 
-use nkv::{Client, Event, Subscription};
+use nkv::{Client, RawEvent as Event, Subscription};
 
 use crate::commands::{display, parse_value};
 use crate::signals::Following;
@@ -75,7 +75,7 @@ pub fn subscribe(client: &mut Client, key: &str, context: &Context) -> Result<Ou
             Ok(next) => next,
             Err(End::Shutdown) => {
                 if context.cli.json {
-                    let shutdown: Event = Event::Shutdown;
+                    let shutdown: nkv::Event = nkv::Event::Shutdown;
                     let line = serde_json::to_string(&shutdown)
                         .map_err(|e| Failure::Usage(e.to_string()))?;
                     println!("{line}");
@@ -115,26 +115,46 @@ pub fn wait(
             "wait: {key:?} is a pattern; wait takes one key"
         )));
     }
-    let want: Option<Value> = equals.map(parse_value);
+    // Equal means the same JSON text once whitespace outside strings is removed (how the
+    // server stores a value): `1` is not `1.0`, and numbers are compared digit by digit.
+    let want: Option<Box<RawValue>> = equals.map(parse_value);
     let deadline = context
         .cli
         .timeout
         .filter(|t| !t.is_zero())
         .map(|t| Instant::now() + t);
-    let mut sub = take_subscription(client, key)?;
+    let mut sub = match take_subscription(client, key) {
+        Ok(sub) => sub,
+        // A server that accepts but does not answer within --timeout: the wait timed out
+        // (exit 1), as it does when the key does not come.
+        Err(Failure::Nkv(nkv::Error::Io(e)))
+            if deadline.is_some()
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                ) =>
+        {
+            let secs = context.cli.timeout.unwrap_or_default().as_secs_f64();
+            eprintln!("nkv-client: wait: no answer from the server within {secs} s (--timeout)");
+            return Ok(Outcome::NotFound);
+        }
+        Err(e) => return Err(e),
+    };
     let following = follow(&sub, context);
+    // Whether KEY existed (with another value) at some point: the timeout says so.
+    let mut seen = false;
     loop {
         if let Some(deadline) = deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(timed_out(key, context));
+                return Ok(timed_out(key, seen, context));
             }
             sub.set_timeout(Some(left))?;
         }
         let (event, line) = match next_event(&mut sub, &following) {
             Ok(next) => next,
             Err(End::Lost(_)) if deadline.is_some_and(|d| Instant::now() >= d) => {
-                return Ok(timed_out(key, context))
+                return Ok(timed_out(key, seen, context))
             }
             Err(End::Shutdown) => {
                 eprintln!("nkv-client: wait: the server stopped before {key} was there");
@@ -151,7 +171,12 @@ pub fn wait(
         else {
             continue;
         };
-        if got == key && want.as_ref().is_none_or(|want| *want == value) {
+        seen |= got == key;
+        if got == key
+            && want
+                .as_ref()
+                .is_none_or(|want| want.get() == nkv::json::compact(value.get()))
+        {
             let mut out = io::stdout().lock();
             if context.cli.json {
                 writeln!(out, "{line}")?;
@@ -164,9 +189,15 @@ pub fn wait(
     }
 }
 
-fn timed_out(key: &str, context: &Context) -> Outcome {
+fn timed_out(key: &str, seen: bool, context: &Context) -> Outcome {
     let secs = context.cli.timeout.unwrap_or_default().as_secs_f64();
-    eprintln!("nkv-client: wait: {key} did not appear within {secs} s (--timeout)");
+    if seen {
+        eprintln!(
+            "nkv-client: wait: {key} did not get the --equals value within {secs} s (--timeout)"
+        );
+    } else {
+        eprintln!("nkv-client: wait: {key} did not appear within {secs} s (--timeout)");
+    }
     Outcome::NotFound
 }
 
@@ -237,12 +268,61 @@ pub fn watch(
             }
         };
         let Some(event) = event else { continue };
-        if let Err(e) = run_for(program, args, &event) {
-            eprintln!("nkv-client: watch: cannot run {program}: {e}");
-            break Outcome::Failed;
+        match run_for(program, args, &event) {
+            Ok(()) => {}
+            // CMD does not exist or may not be run: no later change can run it either.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                eprintln!("nkv-client: watch: cannot run {program}: {e}");
+                break Outcome::Failed;
+            }
+            // Anything else is this run's failure: reported, and the watch goes on.
+            Err(e) => eprintln!("nkv-client: watch: cannot run {program} for this change: {e}"),
         }
     };
     Ok(outcome)
+}
+
+/// The longest value passed in `NKV_VALUE`. Linux refuses to start a program with one
+/// environment string over 128 KiB (`MAX_ARG_STRLEN`, counting `NKV_VALUE=` and the NUL),
+/// which would end the watch; a longer value goes to a file named by `NKV_VALUE_FILE`.
+const MAX_ENV_VALUE: usize = 128 * 1024 - 64;
+
+/// A value too long for the environment, in a private temporary file removed after CMD's run.
+struct ValueFile {
+    path: std::path::PathBuf,
+}
+
+impl ValueFile {
+    fn write(text: &str) -> io::Result<ValueFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "nkv-watch-{}-{}.json",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        let file_guard = ValueFile { path };
+        file.write_all(text.as_bytes())?;
+        Ok(file_guard)
+    }
+}
+
+impl Drop for ValueFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Runs CMD once for `event`; its failure is reported, not returned. Fails only when CMD
@@ -259,11 +339,22 @@ fn run_for(program: &str, args: &[String], event: &Event) -> io::Result<()> {
     cmd.env("NKV_EVENT", kind)
         .env("NKV_KEY", key)
         .env("NKV_REV", rev.to_string());
+    cmd.env_remove("NKV_VALUE").env_remove("NKV_VALUE_FILE");
+    let mut file = None;
     match value {
-        Some(value) => cmd.env("NKV_VALUE", value.to_string()),
-        None => cmd.env_remove("NKV_VALUE"),
-    };
-    let status = cmd.status()?;
+        Some(value) if value.get().len() <= MAX_ENV_VALUE => {
+            cmd.env("NKV_VALUE", value.get());
+        }
+        Some(value) => {
+            let spill = ValueFile::write(value.get())?;
+            cmd.env("NKV_VALUE_FILE", &spill.path);
+            file = Some(spill);
+        }
+        None => {}
+    }
+    let status = cmd.status();
+    drop(file);
+    let status = status?;
     if !status.success() {
         eprintln!("nkv-client: watch: {program} failed for {kind} {key} (rev {rev}): {status}");
     }

@@ -91,7 +91,7 @@ pub struct Context<'a> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(cli::put_value_as_typed(std::env::args_os().collect()));
     match &cli.command {
         None => session::run(&cli).exit_code(),
         Some(command) => {
@@ -161,6 +161,20 @@ fn completions(shell: clap_complete::Shell) -> String {
     let script = String::from_utf8_lossy(&script).into_owned();
     match shell {
         clap_complete::Shell::Bash => script.replace("nkv__subcmd__client", "nkv__client"),
+        // clap_complete's fish script completes no positional value, not even the shells of
+        // `completions` (an enum) that bash and zsh offer; add them.
+        clap_complete::Shell::Fish => {
+            use clap::ValueEnum;
+            let shells: Vec<String> = clap_complete::Shell::value_variants()
+                .iter()
+                .filter_map(|s| s.to_possible_value())
+                .map(|v| v.get_name().to_owned())
+                .collect();
+            format!(
+                "{script}complete -c nkv-client -n \"__fish_nkv_client_using_subcommand completions\" -f -a \"{}\"\n",
+                shells.join(" ")
+            )
+        }
         _ => script,
     }
 }

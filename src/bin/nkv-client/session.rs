@@ -95,8 +95,18 @@ pub fn interpret(client: &mut Client, line: &str, context: &Context) -> Option<O
     if verb == "quit" || verb == "exit" {
         return None;
     }
-    let args = std::iter::once(if verb == "?" { "help" } else { verb.as_str() })
-        .chain(words[1..].iter().map(|(_, w)| *w));
+    let verb = if verb == "?" { "help".to_owned() } else { verb };
+    // A put value is the rest of the line as typed, after the one separator following the
+    // key (see `value_after_key`); clap sees only a placeholder, so a value such as `--help`
+    // or `-5` is never read as a flag.
+    let typed = value_after_key(&verb, &words, line);
+    let mut args: Vec<&str> = std::iter::once(verb.as_str())
+        .chain(words[1..].iter().map(|(_, w)| *w))
+        .collect();
+    if typed.is_some() {
+        args.truncate(2);
+        args.extend(["--", "value"]);
+    }
     let mut command = match SessionLine::try_parse_from(args) {
         Ok(parsed) => parsed.command,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
@@ -108,15 +118,32 @@ pub fn interpret(client: &mut Client, line: &str, context: &Context) -> Option<O
             return Some(Outcome::Failed);
         }
     };
-    // A value is the rest of the line as typed, inner spaces and all.
-    if let Command::Put { key, value } = &mut command {
-        if let [_, (_, k), (start, _), ..] = words.as_slice() {
-            if k == key {
-                *value = vec![line[*start..].trim_end().to_owned()];
-            }
-        }
+    if let (Command::Put { value, .. }, Some(typed)) = (&mut command, typed) {
+        *value = vec![typed.to_owned()];
     }
     Some(crate::run(client, &command, context))
+}
+
+/// For `put KEY VALUE...`: the line after KEY and the one whitespace character that follows
+/// it, kept exactly (leading, inner and trailing spaces). A `-- ` right after that separator
+/// is the end-of-flags mark and is dropped when something follows it, as on the command line.
+/// `None` for other commands, or when KEY looks like a flag or no value follows.
+fn value_after_key<'a>(verb: &str, words: &[(usize, &str)], line: &'a str) -> Option<&'a str> {
+    if verb != "put" && verb != "set" {
+        return None;
+    }
+    let &(start, key) = words.get(1)?;
+    words.get(2)?;
+    if key.starts_with('-') {
+        return None;
+    }
+    let after = &line[start + key.len()..];
+    let separator = after.chars().next()?.len_utf8();
+    let value = &after[separator..];
+    Some(match value.strip_prefix("-- ") {
+        Some(rest) if !rest.is_empty() => rest,
+        _ => value,
+    })
 }
 
 /// The whitespace-separated words of a line with their byte offsets.

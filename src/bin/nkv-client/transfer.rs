@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
 
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use nkv::wire::Dumped;
 use nkv::Client;
@@ -11,16 +11,19 @@ use nkv::Client;
 use crate::{Context, Failure, Outcome};
 
 /// Prints `{"key":..,"value":..}` for every key, or for PREFIX and the keys below it, sorted.
-/// Two reads (the prefix itself, then below it), not one snapshot.
+/// Two reads (the prefix itself, then below it), not one snapshot. A pattern (`*`, `a.*`)
+/// dumps the keys it matches. Values are written as the exact text stored, so `restore`
+/// puts back the same store.
 pub fn dump(client: &mut Client, prefix: Option<&str>, _: &Context) -> Result<Outcome, Failure> {
-    let mut entries: BTreeMap<String, Value> = BTreeMap::new();
+    let mut entries: BTreeMap<String, Box<RawValue>> = BTreeMap::new();
     match prefix {
-        None => entries = client.get_matching("*")?,
+        None => entries = client.get_matching_raw("*")?,
+        Some(pattern) if pattern.contains('*') => entries = client.get_matching_raw(pattern)?,
         Some(prefix) => {
-            if let Some(value) = client.get(prefix)? {
-                entries.insert(prefix.to_owned(), value);
+            if let Some(entry) = client.get_raw(prefix)? {
+                entries.insert(prefix.to_owned(), entry.value);
             }
-            entries.extend(client.get_matching(&format!("{prefix}.*"))?);
+            entries.extend(client.get_matching_raw(&format!("{prefix}.*"))?);
         }
     }
     let mut out = io::stdout().lock();
@@ -48,12 +51,12 @@ pub fn restore(client: &mut Client, context: &Context) -> Result<Outcome, Failur
         if line.trim().is_empty() {
             continue;
         }
-        let entry: Dumped<String, Value> = serde_json::from_str(&line).map_err(|e| {
+        let entry: Dumped<String, Box<RawValue>> = serde_json::from_str(&line).map_err(|e| {
             Failure::Usage(format!(
                 "restore: line {number}: not a {{\"key\":..,\"value\":..}} line: {e}; {restored} keys restored before it"
             ))
         })?;
-        client.put(&entry.key, &entry.value).map_err(|e| {
+        client.put(&entry.key, &*entry.value).map_err(|e| {
             Failure::Usage(format!(
                 "restore: line {number}: {}: {e}; {restored} keys restored before it",
                 entry.key
