@@ -55,6 +55,10 @@ const BATCH_ITEMS: usize = 1024;
 pub const KICK_BUDGET: usize = 64 * 1024;
 /// Pending replies at which the subscriber's connection stops reading requests.
 pub const MAX_REPLIES: usize = 32;
+/// Bytes of pending replies at which it stops too: replies echo the request's `id`, so 32 of
+/// them could otherwise pin 32 request lines' worth of memory. So the pending replies hold at
+/// most this plus one reply.
+pub const MAX_REPLY_BYTES: usize = 64 * 1024;
 /// Capacity the send buffer keeps between batches; more is given back.
 const KEEP_CAPACITY: usize = 4096;
 
@@ -78,7 +82,8 @@ pub enum Turn {
 pub struct Status {
     /// Closed and everything sent, or dead: the connection can end.
     pub finished: bool,
-    /// Fewer than [`MAX_REPLIES`] replies and no snapshot pending: the next request may be
+    /// Fewer than [`MAX_REPLIES`] replies of fewer than [`MAX_REPLY_BYTES`] and no snapshot
+    /// pending: the next request may be
     /// read. Otherwise the connection stops reading (which throttles a client that keeps sending
     /// without reading).
     pub accepts_requests: bool,
@@ -400,7 +405,7 @@ impl<P: Port> Mailbox<P> {
 /// Whether the connection may read its next request: its replies cannot pile up, and a new
 /// snapshot waits until the previous one has been sent.
 fn accepts_requests(queue: &Queue) -> bool {
-    queue.replies() < MAX_REPLIES && queue.snapshots() == 0
+    queue.replies() < MAX_REPLIES && queue.reply_bytes() < MAX_REPLY_BYTES && queue.snapshots() == 0
 }
 
 /// Takes the next batch: at most [`BATCH_ITEMS`] items and about [`BATCH_BYTES`], and a change

@@ -43,6 +43,8 @@ pub struct Queue {
     last_line: Option<u64>,
     value_bytes: usize,
     replies: usize,
+    /// Bytes of the pending replies (an `id` is echoed, so one reply can be megabytes).
+    reply_bytes: usize,
     snapshots: usize,
     closed: bool,
     cap_items: usize,
@@ -58,6 +60,7 @@ impl Queue {
             last_line: None,
             value_bytes: 0,
             replies: 0,
+            reply_bytes: 0,
             snapshots: 0,
             closed: false,
             cap_items,
@@ -98,7 +101,10 @@ impl Queue {
         let seq = self.next_seq;
         self.next_seq += 1;
         match &item {
-            Item::Reply(_) => self.replies += 1,
+            Item::Reply(line) => {
+                self.replies += 1;
+                self.reply_bytes += line.len();
+            }
             Item::Ready { .. } => self.snapshots += 1,
             Item::Shutdown => self.closed = true,
             Item::Change(_) | Item::Init(_) => {}
@@ -127,7 +133,10 @@ impl Queue {
             }
         }
         match &item {
-            Item::Reply(_) => self.replies -= 1,
+            Item::Reply(line) => {
+                self.replies -= 1;
+                self.reply_bytes -= line.len();
+            }
             Item::Ready { .. } => self.snapshots -= 1,
             _ => {}
         }
@@ -150,6 +159,7 @@ impl Queue {
         self.latest = HashMap::new();
         self.value_bytes = 0;
         self.replies = 0;
+        self.reply_bytes = 0;
         self.snapshots = 0;
         self.closed = true;
     }
@@ -169,6 +179,11 @@ impl Queue {
     /// Pending response lines.
     pub fn replies(&self) -> usize {
         self.replies
+    }
+
+    /// Bytes of the pending response lines.
+    pub fn reply_bytes(&self) -> usize {
+        self.reply_bytes
     }
 
     /// Pending `ready` markers (snapshots not yet fully taken).

@@ -4,8 +4,11 @@
 //! `max_line` bytes and reports [`Line::TooLong`] without reading further.
 
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
+
+use nix::sys::socket::{recv, MsgFlags};
 
 const INITIAL_CAPACITY: usize = 16 * 1024;
 
@@ -73,6 +76,52 @@ impl LineReader {
                 false
             }
         }
+    }
+
+    /// Whether [`next_line`](Self::next_line) would return without reading the socket: a
+    /// complete line is buffered, the client has closed, the pending line is already too long,
+    /// or its idle time is up. A subscriber connection runs a request only then, so its thread
+    /// never blocks in `read` (it also sends the mailbox).
+    pub fn is_ready(&mut self) -> bool {
+        self.has_buffered_line()
+            || self.eof
+            || self.scanned > self.max_line
+            || self.idle_left().is_some_and(|left| left.is_zero())
+    }
+
+    /// How long a partial line may still take to complete (`None`: no partial line, or no
+    /// idle timeout). Counted like [`next_line`](Self::next_line)'s timeout.
+    pub fn idle_left(&mut self) -> Option<Duration> {
+        let idle = self.idle?;
+        if self.start == self.end && self.seen_line {
+            return None;
+        }
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        Some(idle.saturating_sub(since.elapsed()))
+    }
+
+    /// Reads what the socket holds without blocking (poll said it is readable); complete lines
+    /// are then taken with [`next_line`](Self::next_line) once [`is_ready`](Self::is_ready).
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub fn fill(&mut self) -> io::Result<()> {
+        if self.eof || self.has_buffered_line() || self.scanned > self.max_line {
+            return Ok(());
+        }
+        self.shrink();
+        self.make_room();
+        match recv(
+            self.stream.as_raw_fd(),
+            &mut self.buf[self.end..],
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self.end += n,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
     }
 
     /// Reads the next line.
