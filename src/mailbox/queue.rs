@@ -43,6 +43,8 @@ pub struct Queue {
     last_line: Option<u64>,
     value_bytes: usize,
     replies: usize,
+    /// The most items pending since the queue was last empty.
+    high_water: usize,
     /// Bytes of the pending replies (an `id` is echoed, so one reply can be megabytes).
     reply_bytes: usize,
     snapshots: usize,
@@ -60,6 +62,7 @@ impl Queue {
             last_line: None,
             value_bytes: 0,
             replies: 0,
+            high_water: 0,
             reply_bytes: 0,
             snapshots: 0,
             closed: false,
@@ -117,6 +120,7 @@ impl Queue {
         }
         self.value_bytes += weight;
         self.items.insert(seq, item);
+        self.high_water = self.high_water.max(self.items.len());
     }
 
     /// The next item to send.
@@ -146,6 +150,12 @@ impl Queue {
             self.latest = HashMap::new();
         }
         Some(item)
+    }
+
+    /// How many items were pending at most since the queue was last emptied, and starts
+    /// counting again: the caller gives memory back after a large drain.
+    pub fn take_high_water(&mut self) -> usize {
+        std::mem::take(&mut self.high_water)
     }
 
     /// Accept nothing more.

@@ -181,6 +181,7 @@ impl<'a> Connection<'a> {
                 self.end_subscriptions();
                 mailbox.close();
             }
+            reader.release();
             let turn = mailbox.send();
             let status = mailbox.status();
             if status.finished {

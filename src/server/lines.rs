@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{recv, MsgFlags};
 
 const INITIAL_CAPACITY: usize = 16 * 1024;
+/// What an idle subscriber connection keeps to read its next (short) request into.
+const IDLE_CAPACITY: usize = 512;
 
 /// What the next read produced.
 #[derive(Debug, PartialEq, Eq)]
@@ -179,6 +181,17 @@ impl LineReader {
         }
     }
 
+    /// Gives the read buffer back when nothing is pending, keeping [`IDLE_CAPACITY`]: a
+    /// subscriber connection sends few short requests, and hundreds of them sit idle.
+    pub fn release(&mut self) {
+        if self.start == self.end && self.buf.len() > IDLE_CAPACITY {
+            self.buf = vec![0; IDLE_CAPACITY];
+            self.start = 0;
+            self.end = 0;
+            self.scanned = 0;
+        }
+    }
+
     /// Gives back the memory of a large line once it has been handled: a connection that sent
     /// one big value should not hold a buffer of that size for the rest of its life.
     fn shrink(&mut self) {
@@ -208,7 +221,8 @@ impl LineReader {
         }
         let grown = (self.buf.len() * 2)
             .min(self.max_line + 2)
-            .max(self.end + 1);
+            .max(self.end + 1)
+            .max(IDLE_CAPACITY);
         self.buf.resize(grown, 0);
     }
 

@@ -233,7 +233,14 @@ fn idle_subscribers_after_a_snapshot_give_their_memory_back() {
         proc_status(pid, "VmRSS")
     });
     let each = (proc_status(pid, "VmRSS").saturating_sub(base)) / n;
-    // Target 32 KiB; generous for a noisy machine.
-    assert!(each <= 44, "{each} KiB per idle subscriber");
+    eprintln!("idle subscribers after a 1,000-key snapshot: {each} KiB each");
+    // Target 32 KiB, met by the release build (the benchmark's footprint section: ~28 KiB);
+    // a debug build's stacks and allocations are larger (86 KiB before memory was given
+    // back, ~52 after). Generous bounds for a noisy machine.
+    let bound = if cfg!(debug_assertions) { 68 } else { 40 };
+    assert!(
+        each <= bound,
+        "{each} KiB per idle subscriber (bound {bound})"
+    );
     drop(subs);
 }
