@@ -189,7 +189,8 @@ impl<'a> Connection<'a> {
             }
             let mut timeout = PollTimeout::NONE;
             // While stopping, a subscriber that accepts nothing for a second is not waited for.
-            let send_timeout = if self.shared.stopping.load(Ordering::Relaxed) {
+            let stopping = self.shared.stopping.load(Ordering::Relaxed);
+            let send_timeout = if stopping {
                 Some(
                     limits
                         .send_timeout
@@ -202,10 +203,11 @@ impl<'a> Connection<'a> {
                 let waited = since.elapsed();
                 if waited >= limit {
                     log::warn!(
-                        "conn {} ({}): dropped: its socket accepted nothing for {}s with events pending (--send-timeout)",
+                        "conn {} ({}): dropped: its socket accepted nothing for {:.1}s with events pending ({})",
                         self.id,
                         self.name,
-                        waited.as_secs()
+                        waited.as_secs_f64(),
+                        if stopping { "server stopping" } else { "--send-timeout" }
                     );
                     self.shared.store.notifier().note_dropped_slow();
                     mailbox.die();
