@@ -16,6 +16,9 @@ use crate::wire::Dialect;
 /// Idle subscriber connections held for the "subs" state.
 pub const IDLE_SUBSCRIBERS: usize = 1000;
 
+/// Keys of the snapshot each subscriber reads in the "subs_after_snapshot" state.
+const SNAPSHOT_KEYS: usize = 1000;
+
 /// Time given to a server to settle (finish accepting, free buffers) before /proc is read.
 const SETTLE: Duration = Duration::from_millis(300);
 
@@ -100,6 +103,9 @@ fn measure(server: &Server, sys: &str, plan: &Plan, res: &mut Results) -> Result
     }
     record(res, "subs")?;
     drop(subs);
+    if server.dialect != Dialect::Redis {
+        subs_after_snapshot(server, res, &record)?;
+    }
 
     server.populate(
         DATASET_PREFIX,
@@ -107,6 +113,43 @@ fn measure(server: &Server, sys: &str, plan: &Plan, res: &mut Results) -> Result
         &kv::value(server.dialect, 100),
     )?;
     record(res, "keys")
+}
+
+/// Idle subscribers that each read a snapshot of [`SNAPSHOT_KEYS`] small keys first: what an
+/// idle subscriber costs after ordinary use (its queue, send buffer and the allocator's arenas
+/// must have given the snapshot's memory back). The keys are deleted afterwards.
+fn subs_after_snapshot(
+    server: &Server,
+    res: &mut Results,
+    record: &dyn Fn(&mut Results, &str) -> Result<(), String>,
+) -> Result<(), String> {
+    server.populate("fp.k", SNAPSHOT_KEYS, &kv::value(server.dialect, 8))?;
+    let mut subs = Vec::with_capacity(IDLE_SUBSCRIBERS);
+    for i in 0..IDLE_SUBSCRIBERS {
+        let ctx = |e: std::io::Error| format!("snapshot subscriber {i}: {e}");
+        let mut c = server.connect()?;
+        c.call(b"SUB fp\n").map_err(ctx)?;
+        let mut ready = false;
+        for _ in 0..=SNAPSHOT_KEYS {
+            if c.read_line()
+                .map_err(ctx)?
+                .starts_with(b"{\"event\":\"ready\"")
+            {
+                ready = true;
+                break;
+            }
+        }
+        if !ready {
+            return Err(format!("snapshot subscriber {i}: no ready marker"));
+        }
+        subs.push(c);
+    }
+    record(res, "subs_after_snapshot")?;
+    drop(subs);
+    let mut c = server.connect()?;
+    c.call(b"DEL fp.*\n")
+        .map_err(|e| format!("deleting fp.*: {e}"))?;
+    Ok(())
 }
 
 /// Whether the ELF file at `path` has no symbol table section (SHT_SYMTAB), as `strip` leaves it.

@@ -43,6 +43,10 @@ pub struct Queue {
     last_line: Option<u64>,
     value_bytes: usize,
     replies: usize,
+    /// The most items pending since the queue was last empty.
+    high_water: usize,
+    /// Bytes of the pending replies (an `id` is echoed, so one reply can be megabytes).
+    reply_bytes: usize,
     snapshots: usize,
     closed: bool,
     cap_items: usize,
@@ -58,6 +62,8 @@ impl Queue {
             last_line: None,
             value_bytes: 0,
             replies: 0,
+            high_water: 0,
+            reply_bytes: 0,
             snapshots: 0,
             closed: false,
             cap_items,
@@ -98,7 +104,10 @@ impl Queue {
         let seq = self.next_seq;
         self.next_seq += 1;
         match &item {
-            Item::Reply(_) => self.replies += 1,
+            Item::Reply(line) => {
+                self.replies += 1;
+                self.reply_bytes += line.len();
+            }
             Item::Ready { .. } => self.snapshots += 1,
             Item::Shutdown => self.closed = true,
             Item::Change(_) | Item::Init(_) => {}
@@ -111,6 +120,7 @@ impl Queue {
         }
         self.value_bytes += weight;
         self.items.insert(seq, item);
+        self.high_water = self.high_water.max(self.items.len());
     }
 
     /// The next item to send.
@@ -127,7 +137,10 @@ impl Queue {
             }
         }
         match &item {
-            Item::Reply(_) => self.replies -= 1,
+            Item::Reply(line) => {
+                self.replies -= 1;
+                self.reply_bytes -= line.len();
+            }
             Item::Ready { .. } => self.snapshots -= 1,
             _ => {}
         }
@@ -137,6 +150,12 @@ impl Queue {
             self.latest = HashMap::new();
         }
         Some(item)
+    }
+
+    /// How many items were pending at most since the queue was last emptied, and starts
+    /// counting again: the caller gives memory back after a large drain.
+    pub fn take_high_water(&mut self) -> usize {
+        std::mem::take(&mut self.high_water)
     }
 
     /// Accept nothing more.
@@ -150,6 +169,7 @@ impl Queue {
         self.latest = HashMap::new();
         self.value_bytes = 0;
         self.replies = 0;
+        self.reply_bytes = 0;
         self.snapshots = 0;
         self.closed = true;
     }
@@ -169,6 +189,11 @@ impl Queue {
     /// Pending response lines.
     pub fn replies(&self) -> usize {
         self.replies
+    }
+
+    /// Bytes of the pending response lines.
+    pub fn reply_bytes(&self) -> usize {
+        self.reply_bytes
     }
 
     /// Pending `ready` markers (snapshots not yet fully taken).

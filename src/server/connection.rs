@@ -11,6 +11,7 @@ use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use crate::mailbox::{send_some, Item, Kicks, Mailbox, Turn};
 use crate::notify::SubError;
 use crate::protocol::{parse_request, Envelope, Request, Response, Stats};
 use crate::server::lines::{Line, LineReader};
-use crate::server::{Limits, Shared};
+use crate::server::{Limits, Shared, SHUTDOWN_STALL};
 
 /// Batched responses are written once they reach this size; a large reply is written in parts
 /// of this size.
@@ -173,27 +174,40 @@ impl<'a> Connection<'a> {
         };
         let mut ending = false;
         loop {
-            while !ending && mailbox.status().accepts_requests && reader.has_buffered_line() {
+            while !ending && mailbox.status().accepts_requests && reader.is_ready() {
                 ending = self.read_request(reader, limits);
             }
             if ending {
                 self.end_subscriptions();
                 mailbox.close();
             }
+            reader.release();
             let turn = mailbox.send();
             let status = mailbox.status();
             if status.finished {
                 break;
             }
             let mut timeout = PollTimeout::NONE;
-            if let (Some(limit), Some(since)) = (limits.send_timeout, status.stalled_since) {
+            // While stopping, a subscriber that accepts nothing for a second is not waited for.
+            let stopping = self.shared.stopping.load(Ordering::Relaxed);
+            let send_timeout = if stopping {
+                Some(
+                    limits
+                        .send_timeout
+                        .map_or(SHUTDOWN_STALL, |t| t.min(SHUTDOWN_STALL)),
+                )
+            } else {
+                limits.send_timeout
+            };
+            if let (Some(limit), Some(since)) = (send_timeout, status.stalled_since) {
                 let waited = since.elapsed();
                 if waited >= limit {
                     log::warn!(
-                        "conn {} ({}): dropped: its socket accepted nothing for {}s with events pending (--send-timeout)",
+                        "conn {} ({}): dropped: its socket accepted nothing for {:.1}s with events pending ({})",
                         self.id,
                         self.name,
-                        waited.as_secs()
+                        waited.as_secs_f64(),
+                        if stopping { "server stopping" } else { "--send-timeout" }
                     );
                     self.shared.store.notifier().note_dropped_slow();
                     mailbox.die();
@@ -202,9 +216,16 @@ impl<'a> Connection<'a> {
                 timeout = poll_timeout(limit - waited);
             }
             let want_read = !ending && status.accepts_requests;
-            if want_read && reader.has_buffered_line() {
+            if want_read && reader.is_ready() {
                 // Sending made room for a request that is already buffered.
                 continue;
+            }
+            // A partial request line is bounded by --idle-timeout here, not by a blocking read.
+            if let Some(left) = reader.idle_left().filter(|_| want_read) {
+                let left = poll_timeout(left);
+                if timeout == PollTimeout::NONE || left < timeout {
+                    timeout = left;
+                }
             }
             let mut events = PollFlags::empty();
             if want_read {
@@ -239,7 +260,13 @@ impl<'a> Connection<'a> {
                 mailbox.writable();
             }
             if want_read && socket.intersects(PollFlags::POLLIN | hangup) {
-                ending = self.read_request(reader, limits);
+                // Never a blocking read: what is there is buffered, and only complete lines run
+                // (at the top of the loop), so this thread keeps sending whatever the client
+                // holds back.
+                if let Err(e) = reader.fill() {
+                    log::debug!("conn {}: read failed: {e}", self.id);
+                    ending = true;
+                }
             }
         }
     }

@@ -4,10 +4,15 @@
 //! `max_line` bytes and reports [`Line::TooLong`] without reading further.
 
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use nix::sys::socket::{recv, MsgFlags};
+
 const INITIAL_CAPACITY: usize = 16 * 1024;
+/// What an idle subscriber connection keeps to read its next (short) request into.
+const IDLE_CAPACITY: usize = 512;
 
 /// What the next read produced.
 #[derive(Debug, PartialEq, Eq)]
@@ -75,6 +80,52 @@ impl LineReader {
         }
     }
 
+    /// Whether [`next_line`](Self::next_line) would return without reading the socket: a
+    /// complete line is buffered, the client has closed, the pending line is already too long,
+    /// or its idle time is up. A subscriber connection runs a request only then, so its thread
+    /// never blocks in `read` (it also sends the mailbox).
+    pub fn is_ready(&mut self) -> bool {
+        self.has_buffered_line()
+            || self.eof
+            || self.scanned > self.max_line
+            || self.idle_left().is_some_and(|left| left.is_zero())
+    }
+
+    /// How long a partial line may still take to complete (`None`: no partial line, or no
+    /// idle timeout). Counted like [`next_line`](Self::next_line)'s timeout.
+    pub fn idle_left(&mut self) -> Option<Duration> {
+        let idle = self.idle?;
+        if self.start == self.end && self.seen_line {
+            return None;
+        }
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        Some(idle.saturating_sub(since.elapsed()))
+    }
+
+    /// Reads what the socket holds without blocking (poll said it is readable); complete lines
+    /// are then taken with [`next_line`](Self::next_line) once [`is_ready`](Self::is_ready).
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub fn fill(&mut self) -> io::Result<()> {
+        if self.eof || self.has_buffered_line() || self.scanned > self.max_line {
+            return Ok(());
+        }
+        self.shrink();
+        self.make_room();
+        match recv(
+            self.stream.as_raw_fd(),
+            &mut self.buf[self.end..],
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self.end += n,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
     /// Reads the next line.
     ///
     /// # Errors
@@ -130,6 +181,17 @@ impl LineReader {
         }
     }
 
+    /// Gives the read buffer back when nothing is pending, keeping [`IDLE_CAPACITY`]: a
+    /// subscriber connection sends few short requests, and hundreds of them sit idle.
+    pub fn release(&mut self) {
+        if self.start == self.end && self.buf.len() > IDLE_CAPACITY {
+            self.buf = vec![0; IDLE_CAPACITY];
+            self.start = 0;
+            self.end = 0;
+            self.scanned = 0;
+        }
+    }
+
     /// Gives back the memory of a large line once it has been handled: a connection that sent
     /// one big value should not hold a buffer of that size for the rest of its life.
     fn shrink(&mut self) {
@@ -159,7 +221,8 @@ impl LineReader {
         }
         let grown = (self.buf.len() * 2)
             .min(self.max_line + 2)
-            .max(self.end + 1);
+            .max(self.end + 1)
+            .max(IDLE_CAPACITY);
         self.buf.resize(grown, 0);
     }
 

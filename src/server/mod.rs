@@ -39,9 +39,17 @@ use connection::Connection;
 /// serde_json), and hundreds of threads should not reserve megabytes each.
 pub(crate) const THREAD_STACK: usize = 256 * 1024;
 
-/// How long each step of shutdown (request connections, then subscribers) waits for
-/// connections to finish before closing them forcibly.
+/// How long shutdown waits for request connections to finish their in-flight requests before
+/// closing them forcibly.
 const DRAIN_GRACE: Duration = Duration::from_millis(300);
+/// How long shutdown waits, at most, for subscribers to be sent what is pending and `shutdown`.
+/// A subscriber that keeps reading is waited for (however far behind); one whose socket accepts
+/// nothing for [`SHUTDOWN_STALL`] is dropped by its own thread. Well under systemd's default
+/// `TimeoutStopSec` (90 s).
+const SUBSCRIBER_DRAIN: Duration = Duration::from_secs(10);
+/// While stopping, a subscriber whose socket accepts nothing for this long with data pending is
+/// dropped (it stands for `--send-timeout`, when that is longer).
+pub(crate) const SHUTDOWN_STALL: Duration = Duration::from_secs(1);
 /// How long shutdown then waits for the threads of forcibly closed connections to end.
 const FORCED_GRACE: Duration = Duration::from_millis(100);
 
@@ -331,12 +339,18 @@ impl Server {
         }
         self.drain(
             "request connections",
+            DRAIN_GRACE,
             Connections::only_subscribers,
             |c, id| !c.subscribers.contains(&id),
         );
         // 2. Every change has been published: `shutdown` is the last thing subscribers get.
         self.shared.store.notifier().shutdown();
-        self.drain("subscribers", Connections::is_idle, |_, _| true);
+        self.drain(
+            "subscribers",
+            SUBSCRIBER_DRAIN,
+            Connections::is_idle,
+            |_, _| true,
+        );
         let still_ours = std::fs::symlink_metadata(&self.path)
             .is_ok_and(|m| Some((m.dev(), m.ino())) == self.socket_file);
         if !self.inherited && still_ours {
@@ -347,15 +361,16 @@ impl Server {
         log::info!("stopped");
     }
 
-    /// Waits up to [`DRAIN_GRACE`] for `done`, then closes the connections `which` selects and
-    /// waits (as long again) for their threads to end, so nothing is sent after.
+    /// Waits up to `grace` for `done`, then closes the connections `which` selects and
+    /// waits (up to [`FORCED_GRACE`]) for their threads to end, so nothing is sent after.
     fn drain(
         &self,
         what: &str,
+        grace: Duration,
         done: fn(&Connections) -> bool,
         which: fn(&Connections, u64) -> bool,
     ) {
-        let deadline = Instant::now() + DRAIN_GRACE;
+        let deadline = Instant::now() + grace;
         let mut connections = self.shared.connections.lock();
         while !done(&connections) {
             if self

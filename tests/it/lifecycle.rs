@@ -131,10 +131,12 @@ fn sigterm_stops_the_server_despite_clients_that_do_not_read() {
 
     server.signal(Signal::SIGTERM as i32);
     let signalled = Instant::now();
-    let status = server.wait_exit(Duration::from_secs(1));
+    // Request connections get 300 ms; a subscriber whose socket accepts nothing is dropped
+    // after 1 s of that (ARCHITECTURE.md, "Shutdown").
+    let status = server.wait_exit(Duration::from_secs(4));
     assert!(status.success(), "exit status {status}");
     assert!(!server.socket.exists());
-    assert!(signalled.elapsed() < Duration::from_secs(1));
+    assert!(signalled.elapsed() < Duration::from_secs(3));
     drop(stalled_sub);
 }
 

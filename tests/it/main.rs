@@ -18,6 +18,7 @@ mod operator;
 mod ops;
 mod panic;
 mod promise;
+mod promise_peers;
 mod props;
 mod session;
 mod soak;
