@@ -8,8 +8,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::support::{wait_until, Server, CLIENT};
 
 /// A private tmux server (its own socket name, no configuration) running one command.
+///
+/// The command runs under `sh`, which writes its exit status to a file once it ends: tmux
+/// does not always record a dead pane's status. The shell ignores SIGINT so that Ctrl-C
+/// reaches only the command (which inherits that, so it must install its own handler — as
+/// nkv-client does — for Ctrl-C to do anything).
 struct Tmux {
     name: String,
+    status_file: std::path::PathBuf,
 }
 
 impl Tmux {
@@ -20,7 +26,16 @@ impl Tmux {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let tmux = Tmux { name };
+        let status_file = std::env::temp_dir().join(format!("{name}.status"));
+        let _ = std::fs::remove_file(&status_file);
+        let tmux = Tmux {
+            name,
+            status_file: status_file.clone(),
+        };
+        let wrapped = format!(
+            "sh -c 'trap \"\" INT; {command}; echo $? > {}'",
+            status_file.display()
+        );
         tmux.run(&[
             "new-session",
             "-d",
@@ -30,7 +45,7 @@ impl Tmux {
             "200",
             "-y",
             "50",
-            command,
+            &wrapped,
         ]);
         tmux.run(&["set-option", "-t", "t", "remain-on-exit", "on"]);
         tmux
@@ -74,42 +89,28 @@ impl Tmux {
         }
     }
 
-    /// The exit status once the command has exited, as a shell reports it: a command ended
-    /// by signal N reads as 128 + N.
+    /// The command's exit status once it has ended, as the shell reports it (a command ended
+    /// by signal N reads as 128 + N).
     fn exit_status(&self) -> i32 {
-        let mut status = None;
         let end = std::time::Instant::now() + crate::support::DEADLINE;
-        while status.is_none() {
-            let out = self.run(&[
-                "display",
-                "-p",
-                "-t",
-                "t",
-                "#{pane_dead}|#{pane_dead_status}|#{pane_dead_signal}",
-            ]);
-            let last = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            let fields: Vec<&str> = last.split('|').collect();
-            if let ["1", code, signal] = fields[..] {
-                status = code
-                    .parse()
-                    .ok()
-                    .or_else(|| signal.parse::<i32>().ok().map(|n| 128 + n));
+        loop {
+            let text = std::fs::read_to_string(&self.status_file).unwrap_or_default();
+            if text.ends_with('\n') {
+                return text.trim().parse().expect("the shell writes a number");
             }
             assert!(
-                status.is_some() || std::time::Instant::now() < end,
-                "timed out waiting for the terminal's command to exit (pane: {last:?}); screen:\n{}",
+                std::time::Instant::now() < end,
+                "timed out waiting for the terminal's command to exit; screen:\n{}",
                 self.screen()
             );
-            if status.is_none() {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        status.unwrap_or_default()
     }
 }
 
 impl Drop for Tmux {
     fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.status_file);
         let _ = Command::new("tmux")
             .args(["-L", &self.name, "kill-server"])
             .output();
