@@ -11,7 +11,11 @@
 //!
 //! - [`key`]: the `Key` newtype and patterns; the only place a key is validated.
 //! - [`protocol`]: the wire format: `Request` parsing, `Response` and `Event` lines.
-//! - [`store`]: the shared map behind the `RwLock`; put/get/delete; calls disk and notify.
+//! - [`store`]: the shared map behind the `RwLock`; put/get/delete (with compare-and-set and
+//!   session keys); calls disk and notify.
+//! - [`class`]: storage classes (`persistent`, `volatile`, `memory`) by key prefix.
+//! - [`revseq`]: the revision counter and the turnstile applying changes in revision order.
+//! - [`history`]: tombstones, so a subscription can resume from a revision.
 //! - [`disk`]: one file per key: load at start (trusting nothing), atomic write, remove; the
 //!   data directory belongs to the server alone.
 //! - [`json`]: JSON values validated without building a tree, and compacted.
@@ -35,14 +39,17 @@
 //! - Publishing never blocks on a subscriber; a subscriber's memory is bounded by its queue plus
 //!   one pending event per key.
 
+pub mod class;
 pub mod client;
 pub mod disk;
 pub mod error;
+pub mod history;
 pub mod json;
 pub mod key;
 pub mod mailbox;
 pub mod notify;
 pub mod protocol;
+pub mod revseq;
 pub mod server;
 pub mod store;
 

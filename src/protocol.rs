@@ -11,6 +11,7 @@ use std::io::Write;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use crate::class::Class;
 use crate::error::ErrorCode;
 use crate::key::{Key, KeyError, Target};
 use crate::store::Value;
@@ -21,12 +22,25 @@ pub enum Request {
     Put {
         key: Key,
         value: Value,
+        /// Compare-and-set: store only if the key is at this revision (0: absent). `PUTIF`, or
+        /// JSON `"if_rev"`.
+        if_rev: Option<u64>,
+        /// JSON `"session":true`: a session key owned by this connection.
+        session: bool,
     },
     Get(Target),
     Del(Target),
+    /// Delete a key only at this revision: `DELIF`, or JSON `del` with `"if_rev"`.
+    DelIf {
+        key: Key,
+        rev: u64,
+    },
     /// Keys covered by the target (a key covers itself and what is below it); `None` = all.
     Keys(Option<Target>),
     Sub(Target),
+    /// Resume: only what changed after the revision (`SUB <target> FROM <rev>`, JSON
+    /// `"from_rev"`).
+    SubFrom(Target, u64),
     Unsub(Target),
     Hello(String),
     Trace(Key),
@@ -81,7 +95,7 @@ impl From<KeyError> for RequestError {
     }
 }
 
-pub const HELP: &str = "commands: PUT <key> <value> | GET <key>|<prefix>.*|* | DEL <key>|<prefix>.*|* | KEYS [<prefix>.*] | SUB <key>|<prefix>.*|* | UNSUB <key> | HELLO <name> | TRACE <key> | STATS | HEALTH | VERSION | HELP | QUIT; or one JSON object per line: {\"op\":\"put\",\"key\":\"a.b\",\"value\":1,\"id\":7}; see docs/PROTOCOL.md";
+pub const HELP: &str = "commands: PUT <key> <value> | PUTIF <key> <rev> <value> | DELIF <key> <rev> | SUB <key> FROM <rev> | GET <key>|<prefix>.*|* | DEL <key>|<prefix>.*|* | KEYS [<prefix>.*] | SUB <key>|<prefix>.*|* | UNSUB <key> | HELLO <name> | TRACE <key> | STATS | HEALTH | VERSION | HELP | QUIT; or one JSON object per line: {\"op\":\"put\",\"key\":\"a.b\",\"value\":1,\"id\":7}; see docs/PROTOCOL.md";
 
 /// Parses one request line (without its `\n`; a trailing `\r` is ignored).
 ///
@@ -135,12 +149,46 @@ fn parse_text(line: &str, max_value: usize) -> Result<Request, RequestError> {
             return Ok(Request::Put {
                 key,
                 value: text_value(text, max_value)?,
+                if_rev: None,
+                session: false,
             });
         }
+        "PUTIF" => {
+            let key = Key::parse(args.next("a key")?)?;
+            let rev = parse_rev(args.next("a revision")?)?;
+            let text = args
+                .rest
+                .take()
+                .ok_or_else(|| RequestError::bad("PUTIF needs a value after the revision"))?;
+            return Ok(Request::Put {
+                key,
+                value: text_value(text, max_value)?,
+                if_rev: Some(rev),
+                session: false,
+            });
+        }
+        "DELIF" => Request::DelIf {
+            key: Key::parse(args.next("a key")?)?,
+            rev: parse_rev(args.next("a revision")?)?,
+        },
         "GET" => Request::Get(Target::parse(args.next("a key or pattern")?)?),
         "DEL" | "DELETE" => Request::Del(Target::parse(args.next("a key or pattern")?)?),
         "KEYS" => Request::Keys(args.optional().map(Target::parse).transpose()?),
-        "SUB" | "SUBSCRIBE" => Request::Sub(Target::parse(args.next("a key or pattern")?)?),
+        "SUB" | "SUBSCRIBE" => {
+            let target = Target::parse(args.next("a key or pattern")?)?;
+            match args.optional() {
+                None => Request::Sub(target),
+                Some(word) if word.eq_ignore_ascii_case("FROM") => {
+                    Request::SubFrom(target, parse_rev(args.next("a revision after FROM")?)?)
+                }
+                Some(other) => {
+                    return Err(RequestError::bad(format!(
+                        "SUB takes a key or pattern, optionally followed by FROM <rev>; unexpected {:?}",
+                        truncate(other, 40)
+                    )))
+                }
+            }
+        }
         "UNSUB" | "UNSUBSCRIBE" => Request::Unsub(Target::parse(args.next("a key or pattern")?)?),
         "HELLO" => Request::Hello(parse_name(args.next("a name")?)?),
         "TRACE" => Request::Trace(Key::parse(args.next("a key")?)?),
@@ -197,6 +245,19 @@ impl<'a> Args<'a> {
             ))),
         }
     }
+}
+
+/// A revision argument: a decimal number up to 2^63-1.
+fn parse_rev(text: &str) -> Result<u64, RequestError> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|&r| r <= crate::disk::MAX_REV)
+        .ok_or_else(|| {
+            RequestError::bad(format!(
+                "{:?} is not a revision (a whole number from 0 to 2^63-1)",
+                truncate(text, 40)
+            ))
+        })
 }
 
 /// The text-form value: stored as the JSON it spells if it is JSON, else as a JSON string.
@@ -267,6 +328,12 @@ struct JsonRequest<'a> {
     value: Option<&'a RawValue>,
     #[serde(borrow, default)]
     name: Option<Cow<'a, str>>,
+    #[serde(default)]
+    if_rev: Option<u64>,
+    #[serde(default)]
+    session: Option<bool>,
+    #[serde(default)]
+    from_rev: Option<u64>,
     #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
 }
@@ -327,6 +394,22 @@ fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestE
     if op != "hello" {
         unexpected("name", req.name.is_some())?;
     }
+    if !matches!(op.as_str(), "put" | "del" | "delete") {
+        unexpected("if_rev", req.if_rev.is_some())?;
+    }
+    if op != "put" {
+        unexpected("session", req.session.is_some())?;
+    }
+    if !matches!(op.as_str(), "sub" | "subscribe") {
+        unexpected("from_rev", req.from_rev.is_some())?;
+    }
+    for rev in [req.if_rev, req.from_rev].into_iter().flatten() {
+        if rev > crate::disk::MAX_REV {
+            return Err(RequestError::bad(format!(
+                "{rev} is not a revision (a whole number from 0 to 2^63-1)"
+            )));
+        }
+    }
     let takes_key = matches!(
         op.as_str(),
         "put"
@@ -353,12 +436,25 @@ fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestE
             Request::Put {
                 key,
                 value: Value::from(raw.get()),
+                if_rev: req.if_rev,
+                session: req.session.unwrap_or(false),
             }
         }
         "get" => Request::Get(Target::parse(key()?)?),
-        "del" | "delete" => Request::Del(Target::parse(key()?)?),
+        "del" | "delete" => match (Target::parse(key()?)?, req.if_rev) {
+            (target, None) => Request::Del(target),
+            (Target::Key(key), Some(rev)) => Request::DelIf { key, rev },
+            (Target::Pattern(_), Some(_)) => {
+                return Err(RequestError::bad(
+                    "\"if_rev\" applies to one key, not a pattern",
+                ))
+            }
+        },
         "keys" => Request::Keys(req.key.as_deref().map(Target::parse).transpose()?),
-        "sub" | "subscribe" => Request::Sub(Target::parse(key()?)?),
+        "sub" | "subscribe" => match req.from_rev {
+            None => Request::Sub(Target::parse(key()?)?),
+            Some(rev) => Request::SubFrom(Target::parse(key()?)?, rev),
+        },
         "unsub" | "unsubscribe" => Request::Unsub(Target::parse(key()?)?),
         "trace" => Request::Trace(Key::parse(key()?)?),
         "hello" => Request::Hello(parse_name(
@@ -386,6 +482,10 @@ pub struct SubscriberInfo {
     pub id: u64,
     pub name: String,
     pub subscriptions: Vec<String>,
+    /// Items waiting in its mailbox.
+    pub pending: usize,
+    /// Changes replaced by a later one of their key before they were sent, since it subscribed.
+    pub coalesced: u64,
 }
 
 /// Server counters as `STATS` reports them.
@@ -408,6 +508,13 @@ pub struct Stats {
     pub behind: usize,
     /// Subscribers disconnected because their socket accepted nothing for `--send-timeout`.
     pub dropped_slow: u64,
+    /// Keys per storage class.
+    pub classes: crate::store::ClassCounts,
+    /// Tombstones kept for resumes, and the revision the delete history reaches back to.
+    pub tombstones: usize,
+    pub horizon: u64,
+    /// Every subscriber with its pending items and coalesced count.
+    pub lag: Vec<SubscriberInfo>,
 }
 
 /// One response line.
@@ -415,7 +522,12 @@ pub struct Stats {
 pub enum Response {
     Ok,
     Rev(u64),
-    Value { key: Key, value: Value, rev: u64 },
+    Value {
+        key: Key,
+        value: Value,
+        rev: u64,
+        class: Class,
+    },
     Values(Vec<(Key, Value)>),
     Keys(Vec<Key>),
     Deleted(usize),
@@ -425,6 +537,8 @@ pub enum Response {
     Version,
     Help,
     Error(ErrorCode, String),
+    /// A compare-and-set that did not match: the message and the key's current revision.
+    Conflict(String, u64),
 }
 
 impl Response {
@@ -439,12 +553,17 @@ impl Response {
             Response::Rev(rev) => {
                 let _ = write!(out, "{{\"ok\":true,\"rev\":{rev}");
             }
-            Response::Value { key, value, rev } => {
+            Response::Value {
+                key,
+                value,
+                rev,
+                class,
+            } => {
                 out.extend_from_slice(b"{\"ok\":true,\"key\":\"");
                 out.extend_from_slice(key.as_str().as_bytes());
                 out.extend_from_slice(b"\",\"value\":");
                 out.extend_from_slice(value.as_bytes());
-                let _ = write!(out, ",\"rev\":{rev}");
+                let _ = write!(out, ",\"rev\":{rev},\"class\":\"{class}\"");
             }
             Response::Values(values) => {
                 out.extend_from_slice(b"{\"ok\":true,\"values\":{");
@@ -473,10 +592,7 @@ impl Response {
                     if i > 0 {
                         out.push(b',');
                     }
-                    let _ = write!(out, "{{\"id\":{},\"name\":\"{}\",", sub.id, sub.name);
-                    out.extend_from_slice(b"\"subscriptions\":[");
-                    write_key_list(sub.subscriptions.iter().map(String::as_str), out);
-                    out.extend_from_slice(b"]}");
+                    write_subscriber(sub, out);
                 }
                 out.push(b']');
             }
@@ -488,6 +604,19 @@ impl Response {
                     s.threads, s.behind, s.dropped_slow
                 );
                 let _ = write!(out, ",\"not_durable\":{}", s.not_durable);
+                let c = &s.classes;
+                let _ = write!(
+                    out,
+                    ",\"classes\":{{\"persistent\":{},\"volatile\":{},\"memory\":{}}},\"sessions\":{},\"tombstones\":{},\"horizon\":{},\"lag\":[",
+                    c.persistent, c.volatile, c.memory, c.sessions, s.tombstones, s.horizon
+                );
+                for (i, sub) in s.lag.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_subscriber(sub, out);
+                }
+                out.push(b']');
             }
             Response::Health => out.extend_from_slice(b"{\"ok\":true,\"status\":\"ok\""),
             Response::Version => {
@@ -504,6 +633,11 @@ impl Response {
             Response::Error(code, message) => {
                 let _ = write!(out, "{{\"ok\":false,\"error\":\"{code}\",\"message\":");
                 write_json_string(message, out);
+            }
+            Response::Conflict(message, rev) => {
+                out.extend_from_slice(b"{\"ok\":false,\"error\":\"conflict\",\"message\":");
+                write_json_string(message, out);
+                let _ = write!(out, ",\"rev\":{rev}");
             }
         }
         if let Some(id) = id {
@@ -562,6 +696,18 @@ impl Response {
     }
 }
 
+/// One subscriber of `TRACE`/`STATS`: `{"id":..,"name":..,"subscriptions":[..],"pending":N,"coalesced":N}`.
+fn write_subscriber(sub: &SubscriberInfo, out: &mut Vec<u8>) {
+    let _ = write!(out, "{{\"id\":{},\"name\":\"{}\",", sub.id, sub.name);
+    out.extend_from_slice(b"\"subscriptions\":[");
+    write_key_list(sub.subscriptions.iter().map(String::as_str), out);
+    let _ = write!(
+        out,
+        "],\"pending\":{},\"coalesced\":{}}}",
+        sub.pending, sub.coalesced
+    );
+}
+
 /// Keys, subscription targets and names are validated to need no JSON escaping.
 fn write_key_list<'a>(items: impl Iterator<Item = &'a str>, out: &mut Vec<u8>) {
     for (i, item) in items.enumerate() {
@@ -615,12 +761,18 @@ impl Event {
     }
 }
 
-/// The marker after a subscription's initial values.
-pub fn write_ready(sub: &Target, count: usize, out: &mut Vec<u8>) {
+/// The marker after a subscription's initial values: `rev` is the revision the snapshot was
+/// taken at (every change up to it is in the snapshot, every later one follows).
+pub fn write_ready(sub: &Target, count: usize, rev: u64, out: &mut Vec<u8>) {
     let _ = writeln!(
         out,
-        "{{\"event\":\"ready\",\"sub\":\"{sub}\",\"count\":{count}}}"
+        "{{\"event\":\"ready\",\"sub\":\"{sub}\",\"count\":{count},\"rev\":{rev}}}"
     );
+}
+
+/// A resume the server could not answer from its history: the full snapshot follows.
+pub fn write_reset(sub: &Target, out: &mut Vec<u8>) {
+    let _ = writeln!(out, "{{\"event\":\"reset\",\"sub\":\"{sub}\"}}");
 }
 
 /// The last line a subscriber gets when the server stops.
@@ -658,6 +810,8 @@ mod tests {
         Ok(Request::Put {
             key: key(k),
             value: Value::from(v),
+            if_rev: None,
+            session: false,
         })
     }
 
@@ -772,6 +926,93 @@ mod tests {
     }
 
     #[test]
+    fn compare_and_set_sessions_and_resume_parse() {
+        let cas = |k: &str, rev, v: &str| {
+            Ok(Request::Put {
+                key: key(k),
+                value: Value::from(v),
+                if_rev: Some(rev),
+                session: false,
+            })
+        };
+        check("PUTIF a.b 3 {\"x\":1}", cas("a.b", 3, "{\"x\":1}"));
+        check("putif a 0 hello world", cas("a", 0, "\"hello world\""));
+        check(
+            "PUTIF a x 1",
+            Err((ErrorCode::BadRequest, "not a revision")),
+        );
+        check("PUTIF a 1", Err((ErrorCode::BadRequest, "needs a value")));
+        check(
+            "PUTIF a 9223372036854775808 1",
+            Err((ErrorCode::BadRequest, "not a revision")),
+        );
+        check(
+            "DELIF a 7",
+            Ok(Request::DelIf {
+                key: key("a"),
+                rev: 7,
+            }),
+        );
+        check("DELIF a", Err((ErrorCode::BadRequest, "needs a revision")));
+        check("DELIF a.* 1", Err((ErrorCode::InvalidKey, "'*'")));
+        check(
+            "SUB a FROM 12",
+            Ok(Request::SubFrom(Target::Key(key("a")), 12)),
+        );
+        check(
+            "SUB * from 0",
+            Ok(Request::SubFrom(Target::Pattern(Pattern::All), 0)),
+        );
+        check("SUB a FROM", Err((ErrorCode::BadRequest, "after FROM")));
+        check("SUB a SINCE 3", Err((ErrorCode::BadRequest, "FROM <rev>")));
+        check("SUB a FROM 3 4", Err((ErrorCode::BadRequest, "unexpected")));
+        check(
+            r#"{"op":"put","key":"a","value":1,"if_rev":0,"session":true}"#,
+            Ok(Request::Put {
+                key: key("a"),
+                value: Value::from("1"),
+                if_rev: Some(0),
+                session: true,
+            }),
+        );
+        check(
+            r#"{"op":"del","key":"a","if_rev":5}"#,
+            Ok(Request::DelIf {
+                key: key("a"),
+                rev: 5,
+            }),
+        );
+        check(
+            r#"{"op":"del","key":"a.*","if_rev":5}"#,
+            Err((ErrorCode::BadRequest, "not a pattern")),
+        );
+        check(
+            r#"{"op":"sub","key":"a","from_rev":9}"#,
+            Ok(Request::SubFrom(Target::Key(key("a")), 9)),
+        );
+        check(
+            r#"{"op":"get","key":"a","if_rev":1}"#,
+            Err((ErrorCode::BadRequest, "does not take")),
+        );
+        check(
+            r#"{"op":"del","key":"a","session":true}"#,
+            Err((ErrorCode::BadRequest, "does not take")),
+        );
+        check(
+            r#"{"op":"put","key":"a","value":1,"from_rev":1}"#,
+            Err((ErrorCode::BadRequest, "does not take")),
+        );
+        check(
+            r#"{"op":"put","key":"a","value":1,"if_rev":-1}"#,
+            Err((ErrorCode::BadRequest, "invalid JSON")),
+        );
+        check(
+            r#"{"op":"put","key":"a","value":1,"session":"yes"}"#,
+            Err((ErrorCode::BadRequest, "invalid JSON")),
+        );
+    }
+
+    #[test]
     fn responses_are_one_json_line() {
         let cases = [
             (Response::Rev(3), Some("7"), r#"{"ok":true,"rev":3,"id":7}"#),
@@ -780,9 +1021,10 @@ mod tests {
                     key: key("a.b"),
                     value: Value::from("{\"x\":1}"),
                     rev: 2,
+                    class: Class::Memory,
                 },
                 None,
-                r#"{"ok":true,"key":"a.b","value":{"x":1},"rev":2}"#,
+                r#"{"ok":true,"key":"a.b","value":{"x":1},"rev":2,"class":"memory"}"#,
             ),
             (Response::Values(vec![]), None, r#"{"ok":true,"values":{}}"#),
             (
@@ -794,6 +1036,11 @@ mod tests {
                 Response::error(ErrorCode::NotFound, "no key \"a\""),
                 None,
                 r#"{"ok":false,"error":"not_found","message":"no key \"a\""}"#,
+            ),
+            (
+                Response::Conflict("the key is at rev 4, not 3".into(), 4),
+                Some("1"),
+                r#"{"ok":false,"error":"conflict","message":"the key is at rev 4, not 3","rev":4,"id":1}"#,
             ),
         ];
         for (response, id, want) in cases {

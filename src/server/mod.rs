@@ -26,11 +26,12 @@ use parking_lot::{Condvar, Mutex};
 
 pub use socket::SocketError;
 
+use crate::class::ClassRules;
 use crate::disk::owner::Policy;
 use crate::disk::{OpenError, Options};
 use crate::error::ErrorCode;
 use crate::protocol::Response;
-use crate::store::Store;
+use crate::store::{Config as StoreConfig, Store};
 use connection::Connection;
 
 /// Stack size of connection threads: requests need little stack (JSON nesting is capped by
@@ -57,6 +58,12 @@ pub struct Config {
     /// (`--allow-unsafe-dirs`).
     pub allow_unsafe_dirs: bool,
     pub limits: Limits,
+    /// Storage classes by key prefix (`--class`), on top of the default `runtime=memory`.
+    pub classes: ClassRules,
+    /// The `volatile` class's directory (`--volatile-dir`); opened only when a rule uses it.
+    pub volatile_dir: PathBuf,
+    /// Most tombstones kept for resumes (`--tombstones`).
+    pub tombstones: usize,
 }
 
 /// Per-connection limits.
@@ -200,7 +207,14 @@ impl Server {
             group,
             allow_unsafe_dirs: config.allow_unsafe_dirs,
         };
-        let store = Store::open(&config.data_dir, &options).map_err(StartError::Data)?;
+        let store = Store::open_with(&StoreConfig {
+            data_dir: config.data_dir.clone(),
+            volatile_dir: config.volatile_dir.clone(),
+            classes: config.classes.clone(),
+            tombstones: config.tombstones,
+            options,
+        })
+        .map_err(StartError::Data)?;
         let socket_err = |action, source| {
             StartError::Socket(SocketError::Io {
                 action,
@@ -229,6 +243,7 @@ impl Server {
             }
             Err(e) => return Err(socket_err("use the socket passed by systemd for", e)),
         };
+        log::info!("storage classes: {}", store.classes().describe());
         log::info!(
             "nkv {} listening on {}{} with data in {} ({} keys, rev {})",
             env!("CARGO_PKG_VERSION"),
@@ -352,6 +367,8 @@ impl Server {
         // 2. Every change has been published: `shutdown` is the last thing subscribers get.
         self.shared.store.notifier().shutdown();
         self.drain("subscribers", Connections::is_idle, |_, _| true);
+        // 3. Nothing is in flight: the delete history can be kept for the next start.
+        self.shared.store.save();
         if !self.inherited {
             if let Err(e) = std::fs::remove_file(&self.path) {
                 log::warn!("cannot remove {}: {e}", self.path.display());

@@ -203,7 +203,7 @@ fn json_flag_prints_the_response_line_as_is() {
     );
     ok(
         server.cli(&["--json", "get", "a"]),
-        "{\"ok\":true,\"key\":\"a\",\"value\":{\"x\":1},\"rev\":1}\n",
+        "{\"ok\":true,\"key\":\"a\",\"value\":{\"x\":1},\"rev\":1,\"class\":\"persistent\"}\n",
     );
     // The same bytes as the server sends to socat.
     assert_eq!(
@@ -329,7 +329,7 @@ fn piped_interactive_session_runs_until_quit() {
     let out = server.cli_with_stdin(&["--json"], "get d\nquit\n");
     assert_eq!(
         stdout(&out),
-        "{\"ok\":true,\"key\":\"d\",\"value\":4,\"rev\":5}\n"
+        "{\"ok\":true,\"key\":\"d\",\"value\":4,\"rev\":5,\"class\":\"persistent\"}\n"
     );
 }
 
@@ -436,7 +436,7 @@ fn subscribe_with_json_prints_event_lines() {
     );
     assert_eq!(
         sub.line(),
-        "{\"event\":\"ready\",\"sub\":\"k.*\",\"count\":1}"
+        "{\"event\":\"ready\",\"sub\":\"k.*\",\"count\":1,\"rev\":1}"
     );
     let rev = client.put("k.b", "t").unwrap();
     assert_eq!(

@@ -4,7 +4,9 @@
 mod support;
 
 mod access;
+mod cas;
 mod chaos;
+mod classes;
 mod cli;
 mod core;
 mod framed;
@@ -15,6 +17,8 @@ mod ops;
 mod panic;
 mod promise;
 mod props;
+mod resume;
+mod sessions;
 mod soak;
 mod storage;
 mod subscribe;
