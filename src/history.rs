@@ -29,6 +29,10 @@ pub struct History {
 pub struct Saved {
     /// The revision the file was written at.
     pub at: u64,
+    /// [`fingerprint`] of the persistent keys when it was written: a data directory edited
+    /// while the server was stopped (a key file removed or changed) no longer matches, and
+    /// the history is then not trusted.
+    pub fingerprint: u64,
     pub horizon: u64,
     pub tombstones: Vec<(Key, u64)>,
     /// Keys that existed at the stop but not on disk (memory, session) or only in the volatile
@@ -105,8 +109,8 @@ impl History {
 
     /// The history as `.tombstones` holds it: a header line `nkv-tombstones 1 <at> <horizon>`,
     /// then `d <rev> <key>` per tombstone and `t <key>` per transient key.
-    pub fn encode(&self, at: u64, transient: &[Key]) -> String {
-        let mut out = format!("{MAGIC} {at} {}\n", self.horizon);
+    pub fn encode(&self, at: u64, fingerprint: u64, transient: &[Key]) -> String {
+        let mut out = format!("{MAGIC} {at} {} {fingerprint}\n", self.horizon);
         for (rev, key) in &self.by_rev {
             let _ = writeln!(out, "d {rev} {key}");
         }
@@ -125,8 +129,10 @@ impl History {
         let mut fields = header.split_whitespace();
         let at = fields.next()?.parse().ok()?;
         let horizon = fields.next()?.parse().ok()?;
+        let fingerprint = fields.next()?.parse().ok()?;
         let mut saved = Saved {
             at,
+            fingerprint,
             horizon,
             ..Saved::default()
         };
@@ -144,6 +150,24 @@ impl History {
         }
         Some(saved)
     }
+}
+
+/// An order-independent digest of keys, revisions and values (FNV-1a per entry, summed), the
+/// same in every process: what tells the data directory found at start from the one saved.
+pub fn fingerprint<'a>(entries: impl Iterator<Item = (&'a Key, u64, &'a str)>) -> u64 {
+    entries.fold(0u64, |sum, (key, rev, value)| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let bytes = key
+            .as_str()
+            .bytes()
+            .chain([0])
+            .chain(rev.to_le_bytes())
+            .chain(value.bytes());
+        for b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        sum.wrapping_add(h)
+    })
 }
 
 #[cfg(test)]
@@ -175,19 +199,26 @@ mod tests {
     fn the_saved_form_round_trips_and_refuses_anything_else() {
         let mut h = History::new(10, 3);
         h.record(key("a.b"), 4);
-        let text = h.encode(9, &[key("runtime.x")]);
+        let text = h.encode(9, 77, &[key("runtime.x")]);
         let saved = History::decode(text.as_bytes()).unwrap();
         assert_eq!(
             saved,
             Saved {
                 at: 9,
+                fingerprint: 77,
                 horizon: 3,
                 tombstones: vec![(key("a.b"), 4)],
                 transient: vec![key("runtime.x")],
             }
         );
         assert!(History::decode(b"garbage").is_none());
-        assert!(History::decode(b"nkv-tombstones 1 9 3\nd x a\n").is_none());
-        assert!(History::decode(b"nkv-tombstones 1 9 3\nd 4 ../x\n").is_none());
+        assert!(History::decode(b"nkv-tombstones 1 9 3\n").is_none());
+        assert!(History::decode(b"nkv-tombstones 1 9 3 0\nd x a\n").is_none());
+        assert!(History::decode(b"nkv-tombstones 1 9 3 0\nd 4 ../x\n").is_none());
+        let (a, b) = (key("a"), key("b"));
+        let one = fingerprint([(&a, 1, "1"), (&b, 2, "2")].into_iter());
+        assert_eq!(one, fingerprint([(&b, 2, "2"), (&a, 1, "1")].into_iter()));
+        assert_ne!(one, fingerprint([(&a, 1, "1")].into_iter()));
+        assert_ne!(one, fingerprint([(&a, 1, "1"), (&b, 2, "3")].into_iter()));
     }
 }

@@ -178,8 +178,25 @@ impl Store {
         };
         let seq = RevSeq::new(max_rev);
         let mut history = History::new(config.tombstones, max_rev);
-        if let Some(saved) = disk.take_tombstones().as_deref().and_then(History::decode) {
-            if saved.at == data_rev {
+        let saved = disk.take_tombstones().as_deref().and_then(History::decode);
+        if saved.is_none() {
+            // No history to trust (a crash, a first start): no resume from before this start
+            // can be answered — the directory may even have been edited meanwhile. The start
+            // takes a revision of its own, kept in the floor, and the history begins there.
+            let start = max_rev + 1;
+            if let Err(e) = disk.raise_floor(start) {
+                log::warn!("cannot record the start's revision: {e}");
+            }
+            seq.raise(start);
+            history = History::new(config.tombstones, start);
+        }
+        if let Some(saved) = saved {
+            let found = crate::history::fingerprint(
+                map.iter()
+                    .filter(|(_, e)| e.class == Class::Persistent)
+                    .map(|(k, e)| (k, e.rev, &*e.value)),
+            );
+            if saved.at == data_rev && saved.fingerprint == found {
                 history = History::new(config.tombstones, saved.horizon);
                 for (key, rev) in saved.tombstones {
                     if !map.contains_key(&key) {
@@ -214,9 +231,15 @@ impl Store {
                 );
             } else {
                 log::info!(
-                    "delete history of rev {} ignored: the data is at rev {data_rev}",
+                    "delete history of rev {} ignored: the data directory changed since (rev {data_rev})",
                     saved.at
                 );
+                let start = max_rev + 1;
+                if let Err(e) = disk.raise_floor(start) {
+                    log::warn!("cannot record the start's revision: {e}");
+                }
+                seq.raise(start);
+                history = History::new(config.tombstones, start);
             }
         }
         Ok(Store {
@@ -251,7 +274,12 @@ impl Store {
             .filter(|(_, e)| e.class != Class::Persistent)
             .map(|(k, _)| k.clone())
             .collect();
-        let text = self.history.lock().encode(at, &transient);
+        let fingerprint = crate::history::fingerprint(
+            map.iter()
+                .filter(|(_, e)| e.class == Class::Persistent)
+                .map(|(k, e)| (k, e.rev, &*e.value)),
+        );
+        let text = self.history.lock().encode(at, fingerprint, &transient);
         drop(map);
         match self.disk.save_tombstones(text.as_bytes()) {
             Ok(()) => log::info!("delete history saved at rev {at}"),
@@ -746,7 +774,8 @@ mod tests {
             assert_eq!(store.delete(&a, &mut Kicks::default()).unwrap(), None);
         }
         let store = Store::open(dir.path(), &Options::new(false)).unwrap();
-        assert_eq!(store.rev(), 3);
+        // 3, and one for the start (which found no saved delete history).
+        assert_eq!(store.rev(), 4);
         assert_eq!(
             store.get(&Key::parse("b").unwrap()),
             Some((Value::from("2"), 2))

@@ -299,3 +299,24 @@ fn resumed_subscribers_keep_the_watch_properties() {
         "the long absences reached past the horizon"
     );
 }
+
+#[test]
+fn a_data_directory_edited_while_stopped_is_not_resumed_from() {
+    let mut server = Server::start();
+    let mut w = server.raw();
+    w.request("PUT p.a 1");
+    w.request("PUT p.b 1");
+    let from = ready_rev(&sub(&mut server.raw(), "SUB p"));
+    drop(w);
+    assert!(server.stop().success());
+    // Someone removes a key file while the server is stopped (the layout allows it).
+    std::fs::remove_file(server.data.join("p.b.json")).unwrap();
+    server.spawn_and_wait();
+    let resumed = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+    assert!(
+        resumed.reset,
+        "the saved history no longer describes the directory"
+    );
+    assert_eq!(resumed.events, pairs(&[("init", "p.a")]));
+    assert!(ready_rev(&resumed) > from);
+}
