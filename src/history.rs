@@ -152,21 +152,21 @@ impl History {
     }
 }
 
-/// An order-independent digest of keys, revisions and values (FNV-1a per entry, summed), the
-/// same in every process: what tells the data directory found at start from the one saved.
+/// An order-independent digest of keys, revisions and values (one SipHash with fixed keys per
+/// entry, summed): what tells the data directory found at start from the one saved. The
+/// hasher is std's, compiled optimised even in debug builds (a stop must stay fast); should a
+/// new Rust release change it, a saved history just fails to match once (a reset, never a
+/// stale key).
 pub fn fingerprint<'a>(entries: impl Iterator<Item = (&'a Key, u64, &'a str)>) -> u64 {
+    use std::hash::Hasher;
     entries.fold(0u64, |sum, (key, rev, value)| {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let bytes = key
-            .as_str()
-            .bytes()
-            .chain([0])
-            .chain(rev.to_le_bytes())
-            .chain(value.bytes());
-        for b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        sum.wrapping_add(h)
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new();
+        h.write(key.as_str().as_bytes());
+        h.write_u8(0);
+        h.write_u64(rev);
+        h.write(value.as_bytes());
+        sum.wrapping_add(h.finish())
     })
 }
 

@@ -181,14 +181,10 @@ impl Store {
         let saved = disk.take_tombstones().as_deref().and_then(History::decode);
         if saved.is_none() {
             // No history to trust (a crash, a first start): no resume from before this start
-            // can be answered — the directory may even have been edited meanwhile. The start
-            // takes a revision of its own, kept in the floor, and the history begins there.
-            let start = max_rev + 1;
-            if let Err(e) = disk.raise_floor(start) {
-                log::warn!("cannot record the start's revision: {e}");
-            }
-            seq.raise(start);
-            history = History::new(config.tombstones, start);
+            // can be answered — the directory may even have been edited meanwhile — so the
+            // horizon is past every revision found. (A resume from a `ready` of this server
+            // taken before its first change is then a reset too: spurious, never wrong.)
+            history = History::new(config.tombstones, max_rev + 1);
         }
         if let Some(saved) = saved {
             let found = crate::history::fingerprint(
@@ -234,12 +230,7 @@ impl Store {
                     "delete history of rev {} ignored: the data directory changed since (rev {data_rev})",
                     saved.at
                 );
-                let start = max_rev + 1;
-                if let Err(e) = disk.raise_floor(start) {
-                    log::warn!("cannot record the start's revision: {e}");
-                }
-                seq.raise(start);
-                history = History::new(config.tombstones, start);
+                history = History::new(config.tombstones, max_rev + 1);
             }
         }
         Ok(Store {
@@ -774,8 +765,7 @@ mod tests {
             assert_eq!(store.delete(&a, &mut Kicks::default()).unwrap(), None);
         }
         let store = Store::open(dir.path(), &Options::new(false)).unwrap();
-        // 3, and one for the start (which found no saved delete history).
-        assert_eq!(store.rev(), 4);
+        assert_eq!(store.rev(), 3);
         assert_eq!(
             store.get(&Key::parse("b").unwrap()),
             Some((Value::from("2"), 2))
