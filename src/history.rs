@@ -152,11 +152,13 @@ impl History {
     }
 }
 
-/// An order-independent digest of keys, revisions and values (one SipHash with fixed keys per
-/// entry, summed): what tells the data directory found at start from the one saved. The
-/// hasher is std's, compiled optimised even in debug builds (a stop must stay fast); should a
-/// new Rust release change it, a saved history just fails to match once (a reset, never a
-/// stale key).
+/// An order-independent digest of keys, revisions and value lengths (one SipHash with fixed
+/// keys per entry, summed): what tells the data directory found at start from the one saved.
+/// Value bytes are not hashed, so a stop stays fast however large the values: an edit made
+/// while the server was stopped is noticed when it removes, adds or renumbers a key file or
+/// changes a value's length (an edit that keeps both is not; the layout asks to bump `rev`).
+/// Should a new Rust release change the hasher, a saved history just fails to match once (a
+/// reset, never a stale key).
 pub fn fingerprint<'a>(entries: impl Iterator<Item = (&'a Key, u64, &'a str)>) -> u64 {
     use std::hash::Hasher;
     entries.fold(0u64, |sum, (key, rev, value)| {
@@ -165,7 +167,7 @@ pub fn fingerprint<'a>(entries: impl Iterator<Item = (&'a Key, u64, &'a str)>) -
         h.write(key.as_str().as_bytes());
         h.write_u8(0);
         h.write_u64(rev);
-        h.write(value.as_bytes());
+        h.write_usize(value.len());
         sum.wrapping_add(h.finish())
     })
 }
@@ -219,6 +221,7 @@ mod tests {
         let one = fingerprint([(&a, 1, "1"), (&b, 2, "2")].into_iter());
         assert_eq!(one, fingerprint([(&b, 2, "2"), (&a, 1, "1")].into_iter()));
         assert_ne!(one, fingerprint([(&a, 1, "1")].into_iter()));
-        assert_ne!(one, fingerprint([(&a, 1, "1"), (&b, 2, "3")].into_iter()));
+        assert_ne!(one, fingerprint([(&a, 1, "1"), (&b, 3, "2")].into_iter()));
+        assert_ne!(one, fingerprint([(&a, 1, "1"), (&b, 2, "22")].into_iter()));
     }
 }

@@ -34,8 +34,14 @@
 //! - A change is acknowledged only after its file is renamed into place; if only its fsync
 //!   failed it is applied and announced and answered `not_durable`, so memory, disk and
 //!   subscribers never diverge.
-//! - One key's changes are applied, stored and published in revision order (its stripe lock);
-//!   the map lock is never held across disk or socket I/O.
+//! - One key's changes are applied, stored and published in revision order (its stripe lock),
+//!   and all changes reach the map and the mailboxes in revision order ([`revseq`]), so a
+//!   `ready`'s revision is a point a subscription can resume from; the map lock is never held
+//!   across disk or socket I/O.
+//! - Revisions never go back, across storage classes and restarts: `memory`/`volatile` changes
+//!   raise the data directory's revision floor ahead of themselves.
+//! - A resume is answered from the delete history only when it reaches back; otherwise `reset`
+//!   and the full snapshot: never a stale key.
 //! - Publishing never blocks on a subscriber; a subscriber's memory is bounded by its queue plus
 //!   one pending event per key.
 
