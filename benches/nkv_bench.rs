@@ -383,6 +383,8 @@ fn put_round(
     enum Job<'a> {
         Server(&'static str, &'a Server),
         Floor(&'static str, &'a std::path::Path),
+        /// A `memory`-class put (no file at all).
+        Memory(&'static str, &'a Server),
     }
     let mut jobs = Vec::new();
     if with_servers {
@@ -392,6 +394,11 @@ fn put_round(
     }
     if let Some(d) = &rig.floor_disk {
         jobs.push(Job::Floor("put-disk/floor", d));
+    }
+    if with_servers {
+        if let Some(s) = &rig.nkv {
+            jobs.push(Job::Memory("put-mem/nkv", s));
+        }
     }
     if with_servers {
         if let Some(s) = &rig.nkv_shm {
@@ -418,6 +425,7 @@ fn put_round(
                 let (name, st): (&str, Stats) = match job {
                     Job::Server(name, s) => (name, kv::put(s, c, v, plan)?),
                     Job::Floor(name, d) => (name, kv::rename_floor(d, c, v, plan, fsync)?),
+                    Job::Memory(name, s) => (name, kv::put_memory(s, c, v, plan)?),
                 };
                 res.add(&format!("{name}/c{c}/v{v}"), &st.metrics());
             }

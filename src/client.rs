@@ -642,6 +642,10 @@ impl RawEvent {
             "ready" => wire::Event::Ready {
                 sub: flat.sub.ok_or_else(|| bad("no sub"))?,
                 count: flat.count.ok_or_else(|| bad("no count"))?,
+                rev: flat.rev.unwrap_or(0),
+            },
+            "reset" => wire::Event::Reset {
+                sub: flat.sub.ok_or_else(|| bad("no sub"))?,
             },
             "shutdown" => wire::Event::Shutdown,
             other => return Err(bad(&format!("unknown event {other:?}"))),

@@ -20,6 +20,8 @@ pub enum ErrorCode {
     /// The change is in place, applied and announced, but its fsync failed: it may not
     /// survive a power loss (only with `--fsync`).
     NotDurable,
+    /// A compare-and-set (`PUTIF`, `DELIF`, `"if_rev"`) found another revision; nothing changed.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -35,6 +37,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::NoSpace => "no_space",
             ErrorCode::NotDurable => "not_durable",
+            ErrorCode::Conflict => "conflict",
         }
     }
 
@@ -51,6 +54,7 @@ impl ErrorCode {
             "internal" => ErrorCode::Internal,
             "no_space" => ErrorCode::NoSpace,
             "not_durable" => ErrorCode::NotDurable,
+            "conflict" => ErrorCode::Conflict,
             _ => return None,
         })
     }
@@ -116,6 +120,9 @@ pub enum WriteError {
     DirReplaced(PathBuf),
     /// Every revision up to the limit has been handed out; nothing changed.
     RevisionsExhausted(u64),
+    /// A compare-and-set expected another revision; `current` is the key's (0 if absent).
+    /// Nothing changed.
+    Conflict { expected: u64, current: u64 },
 }
 
 impl WriteError {
@@ -133,6 +140,7 @@ impl WriteError {
         match self {
             WriteError::NoSpace(_) => ErrorCode::NoSpace,
             WriteError::NotDurable { .. } => ErrorCode::NotDurable,
+            WriteError::Conflict { .. } => ErrorCode::Conflict,
             WriteError::Failed(_)
             | WriteError::DirReplaced(_)
             | WriteError::RevisionsExhausted(_) => ErrorCode::Internal,
@@ -157,6 +165,14 @@ impl fmt::Display for WriteError {
             WriteError::RevisionsExhausted(max) => {
                 write!(f, "every revision up to {max} has been used; nothing changed")
             }
+            WriteError::Conflict { expected, current: 0 } => write!(
+                f,
+                "the key does not exist, not at rev {expected}; nothing changed"
+            ),
+            WriteError::Conflict { expected, current } => write!(
+                f,
+                "the key is at rev {current}, not {expected}; nothing changed"
+            ),
         }
     }
 }

@@ -22,6 +22,17 @@ struct Subscriber {
     mailbox: Arc<Mailbox>,
 }
 
+fn info(id: u64, sub: &Subscriber) -> SubscriberInfo {
+    let (pending, coalesced) = sub.mailbox.lag();
+    SubscriberInfo {
+        id,
+        name: sub.name.clone(),
+        subscriptions: sub.targets.iter().map(Target::to_string).collect(),
+        pending,
+        coalesced,
+    }
+}
+
 /// Why a subscription could not be added or removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubError {
@@ -162,12 +173,17 @@ impl Notifier {
         let mut found: Vec<SubscriberInfo> = subscribers
             .iter()
             .filter(|(_, sub)| sub.targets.iter().any(|t| t.covers(key)))
-            .map(|(id, sub)| SubscriberInfo {
-                id: *id,
-                name: sub.name.clone(),
-                subscriptions: sub.targets.iter().map(Target::to_string).collect(),
-            })
+            .map(|(id, sub)| info(*id, sub))
             .collect();
+        found.sort_by_key(|info| info.id);
+        found
+    }
+
+    /// Every subscriber, by connection id, with its lag.
+    pub fn all(&self) -> Vec<SubscriberInfo> {
+        let subscribers = self.subscribers.read();
+        let mut found: Vec<SubscriberInfo> =
+            subscribers.iter().map(|(id, sub)| info(*id, sub)).collect();
         found.sort_by_key(|info| info.id);
         found
     }

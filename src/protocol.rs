@@ -9,6 +9,7 @@ use std::fmt;
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
+use crate::class::Class;
 use crate::error::ErrorCode;
 use crate::key::{Key, KeyError, Target};
 use crate::value::Value;
@@ -22,12 +23,25 @@ pub enum Request {
     Put {
         key: Key,
         value: Value,
+        /// Compare-and-set: store only if the key is at this revision (0: absent). `PUTIF`, or
+        /// JSON `"if_rev"`.
+        if_rev: Option<u64>,
+        /// JSON `"session":true`: a session key owned by this connection.
+        session: bool,
     },
     Get(Target),
     Del(Target),
+    /// Delete a key only at this revision: `DELIF`, or JSON `del` with `"if_rev"`.
+    DelIf {
+        key: Key,
+        rev: u64,
+    },
     /// Keys covered by the target (a key covers itself and what is below it); `None` = all.
     Keys(Option<Target>),
     Sub(Target),
+    /// Resume: only what changed after the revision (`SUB <target> FROM <rev>`, JSON
+    /// `"from_rev"`).
+    SubFrom(Target, u64),
     Unsub(Target),
     Hello(String),
     Trace(Key),
@@ -82,7 +96,7 @@ impl From<KeyError> for RequestError {
     }
 }
 
-pub const HELP: &str = "commands: PUT <key> <value> | GET <key>|<prefix>.*|* | DEL <key>|<prefix>.*|* | KEYS [<prefix>.*] | SUB <key>|<prefix>.*|* | UNSUB <key> | HELLO <name> | TRACE <key> | STATS | HEALTH | VERSION | HELP | QUIT; or one JSON object per line: {\"op\":\"put\",\"key\":\"a.b\",\"value\":1,\"id\":7}; see docs/PROTOCOL.md";
+pub const HELP: &str = "commands: PUT <key> <value> | PUTIF <key> <rev> <value> | DELIF <key> <rev> | SUB <key> FROM <rev> | GET <key>|<prefix>.*|* | DEL <key>|<prefix>.*|* | KEYS [<prefix>.*] | SUB <key>|<prefix>.*|* | UNSUB <key> | HELLO <name> | TRACE <key> | STATS | HEALTH | VERSION | HELP | QUIT; or one JSON object per line: {\"op\":\"put\",\"key\":\"a.b\",\"value\":1,\"id\":7}; see docs/PROTOCOL.md";
 
 /// Parses one request line (without its `\n`; a trailing `\r` is ignored).
 ///
@@ -142,12 +156,46 @@ fn parse_text(line: &str, max_value: usize) -> Result<Request, RequestError> {
             return Ok(Request::Put {
                 key,
                 value: text_value(text, max_value)?,
+                if_rev: None,
+                session: false,
             });
         }
+        Op::PutIf => {
+            let key = Key::parse(args.next("a key")?)?;
+            let rev = parse_rev(args.next("a revision")?)?;
+            let text = args
+                .rest
+                .take()
+                .ok_or_else(|| RequestError::bad("PUTIF needs a value after the revision"))?;
+            return Ok(Request::Put {
+                key,
+                value: text_value(text, max_value)?,
+                if_rev: Some(rev),
+                session: false,
+            });
+        }
+        Op::DelIf => Request::DelIf {
+            key: Key::parse(args.next("a key")?)?,
+            rev: parse_rev(args.next("a revision")?)?,
+        },
         Op::Get => Request::Get(Target::parse(args.next("a key or pattern")?)?),
         Op::Del => Request::Del(Target::parse(args.next("a key or pattern")?)?),
         Op::Keys => Request::Keys(args.optional().map(Target::parse).transpose()?),
-        Op::Sub => Request::Sub(Target::parse(args.next("a key or pattern")?)?),
+        Op::Sub => {
+            let target = Target::parse(args.next("a key or pattern")?)?;
+            match args.optional() {
+                None => Request::Sub(target),
+                Some(word) if word.eq_ignore_ascii_case("FROM") => {
+                    Request::SubFrom(target, parse_rev(args.next("a revision after FROM")?)?)
+                }
+                Some(other) => {
+                    return Err(RequestError::bad(format!(
+                        "SUB takes a key or pattern, optionally followed by FROM <rev>; unexpected {:?}",
+                        truncate(other, 40)
+                    )))
+                }
+            }
+        }
         Op::Unsub => Request::Unsub(Target::parse(args.next("a key or pattern")?)?),
         Op::Hello => Request::Hello(parse_name(args.next("a name")?)?),
         Op::Trace => Request::Trace(Key::parse(args.next("a key")?)?),
@@ -198,6 +246,19 @@ impl<'a> Args<'a> {
             ))),
         }
     }
+}
+
+/// A revision argument: a decimal number up to 2^63-1.
+fn parse_rev(text: &str) -> Result<u64, RequestError> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|&r| r <= crate::disk::MAX_REV)
+        .ok_or_else(|| {
+            RequestError::bad(format!(
+                "{:?} is not a revision (a whole number from 0 to 2^63-1)",
+                truncate(text, 40)
+            ))
+        })
 }
 
 /// The text-form value: stored as the JSON it spells if it is JSON, else as a JSON string.
@@ -304,6 +365,22 @@ fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestE
     if parsed != Op::Hello {
         unexpected("name", req.name.is_some())?;
     }
+    if !matches!(op.as_str(), "put" | "del" | "delete") {
+        unexpected("if_rev", req.if_rev.is_some())?;
+    }
+    if op != "put" {
+        unexpected("session", req.session.is_some())?;
+    }
+    if !matches!(op.as_str(), "sub" | "subscribe") {
+        unexpected("from_rev", req.from_rev.is_some())?;
+    }
+    for rev in [req.if_rev, req.from_rev].into_iter().flatten() {
+        if rev > crate::disk::MAX_REV {
+            return Err(RequestError::bad(format!(
+                "{rev} is not a revision (a whole number from 0 to 2^63-1)"
+            )));
+        }
+    }
     let takes_key = matches!(
         parsed,
         Op::Put | Op::Get | Op::Del | Op::Keys | Op::Sub | Op::Unsub | Op::Trace
@@ -321,14 +398,32 @@ fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestE
             Request::Put {
                 key,
                 value: Value::from(raw.get()),
+                if_rev: req.if_rev,
+                session: req.session.unwrap_or(false),
             }
         }
         Op::Get => Request::Get(Target::parse(key()?)?),
-        Op::Del => Request::Del(Target::parse(key()?)?),
+        Op::Del => match (Target::parse(key()?)?, req.if_rev) {
+            (target, None) => Request::Del(target),
+            (Target::Key(key), Some(rev)) => Request::DelIf { key, rev },
+            (Target::Pattern(_), Some(_)) => {
+                return Err(RequestError::bad(
+                    "\"if_rev\" applies to one key, not a pattern",
+                ))
+            }
+        },
         Op::Keys => Request::Keys(req.key.as_deref().map(Target::parse).transpose()?),
-        Op::Sub => Request::Sub(Target::parse(key()?)?),
+        Op::Sub => match req.from_rev {
+            None => Request::Sub(Target::parse(key()?)?),
+            Some(rev) => Request::SubFrom(Target::parse(key()?)?, rev),
+        },
         Op::Unsub => Request::Unsub(Target::parse(key()?)?),
         Op::Trace => Request::Trace(Key::parse(key()?)?),
+        Op::PutIf | Op::DelIf => {
+            return Err(RequestError::bad(format!(
+                "op {op:?} is the text form; in JSON use \"put\" or \"del\" with \"if_rev\""
+            )))
+        }
         Op::Hello => Request::Hello(parse_name(
             req.name
                 .as_deref()
@@ -347,7 +442,12 @@ fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestE
 pub enum Response {
     Ok,
     Rev(u64),
-    Value { key: Key, value: Value, rev: u64 },
+    Value {
+        key: Key,
+        value: Value,
+        rev: u64,
+        class: Class,
+    },
     Values(Vec<(Key, Value)>),
     Keys(Vec<Key>),
     Deleted(usize),
@@ -357,6 +457,8 @@ pub enum Response {
     Version,
     Help,
     Error(ErrorCode, String),
+    /// A compare-and-set that did not match: the message and the key's current revision.
+    Conflict(String, u64),
 }
 
 impl Response {
@@ -377,11 +479,17 @@ impl Response {
         match self {
             Response::Ok => ok(wire::Done {}, id, out),
             Response::Rev(rev) => ok(wire::Rev { rev: *rev }, id, out),
-            Response::Value { key, value, rev } => ok(
+            Response::Value {
+                key,
+                value,
+                rev,
+                class,
+            } => ok(
                 wire::Got {
                     key: key.as_str(),
                     value: Raw(value),
                     rev: *rev,
+                    class: class.as_str(),
                 },
                 id,
                 out,
@@ -419,6 +527,18 @@ impl Response {
                     body: wire::Failure {
                         error: code.as_str(),
                         message: message.as_str(),
+                    },
+                    id: id.map(Raw),
+                };
+                wire::write_line(&reply, out);
+            }
+            Response::Conflict(message, rev) => {
+                let reply = Reply {
+                    ok: false,
+                    body: wire::Conflict {
+                        error: ErrorCode::Conflict.as_str(),
+                        message: message.as_str(),
+                        rev: *rev,
                     },
                     id: id.map(Raw),
                 };
@@ -533,13 +653,22 @@ impl Event {
     }
 }
 
-/// The marker after a subscription's initial values.
-pub fn write_ready(sub: &Target, count: usize, out: &mut Vec<u8>) {
+/// The marker after a subscription's initial values: `rev` is the revision the snapshot was
+/// taken at (every change up to it is in the snapshot, every later one follows).
+pub fn write_ready(sub: &Target, count: usize, rev: u64, out: &mut Vec<u8>) {
     let sub = sub.to_string();
     let event: wire::Event<&str, Raw> = wire::Event::Ready {
         sub: &sub,
         count: count as u64,
+        rev,
     };
+    wire::write_line(&event, out);
+}
+
+/// A resume the server could not answer from its history: the full snapshot follows.
+pub fn write_reset(sub: &Target, out: &mut Vec<u8>) {
+    let sub = sub.to_string();
+    let event: wire::Event<&str, Raw> = wire::Event::Reset { sub: &sub };
     wire::write_line(&event, out);
 }
 
@@ -554,6 +683,8 @@ impl Request {
             Request::Put { .. } => Op::Put,
             Request::Get(_) => Op::Get,
             Request::Del(_) => Op::Del,
+            Request::DelIf { .. } => Op::DelIf,
+            Request::SubFrom(..) => Op::Sub,
             Request::Keys(_) => Op::Keys,
             Request::Sub(_) => Op::Sub,
             Request::Unsub(_) => Op::Unsub,
@@ -625,6 +756,8 @@ mod tests {
         Ok(Request::Put {
             key: key(k),
             value: Value::from(v),
+            if_rev: None,
+            session: false,
         })
     }
 
@@ -739,6 +872,93 @@ mod tests {
     }
 
     #[test]
+    fn compare_and_set_sessions_and_resume_parse() {
+        let cas = |k: &str, rev, v: &str| {
+            Ok(Request::Put {
+                key: key(k),
+                value: Value::from(v),
+                if_rev: Some(rev),
+                session: false,
+            })
+        };
+        check("PUTIF a.b 3 {\"x\":1}", cas("a.b", 3, "{\"x\":1}"));
+        check("putif a 0 hello world", cas("a", 0, "\"hello world\""));
+        check(
+            "PUTIF a x 1",
+            Err((ErrorCode::BadRequest, "not a revision")),
+        );
+        check("PUTIF a 1", Err((ErrorCode::BadRequest, "needs a value")));
+        check(
+            "PUTIF a 9223372036854775808 1",
+            Err((ErrorCode::BadRequest, "not a revision")),
+        );
+        check(
+            "DELIF a 7",
+            Ok(Request::DelIf {
+                key: key("a"),
+                rev: 7,
+            }),
+        );
+        check("DELIF a", Err((ErrorCode::BadRequest, "needs a revision")));
+        check("DELIF a.* 1", Err((ErrorCode::InvalidKey, "'*'")));
+        check(
+            "SUB a FROM 12",
+            Ok(Request::SubFrom(Target::Key(key("a")), 12)),
+        );
+        check(
+            "SUB * from 0",
+            Ok(Request::SubFrom(Target::Pattern(Pattern::All), 0)),
+        );
+        check("SUB a FROM", Err((ErrorCode::BadRequest, "after FROM")));
+        check("SUB a SINCE 3", Err((ErrorCode::BadRequest, "FROM <rev>")));
+        check("SUB a FROM 3 4", Err((ErrorCode::BadRequest, "unexpected")));
+        check(
+            r#"{"op":"put","key":"a","value":1,"if_rev":0,"session":true}"#,
+            Ok(Request::Put {
+                key: key("a"),
+                value: Value::from("1"),
+                if_rev: Some(0),
+                session: true,
+            }),
+        );
+        check(
+            r#"{"op":"del","key":"a","if_rev":5}"#,
+            Ok(Request::DelIf {
+                key: key("a"),
+                rev: 5,
+            }),
+        );
+        check(
+            r#"{"op":"del","key":"a.*","if_rev":5}"#,
+            Err((ErrorCode::BadRequest, "not a pattern")),
+        );
+        check(
+            r#"{"op":"sub","key":"a","from_rev":9}"#,
+            Ok(Request::SubFrom(Target::Key(key("a")), 9)),
+        );
+        check(
+            r#"{"op":"get","key":"a","if_rev":1}"#,
+            Err((ErrorCode::BadRequest, "does not take")),
+        );
+        check(
+            r#"{"op":"del","key":"a","session":true}"#,
+            Err((ErrorCode::BadRequest, "does not take")),
+        );
+        check(
+            r#"{"op":"put","key":"a","value":1,"from_rev":1}"#,
+            Err((ErrorCode::BadRequest, "does not take")),
+        );
+        check(
+            r#"{"op":"put","key":"a","value":1,"if_rev":-1}"#,
+            Err((ErrorCode::BadRequest, "invalid JSON")),
+        );
+        check(
+            r#"{"op":"put","key":"a","value":1,"session":"yes"}"#,
+            Err((ErrorCode::BadRequest, "invalid JSON")),
+        );
+    }
+
+    #[test]
     fn responses_are_one_json_line() {
         let cases = [
             (Response::Rev(3), Some("7"), r#"{"ok":true,"rev":3,"id":7}"#),
@@ -747,9 +967,10 @@ mod tests {
                     key: key("a.b"),
                     value: Value::from("{\"x\":1}"),
                     rev: 2,
+                    class: Class::Memory,
                 },
                 None,
-                r#"{"ok":true,"key":"a.b","value":{"x":1},"rev":2}"#,
+                r#"{"ok":true,"key":"a.b","value":{"x":1},"rev":2,"class":"memory"}"#,
             ),
             (Response::Values(vec![]), None, r#"{"ok":true,"values":{}}"#),
             (
@@ -761,6 +982,11 @@ mod tests {
                 Response::error(ErrorCode::NotFound, "no key \"a\""),
                 None,
                 r#"{"ok":false,"error":"not_found","message":"no key \"a\""}"#,
+            ),
+            (
+                Response::Conflict("the key is at rev 4, not 3".into(), 4),
+                Some("1"),
+                r#"{"ok":false,"error":"conflict","message":"the key is at rev 4, not 3","rev":4,"id":1}"#,
             ),
         ];
         for (response, id, want) in cases {

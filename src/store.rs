@@ -8,29 +8,90 @@
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::disk::{Disk, OpenError, Options, MAX_REV};
+use crate::class::{Class, ClassRules};
+use crate::disk::{Disk, OpenError, Options};
 use crate::error::WriteError;
+use crate::history::History;
 use crate::key::{Key, Pattern, Target};
 use crate::mailbox::{Item, Kicks, Mailbox};
 use crate::notify::{Notifier, SubError};
 use crate::protocol::{Event, EventKind};
+use crate::revseq::RevSeq;
 
 pub use crate::value::Value;
 
 /// Number of per-key order locks. Keys hash onto them; more stripes, fewer false collisions.
 const STRIPES: usize = 256;
 
+/// Revisions a change of a `memory` or `volatile` key may take before the data directory's
+/// revision floor must be raised again. The floor is what the next start counts from, so
+/// raising it ahead of those changes (in steps, not per change) keeps revisions going forward
+/// across a restart that loses them, at the cost of a gap of at most this many.
+const LEASE_STEP: u64 = 1 << 16;
+
+/// Default bound of the delete history (`--tombstones`).
+pub const DEFAULT_TOMBSTONES: usize = 100_000;
+
 #[derive(Clone)]
 struct Entry {
     value: Value,
     rev: u64,
+    /// Where the value is kept (the class it was stored under).
+    class: Class,
+    /// The connection owning a session key; `None` for an ordinary key.
+    owner: Option<u64>,
 }
+
+/// How the store is opened.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// The `volatile` class's directory; opened only when a rule uses the class.
+    pub volatile_dir: PathBuf,
+    pub classes: ClassRules,
+    /// Most tombstones kept (`--tombstones`).
+    pub tombstones: usize,
+    pub options: Options,
+}
+
+impl Config {
+    /// The data directory alone, default classes (nothing `volatile`).
+    pub fn new(data_dir: &Path, options: &Options) -> Config {
+        Config {
+            data_dir: data_dir.to_owned(),
+            volatile_dir: PathBuf::from("/dev/shm/nkv"),
+            classes: ClassRules::default(),
+            tombstones: DEFAULT_TOMBSTONES,
+            options: options.clone(),
+        }
+    }
+}
+
+/// What a put asks for besides its value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PutOptions {
+    /// Store only if the key is at this revision (0: only if it does not exist).
+    pub if_rev: Option<u64>,
+    /// A session key owned by this connection: `memory`, deleted when the connection ends.
+    pub session: Option<u64>,
+}
+
+/// What a delete asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DelOptions {
+    /// Delete only if the key is at this revision.
+    pub if_rev: Option<u64>,
+    /// Delete only if this connection owns the key as a session key (its end of session).
+    pub only_owner: Option<u64>,
+}
+
+pub use crate::wire::ClassCounts;
 
 /// The store: map, disk and subscriptions.
 pub struct Store {
@@ -40,43 +101,172 @@ pub struct Store {
     /// Per-key order: a change holds its key's stripe from revision to publish.
     stripes: Box<[Mutex<()>]>,
     hasher: RandomState,
-    /// The last revision handed out.
-    rev: AtomicU64,
+    /// The revision counter and the turnstile that applies changes in revision order.
+    seq: RevSeq,
+    /// The data directory's revision floor as last raised for `memory`/`volatile` changes
+    /// (see [`LEASE_STEP`]); taken by such a change whose revision is above it.
+    lease: Mutex<u64>,
+    /// Tombstones for resumes. Written under the map write lock (a delete, a put that
+    /// recreates a key), read under the map read lock (a resume): lock order map → history.
+    history: Mutex<History>,
     /// Changes applied and announced whose fsync failed (`not_durable` answers), for STATS.
     not_durable: AtomicU64,
+    classes: ClassRules,
     disk: Disk,
+    /// The `volatile` directory, when a rule uses it.
+    volatile: Option<Disk>,
     notifier: Notifier,
 }
 
 impl Store {
-    /// Opens (and locks) the data directory and loads every key.
+    /// Opens (and locks) the data directory and loads every key, with the default classes.
     ///
     /// # Errors
     /// See [`Disk::open`].
     pub fn open(dir: &Path, options: &Options) -> Result<Store, OpenError> {
-        let (disk, contents) = Disk::open(dir, options)?;
-        let map = contents
-            .entries
-            .into_iter()
-            .map(|l| {
-                (
-                    l.key,
-                    Entry {
-                        value: l.value,
-                        rev: l.rev,
-                    },
-                )
-            })
-            .collect();
+        Store::open_with(&Config::new(dir, options))
+    }
+
+    /// Opens the data directory (and the volatile directory, when a rule uses it), loads every
+    /// key and the delete history saved at the last clean stop.
+    ///
+    /// # Errors
+    /// See [`Disk::open`], for either directory.
+    pub fn open_with(config: &Config) -> Result<Store, OpenError> {
+        let (disk, contents) = Disk::open(&config.data_dir, &config.options)?;
+        let mut map = BTreeMap::new();
+        let mut max_rev = contents.max_rev;
+        let data_rev = contents.max_rev;
+        for l in contents.entries {
+            let entry = Entry {
+                value: l.value,
+                rev: l.rev,
+                class: Class::Persistent,
+                owner: None,
+            };
+            map.insert(l.key, entry);
+        }
+        let volatile = if config.classes.uses(Class::Volatile) {
+            let (vdisk, vcontents) = Disk::open(&config.volatile_dir, &config.options)?;
+            max_rev = max_rev.max(vcontents.max_rev);
+            for l in vcontents.entries {
+                // A key in both directories (a class change whose old file could not be
+                // removed) is the later of the two.
+                if map.get(&l.key).is_some_and(|e: &Entry| e.rev >= l.rev) {
+                    continue;
+                }
+                let entry = Entry {
+                    value: l.value,
+                    rev: l.rev,
+                    class: Class::Volatile,
+                    owner: None,
+                };
+                map.insert(l.key, entry);
+            }
+            Some(vdisk)
+        } else {
+            None
+        };
+        let seq = RevSeq::new(max_rev);
+        let mut history = History::new(config.tombstones, max_rev);
+        let saved = disk.take_tombstones().as_deref().and_then(History::decode);
+        if saved.is_none() {
+            // No history to trust (a crash, a first start): no resume from before this start
+            // can be answered — the directory may even have been edited meanwhile — so the
+            // horizon is past every revision found. (A resume from a `ready` of this server
+            // taken before its first change is then a reset too: spurious, never wrong.)
+            history = History::new(config.tombstones, max_rev + 1);
+        }
+        if let Some(saved) = saved {
+            let found = crate::history::fingerprint(
+                map.iter()
+                    .filter(|(_, e)| e.class == Class::Persistent)
+                    .map(|(k, e)| (k, e.rev, &*e.value)),
+            );
+            if saved.at == data_rev && saved.fingerprint == found {
+                history = History::new(config.tombstones, saved.horizon);
+                for (key, rev) in saved.tombstones {
+                    if !map.contains_key(&key) {
+                        history.record(key, rev);
+                    }
+                }
+                let lost: Vec<Key> = saved
+                    .transient
+                    .into_iter()
+                    .filter(|k| !map.contains_key(k))
+                    .collect();
+                if !lost.is_empty() {
+                    // Gone with the restart: one new revision tells resuming subscribers.
+                    let gone = max_rev + 1;
+                    match disk.raise_floor(gone) {
+                        Ok(()) => {
+                            seq.raise(gone);
+                            for key in lost {
+                                history.record(key, gone);
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!("delete history not restored: {e}");
+                            history = History::new(config.tombstones, max_rev + 1);
+                        }
+                    }
+                }
+                log::info!(
+                    "delete history restored: {} tombstones, horizon rev {}",
+                    history.len(),
+                    history.horizon()
+                );
+            } else {
+                log::info!(
+                    "delete history of rev {} ignored: the data directory changed since (rev {data_rev})",
+                    saved.at
+                );
+                history = History::new(config.tombstones, max_rev + 1);
+            }
+        }
         Ok(Store {
             map: RwLock::new(map),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hasher: RandomState::new(),
-            rev: AtomicU64::new(contents.max_rev),
+            seq,
+            lease: Mutex::new(0),
+            history: Mutex::new(history),
             not_durable: AtomicU64::new(0),
+            classes: config.classes.clone(),
             disk,
+            volatile,
             notifier: Notifier::default(),
         })
+    }
+
+    /// Saves the delete history for the next start (a clean stop; called once no change is
+    /// in flight). `memory` and session keys are gone once the process ends and `volatile`
+    /// keys after a reboot: they are listed so the next start can tell resuming subscribers.
+    pub fn save(&self) {
+        let map = self.map.read();
+        // The floor may already be above the last revision (a lease): the next start counts
+        // from the floor, and the file must name what that start will find.
+        let at = self.seq.last().max(*self.lease.lock());
+        if let Err(e) = self.disk.raise_floor(at) {
+            log::warn!("cannot save the delete history: {e}");
+            return;
+        }
+        let transient: Vec<Key> = map
+            .iter()
+            .filter(|(_, e)| e.class != Class::Persistent)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let fingerprint = crate::history::fingerprint(
+            map.iter()
+                .filter(|(_, e)| e.class == Class::Persistent)
+                .map(|(k, e)| (k, e.rev, &*e.value)),
+        );
+        let text = self.history.lock().encode(at, fingerprint, &transient);
+        drop(map);
+        match self.disk.save_tombstones(text.as_bytes()) {
+            Ok(()) => log::info!("delete history saved at rev {at}"),
+            Err(e) => log::warn!("cannot save the delete history: {e}"),
+        }
     }
 
     pub fn notifier(&self) -> &Notifier {
@@ -87,6 +277,10 @@ impl Store {
         self.disk.dir()
     }
 
+    pub fn classes(&self) -> &ClassRules {
+        &self.classes
+    }
+
     pub fn len(&self) -> usize {
         self.map.read().len()
     }
@@ -95,9 +289,31 @@ impl Store {
         self.len() == 0
     }
 
+    /// Keys per class (walks the map: for STATS, not for hot paths).
+    pub fn class_counts(&self) -> ClassCounts {
+        let mut counts = ClassCounts::default();
+        for entry in self.map.read().values() {
+            match entry.class {
+                Class::Persistent => counts.persistent += 1,
+                Class::Volatile => counts.volatile += 1,
+                Class::Memory => counts.memory += 1,
+            }
+            if entry.owner.is_some() {
+                counts.sessions += 1;
+            }
+        }
+        counts
+    }
+
+    /// Tombstones kept, and the revision the delete history reaches back to.
+    pub fn history_stats(&self) -> (usize, u64) {
+        let h = self.history.lock();
+        (h.len(), h.horizon())
+    }
+
     /// The last revision handed out.
     pub fn rev(&self) -> u64 {
-        self.rev.load(Ordering::Acquire)
+        self.seq.last()
     }
 
     fn stripe(&self, key: &Key) -> &Mutex<()> {
@@ -110,38 +326,39 @@ impl Store {
         self.not_durable.load(Ordering::Relaxed)
     }
 
-    /// The next revision; checked, so it never wraps past [`MAX_REV`].
-    fn next_rev(&self) -> Result<u64, WriteError> {
-        self.rev
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                r.checked_add(1).filter(|&n| n <= MAX_REV)
-            })
-            .map(|r| r + 1)
-            .map_err(|_| WriteError::RevisionsExhausted(MAX_REV))
+    fn disk_of(&self, class: Class) -> Option<&Disk> {
+        match class {
+            Class::Persistent => Some(&self.disk),
+            Class::Volatile => self.volatile.as_ref(),
+            Class::Memory => None,
+        }
+    }
+
+    /// Before a `memory` or `volatile` change of revision `rev` is applied: the data
+    /// directory's floor must already be above it, so a restart that loses the change still
+    /// counts on from beyond it (see [`LEASE_STEP`]).
+    fn lease(&self, rev: u64) -> Result<(), WriteError> {
+        let mut lease = self.lease.lock();
+        if rev > *lease {
+            let next = rev.saturating_add(LEASE_STEP).min(crate::disk::MAX_REV);
+            self.disk.raise_floor(next)?;
+            *lease = next;
+        }
+        Ok(())
     }
 
     /// Whether the disk's outcome means the change is in place (and must be applied and
     /// announced so memory, disk and subscribers agree); the error, if any, is kept for the
-    /// caller. A change that failed gives its revision back unless a later one was taken
-    /// meanwhile (then the number is skipped): an unacknowledged revision is never reused
-    /// after one acknowledged.
-    fn in_place(
-        &self,
-        rev: u64,
-        outcome: Result<(), WriteError>,
-    ) -> Result<Option<WriteError>, WriteError> {
+    /// caller. A failed change drops its revision ticket, which gives the number back unless
+    /// a later one was taken meanwhile.
+    fn in_place(&self, outcome: Result<(), WriteError>) -> Result<Option<WriteError>, WriteError> {
         match outcome {
             Ok(()) => Ok(None),
             Err(err @ WriteError::NotDurable { .. }) => {
                 self.not_durable.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(err))
             }
-            Err(err) => {
-                let _ =
-                    self.rev
-                        .compare_exchange(rev, rev - 1, Ordering::AcqRel, Ordering::Acquire);
-                Err(err)
-            }
+            Err(err) => Err(err),
         }
     }
 
@@ -160,6 +377,14 @@ impl Store {
     /// A key's value and revision.
     pub fn get(&self, key: &Key) -> Option<(Value, u64)> {
         self.map.read().get(key).map(|e| (e.value.clone(), e.rev))
+    }
+
+    /// A key's value, revision and class.
+    pub fn get_with_class(&self, key: &Key) -> Option<(Value, u64, Class)> {
+        self.map
+            .read()
+            .get(key)
+            .map(|e| (e.value.clone(), e.rev, e.class))
     }
 
     /// The keys and values a pattern matches, sorted by key.
@@ -188,25 +413,77 @@ impl Store {
     /// [`WriteError::NotDurable`]: the change is then applied and announced, only its fsync
     /// failed.
     pub fn put(&self, key: Key, value: Value, kicks: &mut Kicks) -> Result<u64, WriteError> {
+        self.put_with(key, value, PutOptions::default(), kicks)
+    }
+
+    /// [`put`](Store::put) with a compare-and-set revision and/or as a session key.
+    ///
+    /// The key's class is its prefix's, or `memory` for a session key. A key whose class
+    /// changes (a session put of a persistent key, a plain put of a session key under a
+    /// persistent prefix) is written to its new place first, then removed from the old one.
+    /// A plain put of a session key makes it an ordinary key (no owner); a session put by
+    /// another connection moves the ownership to it.
+    ///
+    /// # Errors
+    /// As for [`put`](Store::put); [`WriteError::Conflict`] when `if_rev` does not match.
+    pub fn put_with(
+        &self,
+        key: Key,
+        value: Value,
+        options: PutOptions,
+        kicks: &mut Kicks,
+    ) -> Result<u64, WriteError> {
         let order = self.stripe(&key).lock();
         self.debug_panic(&key);
-        let rev = self.next_rev()?;
-        let late = self.in_place(rev, self.disk.write(&key, rev, &value))?;
+        let old = self.map.read().get(&key).map(|e| (e.rev, e.class));
+        if let Some(expected) = options.if_rev {
+            let current = old.map_or(0, |(rev, _)| rev);
+            if current != expected {
+                return Err(WriteError::Conflict { expected, current });
+            }
+        }
+        let class = match options.session {
+            Some(_) => Class::Memory,
+            None => self.classes.class_of(&key),
+        };
+        let ticket = self.seq.next()?;
+        let rev = ticket.rev();
+        if class != Class::Persistent {
+            self.lease(rev)?;
+        }
+        let late = match self.disk_of(class) {
+            Some(disk) => self.in_place(disk.write(&key, rev, &value))?,
+            None => None,
+        };
+        if let Some(old_disk) = old
+            .filter(|(_, old_class)| *old_class != class)
+            .and_then(|(_, old_class)| self.disk_of(old_class))
+        {
+            // Best effort: at start the later of two records of a key wins.
+            if let Err(e) = old_disk.remove(&key, rev) {
+                log::warn!("{key} moved to class {class}, its old file stays: {e}");
+            }
+        }
+        ticket.wait_turn();
         let touched = {
             let mut map = self.map.write();
-            map.insert(
-                key.clone(),
-                Entry {
-                    value: value.clone(),
-                    rev,
-                },
-            );
-            self.notifier.publish(&Event {
+            let entry = Entry {
+                value: value.clone(),
+                rev,
+                class,
+                owner: options.session,
+            };
+            if map.insert(key.clone(), entry).is_none() {
+                self.history.lock().forget(&key);
+            }
+            let touched = self.notifier.publish(&Event {
                 kind: EventKind::Put,
                 key,
                 value: Some(value),
                 rev,
-            })
+            });
+            ticket.finish();
+            touched
         };
         drop(order);
         kicks.add(touched);
@@ -220,25 +497,85 @@ impl Store {
     /// The file could not be removed; nothing changed — except for
     /// [`WriteError::NotDurable`], as for [`put`](Store::put).
     pub fn delete(&self, key: &Key, kicks: &mut Kicks) -> Result<Option<u64>, WriteError> {
+        self.delete_with(key, DelOptions::default(), kicks)
+    }
+
+    /// [`delete`](Store::delete) with a compare-and-set revision, or only of a session key
+    /// still owned by the given connection (`None` otherwise).
+    ///
+    /// # Errors
+    /// As for [`delete`](Store::delete); [`WriteError::Conflict`] when `if_rev` does not
+    /// match an existing key's revision (an absent key is `None`, as for a plain delete,
+    /// when `if_rev` is 0).
+    pub fn delete_with(
+        &self,
+        key: &Key,
+        options: DelOptions,
+        kicks: &mut Kicks,
+    ) -> Result<Option<u64>, WriteError> {
         let order = self.stripe(key).lock();
-        if !self.map.read().contains_key(key) {
+        let Some((current, class, owner)) =
+            self.map.read().get(key).map(|e| (e.rev, e.class, e.owner))
+        else {
+            return match options.if_rev {
+                Some(expected) if expected != 0 => Err(WriteError::Conflict {
+                    expected,
+                    current: 0,
+                }),
+                _ => Ok(None),
+            };
+        };
+        if let Some(expected) = options.if_rev.filter(|&e| e != current) {
+            return Err(WriteError::Conflict { expected, current });
+        }
+        if options.only_owner.is_some() && options.only_owner != owner {
             return Ok(None);
         }
-        let rev = self.next_rev()?;
-        let late = self.in_place(rev, self.disk.remove(key, rev))?;
+        let ticket = self.seq.next()?;
+        let rev = ticket.rev();
+        if class != Class::Persistent {
+            self.lease(rev)?;
+        }
+        let late = match self.disk_of(class) {
+            Some(disk) => self.in_place(disk.remove(key, rev))?,
+            None => None,
+        };
+        ticket.wait_turn();
         let touched = {
             let mut map = self.map.write();
             map.remove(key);
-            self.notifier.publish(&Event {
+            self.history.lock().record(key.clone(), rev);
+            let touched = self.notifier.publish(&Event {
                 kind: EventKind::Del,
                 key: key.clone(),
                 value: None,
                 rev,
-            })
+            });
+            ticket.finish();
+            touched
         };
         drop(order);
         kicks.add(touched);
         late.map_or(Ok(Some(rev)), Err)
+    }
+
+    /// Ends connection `owner`'s session: deletes the session keys it still owns (each with
+    /// its `del` event). `keys` are the keys it ever put as session keys; those another
+    /// connection took over are left alone.
+    pub fn end_session(&self, owner: u64, keys: &[Key], kicks: &mut Kicks) {
+        let options = DelOptions {
+            if_rev: None,
+            only_owner: Some(owner),
+        };
+        for key in keys {
+            match self.delete_with(key, options, kicks) {
+                Ok(Some(rev)) => {
+                    log::debug!("session key {key} of conn {owner} deleted at rev {rev}")
+                }
+                Ok(None) => {}
+                Err(e) => log::error!("cannot delete session key {key} of conn {owner}: {e}"),
+            }
+        }
     }
 
     /// Deletes every key the pattern matches (each is its own change, with its own event).
@@ -267,18 +604,27 @@ impl Store {
         late.map_or(Ok(deleted), Err)
     }
 
-    /// Subscribes connection `id` to `target`: queues `ack`, an `init` event per covered key
-    /// and the `ready` marker, and registers the subscription, all in one step no change can
-    /// fall between. Returns the number of initial values; the caller sends them.
+    /// Subscribes connection `id` to `target`: queues `ack`, the snapshot and the `ready`
+    /// marker, and registers the subscription, all in one step no change can fall between.
+    /// Returns the number of events before `ready`; the caller sends them.
+    ///
+    /// The snapshot is an `init` per covered key — or, resuming `from` a revision the delete
+    /// history reaches, only what changed after it: a `put` per covered key whose revision is
+    /// greater and a `del` per covered tombstone after it. A resume it cannot answer (the
+    /// history does not reach back, or `from` is beyond this server's settled revision) gets
+    /// a `reset` line and then the full snapshot. `ready` carries the settled revision: every
+    /// change at or below it is in what was sent, every later one comes after `ready`.
     ///
     /// # Errors
     /// The connection's subscription limit is reached; nothing was queued.
+    #[allow(clippy::too_many_arguments)]
     pub fn subscribe(
         &self,
         id: u64,
         name: &str,
         mailbox: &Arc<Mailbox>,
         target: &Target,
+        from: Option<u64>,
         max_subs: usize,
         ack: Vec<u8>,
     ) -> Result<usize, SubError> {
@@ -286,24 +632,49 @@ impl Store {
         let map = self.map.read();
         self.notifier.add(id, name, mailbox, target, max_subs)?;
         self.notifier.push(mailbox, Item::Reply(ack.into()));
-        let mut count = 0;
-        for (key, entry) in range(&map, target) {
-            count += 1;
-            self.notifier.push(
-                mailbox,
-                Item::Init(Event {
-                    kind: EventKind::Init,
-                    key: key.clone(),
-                    value: Some(entry.value.clone()),
-                    rev: entry.rev,
-                }),
-            );
+        let settled = self.seq.settled();
+        let history = self.history.lock();
+        let resume = from.filter(|&f| f <= settled && history.reaches(f));
+        if from.is_some() && resume.is_none() {
+            self.notifier.push(mailbox, Item::Reset(target.clone()));
         }
+        let mut count = 0;
+        let event = |kind, key: &Key, value, rev| {
+            Item::Init(Event {
+                kind,
+                key: key.clone(),
+                value,
+                rev,
+            })
+        };
+        match resume {
+            Some(from) => {
+                for (key, entry) in range(&map, target).filter(|(_, e)| e.rev > from) {
+                    count += 1;
+                    let item = event(EventKind::Put, key, Some(entry.value.clone()), entry.rev);
+                    self.notifier.push(mailbox, item);
+                }
+                for (key, rev) in history.since(from, target) {
+                    count += 1;
+                    self.notifier
+                        .push(mailbox, event(EventKind::Del, key, None, rev));
+                }
+            }
+            None => {
+                for (key, entry) in range(&map, target) {
+                    count += 1;
+                    let item = event(EventKind::Init, key, Some(entry.value.clone()), entry.rev);
+                    self.notifier.push(mailbox, item);
+                }
+            }
+        }
+        drop(history);
         self.notifier.push(
             mailbox,
             Item::Ready {
                 target: target.clone(),
                 count,
+                rev: settled,
             },
         );
         drop(map);

@@ -51,6 +51,10 @@ pub enum Op {
     Version,
     Help,
     Quit,
+    /// `PUTIF <key> <rev> <value>` (text form; the JSON form is `put` with `if_rev`).
+    PutIf,
+    /// `DELIF <key> <rev>` (text form; the JSON form is `del` with `if_rev`).
+    DelIf,
 }
 
 impl Op {
@@ -70,6 +74,8 @@ impl Op {
             Op::Version => "version",
             Op::Help => "help",
             Op::Quit => "quit",
+            Op::PutIf => "putif",
+            Op::DelIf => "delif",
         }
     }
 
@@ -93,6 +99,8 @@ impl Op {
             ("version", Op::Version),
             ("help", Op::Help),
             ("quit", Op::Quit),
+            ("putif", Op::PutIf),
+            ("delif", Op::DelIf),
         ];
         NAMES
             .iter()
@@ -119,6 +127,15 @@ pub struct JsonRequest<'a> {
     pub value: Option<&'a RawValue>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub name: Option<Cow<'a, str>>,
+    /// Compare-and-set on `put`/`del`: only at this revision (0: only if absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_rev: Option<u64>,
+    /// A `put` of a session key, owned by the connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<bool>,
+    /// A `sub` that resumes after this revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_rev: Option<u64>,
     #[serde(
         borrow,
         default,
@@ -136,6 +153,9 @@ impl<'a> JsonRequest<'a> {
             key: None,
             value: None,
             name: None,
+            if_rev: None,
+            session: None,
+            from_rev: None,
             id: None,
         }
     }
@@ -193,6 +213,9 @@ pub struct Got<S, V> {
     pub key: S,
     pub value: V,
     pub rev: u64,
+    /// The key's storage class: `persistent`, `volatile` or `memory`.
+    #[serde(default)]
+    pub class: S,
 }
 
 /// GET of a pattern: `values` is an object of key → value.
@@ -226,6 +249,23 @@ pub struct Subscriber {
     pub id: u64,
     pub name: String,
     pub subscriptions: Vec<String>,
+    /// Items waiting in its mailbox.
+    #[serde(default)]
+    pub pending: usize,
+    /// Changes replaced by a later one of their key before they were sent, since it subscribed.
+    #[serde(default)]
+    pub coalesced: u64,
+}
+
+/// Keys per storage class (STATS `classes`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassCounts {
+    pub persistent: usize,
+    pub volatile: usize,
+    pub memory: usize,
+    /// Of the `memory` keys, those owned by a session (STATS `sessions`, beside `classes`).
+    #[serde(skip)]
+    pub sessions: usize,
 }
 
 /// Server counters as STATS reports them.
@@ -255,6 +295,20 @@ pub struct Stats {
     /// Changes applied and announced whose fsync failed (answered `not_durable`).
     #[serde(default)]
     pub not_durable: u64,
+    /// Keys per storage class.
+    #[serde(default)]
+    pub classes: ClassCounts,
+    /// Session keys (memory keys owned by a connection).
+    #[serde(default)]
+    pub sessions: usize,
+    /// Tombstones kept for resumes, and the revision the delete history reaches back to.
+    #[serde(default)]
+    pub tombstones: usize,
+    #[serde(default)]
+    pub horizon: u64,
+    /// Every subscriber with its pending items and coalesced count.
+    #[serde(default)]
+    pub lag: Vec<Subscriber>,
 }
 
 /// HEALTH.
@@ -282,6 +336,15 @@ pub struct Failure<S> {
     pub message: S,
 }
 
+/// A compare-and-set that found another revision (`"error":"conflict"`): nothing changed;
+/// `rev` is the key's current revision (0 if absent).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Conflict<S> {
+    pub error: S,
+    pub message: S,
+    pub rev: u64,
+}
+
 /// One line of `nkv-client dump`, read back by `nkv-client restore`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -304,6 +367,14 @@ pub enum Event<S, V> {
     Ready {
         sub: S,
         count: u64,
+        /// The revision the snapshot was taken at: resume from it with `SUB <sub> FROM <rev>`.
+        #[serde(default)]
+        rev: u64,
+    },
+    /// A resume the server could not answer from its history: the full snapshot (as `init`
+    /// events, then `ready`) follows.
+    Reset {
+        sub: S,
     },
     Put {
         key: S,
@@ -323,7 +394,7 @@ impl<S, V> Event<S, V> {
     pub fn key(&self) -> Option<&S> {
         match self {
             Event::Init { key, .. } | Event::Put { key, .. } | Event::Del { key, .. } => Some(key),
-            Event::Ready { .. } | Event::Shutdown => None,
+            Event::Ready { .. } | Event::Reset { .. } | Event::Shutdown => None,
         }
     }
 }
@@ -351,6 +422,7 @@ mod tests {
             key: "a",
             value: Raw("{\"x\": [1,  2]}"),
             rev: 3,
+            class: "persistent",
         };
         let reply = Reply {
             ok: true,
@@ -359,7 +431,7 @@ mod tests {
         };
         assert_eq!(
             line(&reply),
-            "{\"ok\":true,\"key\":\"a\",\"value\":{\"x\": [1,  2]},\"rev\":3,\"id\":\"r\"}\n"
+            "{\"ok\":true,\"key\":\"a\",\"value\":{\"x\": [1,  2]},\"rev\":3,\"class\":\"persistent\",\"id\":\"r\"}\n"
         );
         let event: Event<&str, Raw> = Event::Put {
             key: "k",
@@ -383,7 +455,9 @@ mod tests {
             Event::Ready {
                 sub: "a.*".into(),
                 count: 1,
+                rev: 1,
             },
+            Event::Reset { sub: "a".into() },
             Event::Del {
                 key: "a".into(),
                 rev: 2,

@@ -90,6 +90,26 @@ pub fn get(
 
 /// `PUT <key> <value>` (nkv) or `SET <key> <value>` (Redis), each client cycling its own keys.
 pub fn put(server: &Server, clients: usize, size: usize, plan: &Plan) -> Result<Stats, String> {
+    put_under(server, clients, size, plan, b"bench.p")
+}
+
+/// `put` of `memory`-class keys: `runtime.*` is `memory` by default, so no file is written.
+pub fn put_memory(
+    server: &Server,
+    clients: usize,
+    size: usize,
+    plan: &Plan,
+) -> Result<Stats, String> {
+    put_under(server, clients, size, plan, b"runtime.bench.p")
+}
+
+fn put_under(
+    server: &Server,
+    clients: usize,
+    size: usize,
+    plan: &Plan,
+    prefix: &'static [u8],
+) -> Result<Stats, String> {
     let dialect = server.dialect;
     let val = value(dialect, size);
     let verb: &[u8] = if dialect == Dialect::Redis {
@@ -104,7 +124,7 @@ pub fn put(server: &Server, clients: usize, size: usize, plan: &Plan) -> Result<
         Ok(move |i: usize| {
             req.clear();
             req.extend_from_slice(verb);
-            req.extend_from_slice(b"bench.p");
+            req.extend_from_slice(prefix);
             push_u64(&mut req, size as u64);
             req.push(b'.');
             push_u64(&mut req, c as u64);

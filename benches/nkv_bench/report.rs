@@ -133,6 +133,39 @@ pub fn tables(res: &Results, plan: &Plan, fs: &Fs) -> Vec<Table> {
         out.push(t);
     }
 
+    if has("put-mem/") {
+        let mut t = Table::new(
+            "PUT of memory-class keys (runtime.*, no file) vs Redis SET (AOF everysec)".to_string(),
+            &[
+                "clients",
+                "value",
+                "nkv ops/s",
+                "p50",
+                "p99",
+                "Redis SET ops/s",
+                "p50",
+                "p99",
+                "nkv/Redis",
+            ],
+        );
+        for &c in &plan.clients {
+            for &v in &plan.value_sizes {
+                let n = format!("put-mem/nkv/c{c}/v{v}");
+                let r = format!("put/redis/c{c}/v{v}");
+                t.row(
+                    [
+                        &[c.to_string(), size_label(v)][..],
+                        &load_cells(res, &n),
+                        &load_cells(res, &r),
+                        &[cell_ratio(res, &n, &r, "ops_per_s")],
+                    ]
+                    .concat(),
+                );
+            }
+        }
+        out.push(t);
+    }
+
     if has("put-shm/") || has("put/redis") {
         let mut t = Table::new(
             format!(

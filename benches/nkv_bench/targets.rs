@@ -150,6 +150,26 @@ pub fn evaluate(res: &Results, plan: &Plan) -> Vec<Target> {
             }
         }
     }
+    for &c in &plan.clients {
+        for &v in &plan.value_sizes {
+            let (n, r) = (
+                res.get(&format!("put-mem/nkv/c{c}/v{v}"), "ops_per_s"),
+                res.get(&format!("put/redis/c{c}/v{v}"), "ops_per_s"),
+            );
+            if n.is_some() && r.is_some() {
+                push(
+                    format!(
+                        "memory-class PUT ≥ 1.5× Redis SET (AOF everysec), {c} client(s), {}",
+                        size_label(v)
+                    ),
+                    format!("{} vs {} ops/s", k(n), k(r)),
+                    ratio(n, r),
+                    1.5,
+                    true,
+                );
+            }
+        }
+    }
     if let Some(p99) = res.get("notify/nkv/s100", "p99_us") {
         push(
             "notify p99 < 1 ms, 100 subscribers, from the ack (value: p99/1 ms)".into(),

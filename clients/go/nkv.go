@@ -6,9 +6,9 @@
 // subscription and delivers typed events on a channel, reconnecting and resuming when the
 // connection or the server goes away.
 //
-// Not yet here, because the server does not have them yet: compare-and-swap puts and session
-// (ephemeral) puts, and resuming a subscription from a revision on the server side
-// (SUB <key> FROM <rev>); see resume.go for where that slots in.
+// PutIf and DeleteIf are compare-and-set (errors.Is(err, ErrConflict) when the key was at
+// another revision; the *Error's Rev is the current one). PutSession stores a key owned by
+// the Client's connection: the server deletes it when that connection closes.
 package nkv
 
 import (
@@ -31,6 +31,8 @@ const maxLine = 16<<20 + 64<<10
 type Error struct {
 	Code    string
 	Message string
+	// Rev is the key's current revision on a conflict (0 if it does not exist).
+	Rev uint64
 }
 
 func (e *Error) Error() string { return fmt.Sprintf("nkv: %s: %s", e.Code, e.Message) }
@@ -47,6 +49,7 @@ var (
 	ErrInvalidKey = &Error{Code: "invalid_key"}
 	ErrTooLarge   = &Error{Code: "too_large"}
 	ErrBadRequest = &Error{Code: "bad_request"}
+	ErrConflict   = &Error{Code: "conflict"}
 )
 
 // ErrClosed is returned by a Client used after Close.
@@ -206,6 +209,45 @@ func (c *Client) PutRaw(key string, value json.RawMessage) (uint64, error) {
 	return resp.Rev, nil
 }
 
+// PutIf stores value only if key is at revision rev (0: only if it does not exist); returns
+// the new revision, or an error that errors.Is ErrConflict (its Rev is the key's revision).
+func (c *Client) PutIf(key string, value interface{}, rev uint64) (uint64, error) {
+	raw, err := json.Marshal(value)
+	if err != nil {
+		return 0, fmt.Errorf("nkv: put %s: encoding the value: %w", key, err)
+	}
+	resp, err := c.do(request{Op: "put", Key: key, Value: raw, IfRev: &rev})
+	if err != nil {
+		return 0, err
+	}
+	return resp.Rev, nil
+}
+
+// PutSession stores value as a session key of this Client's connection: kept in memory only,
+// deleted (subscribers get a Del) when the connection closes — Close, a crash, a lost socket.
+// If the connection breaks and is redialled, earlier session keys are already gone: put them
+// again.
+func (c *Client) PutSession(key string, value interface{}) (uint64, error) {
+	raw, err := json.Marshal(value)
+	if err != nil {
+		return 0, fmt.Errorf("nkv: put %s: encoding the value: %w", key, err)
+	}
+	resp, err := c.do(request{Op: "put", Key: key, Value: raw, Session: true})
+	if err != nil {
+		return 0, err
+	}
+	return resp.Rev, nil
+}
+
+// DeleteIf deletes key only at revision rev; ErrConflict otherwise.
+func (c *Client) DeleteIf(key string, rev uint64) (uint64, error) {
+	resp, err := c.do(request{Op: "del", Key: key, IfRev: &rev})
+	if err != nil {
+		return 0, err
+	}
+	return resp.Rev, nil
+}
+
 // Delete deletes key; returns the delete's revision (ErrNotFound when there was no key).
 func (c *Client) Delete(key string) (uint64, error) {
 	resp, err := c.do(request{Op: "del", Key: key})
@@ -258,6 +300,10 @@ type request struct {
 	Key   string          `json:"key,omitempty"`
 	Value json.RawMessage `json:"value,omitempty"`
 	Name  string          `json:"name,omitempty"`
+	// IfRev is a compare-and-set revision (put, del); FromRev resumes a sub.
+	IfRev   *uint64 `json:"if_rev,omitempty"`
+	FromRev *uint64 `json:"from_rev,omitempty"`
+	Session bool    `json:"session,omitempty"`
 }
 
 // response is any response line; fields absent from a response stay zero.
@@ -350,7 +396,7 @@ func (cn *conn) exchange(req request, timeout time.Duration) (*response, error) 
 		return nil, fmt.Errorf("nkv: %s response is not JSON (%v): %q", req.Op, err, line)
 	}
 	if !resp.OK {
-		return nil, &Error{Code: resp.Error, Message: resp.Message}
+		return nil, &Error{Code: resp.Error, Message: resp.Message, Rev: resp.Rev}
 	}
 	return &resp, nil
 }

@@ -276,3 +276,64 @@ func TestSubscribeResumesAcrossAServerRestart(t *testing.T) {
 		}
 	})
 }
+
+func TestCompareAndSetAndSessions(t *testing.T) {
+	s := startServer(t)
+	c := connect(t, s)
+	rev, err := c.PutIf("lock", "me", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.PutIf("lock", "you", 0)
+	var e *Error
+	if !errors.Is(err, ErrConflict) || !errors.As(err, &e) || e.Rev != rev {
+		t.Fatalf("second PutIf: %v", err)
+	}
+	if _, err := c.DeleteIf("lock", rev+100); !errors.Is(err, ErrConflict) {
+		t.Fatalf("DeleteIf at a wrong rev: %v", err)
+	}
+	if _, err := c.DeleteIf("lock", rev); err != nil {
+		t.Fatal(err)
+	}
+	owner := connect(t, s)
+	if _, err := owner.PutSession("svc.me", map[string]int{"pid": 1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get("svc.me"); err != nil {
+		t.Fatal(err)
+	}
+	owner.Close()
+	waitFor(t, "the session key to go with its connection", func() bool {
+		_, err := c.Get("svc.me")
+		return errors.Is(err, ErrNotFound)
+	})
+}
+
+func TestSubscribeResumesFromARevisionAfterACleanRestart(t *testing.T) {
+	s := startServer(t)
+	c := connect(t, s)
+	c.Put("q.a", 1)
+	c.Put("q.b", 2)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events, err := c.Subscribe(ctx, "q")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		next(t, events)
+	}
+	s.stop()
+	s.start()
+	// Changes the subscription missed while it reconnects: the server's own events.
+	c2 := connect(t, s)
+	rev, _ := c2.Delete("q.b")
+	var got Event
+	waitFor(t, "the delete", func() bool {
+		got = next(t, events)
+		return got.Kind == Del
+	})
+	if got.Key != "q.b" || got.Rev != rev {
+		t.Fatalf("resumed delete: %+v (want rev %d)", got, rev)
+	}
+}

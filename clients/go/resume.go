@@ -4,34 +4,42 @@ import "sort"
 
 // Resuming a subscription after a reconnect.
 //
-// Today the server has no "changes since revision N" (the planned `SUB <target> FROM <rev>`),
-// so a resumed subscription asks for the full snapshot again and the client works out the
-// difference: a key whose revision is the one the consumer already has is not passed on, and
-// a key the consumer has that the new snapshot lacks is reported deleted (revision 0). When the
-// server learns FROM, subscribeRequest sends `from: lastRev` and the server's own del events
-// replace `gone`; nothing else changes.
+// The resumption sends `"from_rev"`: the revision of the last ready marker, raised by every
+// later put or del without "skipped" (an event standing for skipped changes may have
+// overtaken older changes of other keys, so it does not move the point). The server answers
+// with only what changed after it (put and del events) before ready. When its delete history
+// does not reach back that far (a crash, too many deletes) it sends a reset line and the full
+// snapshot: then the client works out the difference itself — a key whose revision is the one
+// the consumer already has is not passed on, and a key the consumer has that the snapshot
+// lacks is reported deleted (revision 0). Either way the consumer sees only changes.
 
 // resumeState is what one resumption tracks until its snapshot's ready marker.
 type resumeState struct {
 	fromRev uint64
-	// present holds the keys the new snapshot included.
+	// reset: the server sends the full snapshot (present then holds its keys).
+	reset   bool
 	present map[string]bool
 }
 
 func (s *subscription) resumeState() *resumeState {
-	return &resumeState{fromRev: s.lastRev, present: map[string]bool{}}
+	return &resumeState{fromRev: s.resumeRev, present: map[string]bool{}}
 }
 
-// subscribeRequest is the SUB for a first subscription or a resumption. (A resumption would
-// carry resume.fromRev once the server accepts it.)
+// subscribeRequest is the SUB for a first subscription or a resumption.
 func subscribeRequest(target string, resume *resumeState) request {
-	_ = resume
-	return request{Op: "sub", Key: target}
+	if resume == nil {
+		return request{Op: "sub", Key: target}
+	}
+	from := resume.fromRev
+	return request{Op: "sub", Key: target, FromRev: &from}
 }
 
 // gone reports, as Del events in key order, the keys the consumer had that the new snapshot
-// lacks, and forgets them.
+// lacks, and forgets them (after a reset only).
 func (r *resumeState) gone(seen map[string]uint64) []Event {
+	if !r.reset {
+		return nil
+	}
 	var keys []string
 	for key := range seen {
 		if !r.present[key] {

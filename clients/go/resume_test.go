@@ -10,7 +10,7 @@ func TestResumeSkipsWhatTheConsumerHasAndReportsWhatIsGone(t *testing.T) {
 	s := &subscription{seen: map[string]uint64{}}
 	for _, ev := range []wireEvent{
 		{Event: "init", Key: "a", Rev: 1}, {Event: "init", Key: "b", Rev: 2},
-		{Event: "init", Key: "c", Rev: 3}, {Event: "ready", Count: 3},
+		{Event: "init", Key: "c", Rev: 3}, {Event: "ready", Count: 3, Rev: 3},
 	} {
 		s.translate(ev, nil)
 	}
@@ -18,8 +18,12 @@ func TestResumeSkipsWhatTheConsumerHasAndReportsWhatIsGone(t *testing.T) {
 	if resume.fromRev != 3 {
 		t.Fatalf("fromRev %d", resume.fromRev)
 	}
+	if req := subscribeRequest("x", resume); req.FromRev == nil || *req.FromRev != 3 {
+		t.Fatalf("resumption request %+v", req)
+	}
 	var got []Event
 	for _, ev := range []wireEvent{
+		{Event: "reset"},                  // the server cannot resume: full snapshot
 		{Event: "init", Key: "a", Rev: 1}, // unchanged: skipped
 		{Event: "init", Key: "c", Rev: 7}, // changed: passed on
 		{Event: "init", Key: "d", Rev: 8}, // new: passed on
@@ -45,5 +49,32 @@ func TestResumeSkipsWhatTheConsumerHasAndReportsWhatIsGone(t *testing.T) {
 	}
 	if _, ok := s.translate(wireEvent{Event: "shutdown"}, nil); ok {
 		t.Fatal("shutdown must end the connection")
+	}
+}
+
+// Resuming with server help: the put and del events pass through, nothing is diffed, and the
+// resume point follows ready and the live events that skipped nothing.
+func TestResumeFromARevisionPassesTheServersChangesOn(t *testing.T) {
+	s := &subscription{seen: map[string]uint64{"a": 1, "b": 2}, resumeRev: 2}
+	resume := s.resumeState()
+	var got []Event
+	for _, ev := range []wireEvent{
+		{Event: "put", Key: "a", Rev: 5}, {Event: "del", Key: "c", Rev: 6},
+		{Event: "ready", Count: 2, Rev: 6},
+	} {
+		out, _ := s.translate(ev, resume)
+		got = append(got, out...)
+	}
+	want := []Event{{Kind: Put, Key: "a", Rev: 5}, {Kind: Del, Key: "c", Rev: 6}, {Kind: Ready, Count: 2}}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %+v\nwant %+v", got, want)
+	}
+	s.translate(wireEvent{Event: "put", Key: "b", Rev: 9, Skipped: 2}, nil)
+	if s.resumeRev != 6 {
+		t.Fatalf("a skipped event moved the resume point to %d", s.resumeRev)
+	}
+	s.translate(wireEvent{Event: "put", Key: "a", Rev: 8}, nil)
+	if s.resumeRev != 8 {
+		t.Fatalf("resume point %d", s.resumeRev)
 	}
 }

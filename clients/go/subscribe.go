@@ -45,18 +45,22 @@ type Event struct {
 	Value json.RawMessage // Init, Put
 	Rev   uint64          // Init, Put, Del
 	Count int             // Ready
+	// Skipped is how many earlier changes of the key this Put or Del stands for (the server
+	// coalesced them because the consumer was behind).
+	Skipped uint64
 }
 
 // wireEvent is an event line as the server sends it.
 type wireEvent struct {
-	Event string          `json:"event"`
-	Key   string          `json:"key"`
-	Value json.RawMessage `json:"value"`
-	Rev   uint64          `json:"rev"`
-	Count int             `json:"count"`
-	OK    *bool           `json:"ok"`
-	Error string          `json:"error"`
-	Msg   string          `json:"message"`
+	Event   string          `json:"event"`
+	Key     string          `json:"key"`
+	Value   json.RawMessage `json:"value"`
+	Rev     uint64          `json:"rev"`
+	Count   int             `json:"count"`
+	Skipped uint64          `json:"skipped"`
+	OK      *bool           `json:"ok"`
+	Error   string          `json:"error"`
+	Msg     string          `json:"message"`
 }
 
 // Subscribe subscribes to target (a key, covering itself and everything below it; "a.*" for
@@ -86,8 +90,10 @@ type subscription struct {
 	// what resuming compares the new snapshot with. Touched only by the subscription's
 	// goroutine (and start, before it runs).
 	seen map[string]uint64
-	// lastRev is the highest revision delivered, for a server that can resume from one.
+	// lastRev is the highest revision delivered.
 	lastRev uint64
+	// resumeRev is where a resumption starts: see resume.go.
+	resumeRev uint64
 }
 
 // start dials, names the connection, and subscribes (resuming when resume is non-nil).
@@ -187,6 +193,11 @@ func (s *subscription) pump(ctx context.Context, cn *conn, resume *resumeState, 
 // ending (the server is stopping).
 func (s *subscription) translate(ev wireEvent, resume *resumeState) ([]Event, bool) {
 	switch ev.Event {
+	case "reset":
+		if resume != nil {
+			resume.reset = true
+		}
+		return nil, true
 	case "init":
 		if resume != nil {
 			resume.present[ev.Key] = true
@@ -198,21 +209,31 @@ func (s *subscription) translate(ev wireEvent, resume *resumeState) ([]Event, bo
 		return []Event{{Kind: Init, Key: ev.Key, Value: ev.Value, Rev: ev.Rev}}, true
 	case "put":
 		s.note(ev.Key, ev.Rev)
-		return []Event{{Kind: Put, Key: ev.Key, Value: ev.Value, Rev: ev.Rev}}, true
+		s.live(ev, resume)
+		return []Event{{Kind: Put, Key: ev.Key, Value: ev.Value, Rev: ev.Rev, Skipped: ev.Skipped}}, true
 	case "del":
 		delete(s.seen, ev.Key)
 		s.bump(ev.Rev)
-		return []Event{{Kind: Del, Key: ev.Key, Rev: ev.Rev}}, true
+		s.live(ev, resume)
+		return []Event{{Kind: Del, Key: ev.Key, Rev: ev.Rev, Skipped: ev.Skipped}}, true
 	case "ready":
 		var out []Event
 		if resume != nil {
 			out = resume.gone(s.seen)
 		}
+		s.resumeRev = ev.Rev
 		return append(out, Event{Kind: Ready, Count: ev.Count}), true
 	case "shutdown":
 		return nil, false
 	}
 	return nil, true
+}
+
+// live moves the resume point past a live event that skipped nothing.
+func (s *subscription) live(ev wireEvent, resume *resumeState) {
+	if resume == nil && ev.Skipped == 0 && ev.Rev > s.resumeRev {
+		s.resumeRev = ev.Rev
+	}
 }
 
 func (s *subscription) note(key string, rev uint64) {

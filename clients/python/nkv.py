@@ -17,6 +17,12 @@ request line and one response line at a time, on one persistent connection::
     for event in nkv.Client().subscribe("app.config"):
         print(event)     # {'event': 'init', 'key': ..., 'value': ..., 'rev': ...}
 
+    db.put("app.leader", "me", if_rev=0)         # compare-and-set: Conflict if it exists
+    db.put("app.alive.me", {"pid": 1}, session=True)   # deleted when db closes
+
+    for event in nkv.Client().watch("app"):      # reconnects and resumes on its own
+        print(event)     # a 'reset' event says a full snapshot follows
+
 Server errors raise NkvError (NotFound for a missing key) carrying the
 protocol's error ``code`` and the server's ``message``. A Client may be shared
 between threads: a lock keeps each request paired with its response.
@@ -29,7 +35,7 @@ import socket
 import threading
 import time
 
-__all__ = ["Client", "Subscription", "NkvError", "NotFound", "DEFAULT_SOCKET"]
+__all__ = ["Client", "Subscription", "Watch", "NkvError", "NotFound", "Conflict", "DEFAULT_SOCKET"]
 
 DEFAULT_SOCKET = "/tmp/nkv/nkv.sock"
 
@@ -56,9 +62,22 @@ class NotFound(NkvError):
     """The key does not exist (error code ``not_found``)."""
 
 
+class Conflict(NkvError):
+    """A compare-and-set found another revision (error code ``conflict``).
+
+    ``rev`` is the key's current revision, 0 if it does not exist.
+    """
+
+    def __init__(self, code, message, rev=0):
+        super().__init__(code, message)
+        self.rev = rev
+
+
 def _error(response):
     code = response.get("error", "protocol")
     message = response.get("message", "the server gave no reason")
+    if code == "conflict":
+        return Conflict(code, message, response.get("rev", 0))
     cls = NotFound if code == "not_found" else NkvError
     return cls(code, message)
 
@@ -252,16 +271,37 @@ class Client:
         """
         return self._field(self.request("get", key=_pattern(pattern)), "values")
 
-    def put(self, key, value):
-        """Store ``value`` (anything json.dumps accepts) and return its revision."""
-        return self._field(self.request("put", key=key, value=value), "rev")
+    def put(self, key, value, if_rev=None, session=False):
+        """Store ``value`` (anything json.dumps accepts) and return its revision.
 
-    def delete(self, key):
+        ``if_rev``: store only if the key is at that revision (0: only if it
+        does not exist); otherwise raise Conflict (its ``rev`` is the key's).
+        ``session=True``: the key belongs to this Client's connection, is kept
+        in memory only, and is deleted when the connection closes (close(), a
+        crash, a lost socket) — a liveness signal others can watch.
+        """
+        fields = {"key": key, "value": value}
+        if if_rev is not None:
+            fields["if_rev"] = if_rev
+        if session:
+            fields["session"] = True
+        return self._field(self.request("put", **fields), "rev")
+
+    def delete(self, key, if_rev=None):
         """Delete ``key`` and return the revision of the delete.
 
-        Raises NotFound if the key does not exist.
+        Raises NotFound if the key does not exist; with ``if_rev``, Conflict
+        unless the key is at that revision.
         """
-        return self._field(self.request("del", key=key), "rev")
+        fields = {"key": key}
+        if if_rev is not None:
+            fields["if_rev"] = if_rev
+        return self._field(self.request("del", **fields), "rev")
+
+    def get_entry(self, key):
+        """Return ``(value, rev, storage_class)`` of ``key``; NotFound if absent."""
+        response = self.request("get", key=key)
+        return self._field(response, "value"), self._field(response, "rev"), response.get("class")
 
     def delete_prefix(self, pattern):
         """Delete every key matching ``pattern`` (as in get_prefix); return how many."""
@@ -291,7 +331,7 @@ class Client:
 
     # -- subscriptions ------------------------------------------------------
 
-    def subscribe(self, prefix, name=None):
+    def subscribe(self, prefix, name=None, from_rev=None):
         """Subscribe to ``prefix`` on a new connection; return a Subscription, a generator of events.
 
         ``prefix`` is a key (it and every key below it), ``"a.*"`` (only the
@@ -306,22 +346,28 @@ class Client:
         to the subscription's socket too: a wait longer than that raises
         ``TimeoutError``.
 
+        ``from_rev`` resumes instead: only what changed after that revision
+        (``put`` and ``del`` events) comes before ``ready``, or a ``reset``
+        event and the full snapshot when the server's history does not reach
+        back. watch() does this on every reconnect.
+
         Raises NkvError at once if the server refuses the subscription
         (e.g. code ``invalid_key``).
         """
-        conn = _Connection(self.socket_path, self.timeout, 0.0)
-        try:
-            if name is not None:
-                response = conn.exchange({"op": "hello", "name": name})
-                if response.get("ok") is not True:
-                    raise _error(response)
-            response = conn.exchange({"op": "sub", "key": prefix})
-            if response.get("ok") is not True:
-                raise _error(response)
-        except BaseException:
-            conn.close()
-            raise
-        return Subscription(conn)
+        return Subscription(_subscribe(self.socket_path, self.timeout, 0.0, prefix, name, from_rev))
+
+    def watch(self, prefix, name=None, from_rev=None, reconnect_wait=30.0):
+        """Like subscribe(), but survives the server: return a Watch.
+
+        When the connection is lost (server restart, socket replaced, a
+        shutdown event) the Watch reconnects — retrying for up to
+        ``reconnect_wait`` seconds — and resumes from the last revision it
+        delivered, so no change is missed and no deleted key is left stale.
+        It yields every event except ``shutdown``; a ``reset`` event means
+        the server could not resume and the ``init`` events that follow are
+        the whole state (forget the keys they do not restate).
+        """
+        return Watch(self.socket_path, self.timeout, prefix, name, from_rev, reconnect_wait)
 
     # -- lifetime -----------------------------------------------------------
 
@@ -341,6 +387,26 @@ class Client:
     def __repr__(self):
         state = "closed" if self._conn is None else "open"
         return "<nkv.Client %s %s>" % (self.socket_path, state)
+
+
+def _subscribe(path, timeout, wait, prefix, name, from_rev):
+    """A new connection subscribed to ``prefix`` (acknowledged)."""
+    conn = _Connection(path, timeout, wait)
+    try:
+        if name is not None:
+            response = conn.exchange({"op": "hello", "name": name})
+            if response.get("ok") is not True:
+                raise _error(response)
+        request = {"op": "sub", "key": prefix}
+        if from_rev is not None:
+            request["from_rev"] = from_rev
+        response = conn.exchange(request)
+        if response.get("ok") is not True:
+            raise _error(response)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _pattern(pattern):
@@ -398,6 +464,91 @@ class Subscription(collections.abc.Generator):
         if not self._done:
             self._done = True
             self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class Watch(collections.abc.Generator):
+    """A subscription that reconnects and resumes; what Client.watch returns.
+
+    ``rev`` is the revision it would resume from: the last ``ready``'s,
+    raised by every later event without ``skipped`` (an event that stands for
+    skipped changes may have overtaken older changes of other keys, so it
+    does not move the resume point). ``resets`` counts the resumes the server
+    answered with a full snapshot.
+    """
+
+    def __init__(self, path, timeout, prefix, name, from_rev, reconnect_wait):
+        self._path = path
+        self._timeout = timeout
+        self._prefix = prefix
+        self._name = name
+        self._wait = reconnect_wait
+        self.rev = from_rev
+        self.resets = 0
+        self._in_snapshot = True
+        self._done = False
+        self._conn = _subscribe(path, timeout, 0.0, prefix, name, from_rev)
+
+    def send(self, value):
+        """Return the next event (``value`` is ignored); StopIteration once closed."""
+        while True:
+            if self._done:
+                raise StopIteration
+            if self._conn is None:
+                try:
+                    self._conn = _subscribe(self._path, self._timeout, self._wait, self._prefix, self._name, self.rev)
+                except NkvError as exc:
+                    if exc.code != "closed":
+                        self.close()
+                    raise
+                self._in_snapshot = True
+            try:
+                event = self._conn.receive()
+            except (NkvError, ConnectionError) as exc:
+                if isinstance(exc, NkvError) and exc.code != "closed":
+                    self.close()
+                    raise
+                self._drop()
+                continue
+            except BaseException:
+                self.close()
+                raise
+            kind = event.get("event")
+            if kind == "shutdown":
+                self._drop()
+                continue
+            if kind == "reset":
+                self.resets += 1
+            elif kind == "ready":
+                self._in_snapshot = False
+                self.rev = event.get("rev", self.rev)
+            elif not self._in_snapshot and "skipped" not in event and "rev" in event:
+                self.rev = max(self.rev or 0, event["rev"])
+            return event
+
+    def _drop(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def throw(self, typ=None, value=None, traceback=None):
+        """Close the connection and raise the given exception (generator protocol)."""
+        self.close()
+        if value is None:
+            value = typ() if isinstance(typ, type) else typ
+        if traceback is not None:
+            value = value.with_traceback(traceback)
+        raise value
+
+    def close(self):
+        """Close the connection; iteration then stops."""
+        self._done = True
+        self._drop()
 
     def __enter__(self):
         return self

@@ -17,6 +17,9 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use nkv::class::Class;
+use nkv::class::ClassRules;
+use nkv::key::Key;
 use nkv::server::{Config, Limits, Server};
 
 /// The nkv server: a notify key-value store on a Unix socket.
@@ -90,6 +93,30 @@ struct Args {
     /// Print the man page (roff) and exit
     #[arg(long, hide = true)]
     man: bool,
+
+    /// Directory of the `volatile` storage class: one file per key, kept across a server
+    /// restart, gone after a reboot (a tmpfs). Opened only when a --class rule uses it; the
+    /// same safety rules as the data directory
+    #[arg(long, env = "NKV_VOLATILE_DIR", default_value = "/dev/shm/nkv")]
+    volatile_dir: PathBuf,
+
+    /// Storage class of the keys at and below PREFIX: persistent (the data directory),
+    /// volatile (--volatile-dir) or memory (gone when the server stops). Repeatable; the
+    /// longest matching prefix wins; everything else is persistent; `runtime=memory` unless
+    /// overridden
+    #[arg(
+        long = "class",
+        value_name = "PREFIX=CLASS",
+        env = "NKV_CLASSES",
+        value_delimiter = ',',
+        value_parser = ClassRules::parse_rule
+    )]
+    classes: Vec<(Key, Class)>,
+
+    /// Most delete records (tombstones) kept so that subscriptions can resume from a
+    /// revision (`SUB key FROM rev`); an older resume gets a reset and the full snapshot
+    #[arg(long, env = "NKV_TOMBSTONES", default_value_t = 100_000)]
+    tombstones: usize,
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -280,6 +307,9 @@ fn main() -> ExitCode {
             idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
             send_timeout: (args.send_timeout > 0).then(|| Duration::from_secs(args.send_timeout)),
         },
+        classes: ClassRules::new(args.classes),
+        volatile_dir: args.volatile_dir,
+        tombstones: args.tombstones,
     };
     // Before the socket exists: a SIGTERM sent as soon as it accepts must stop us cleanly, not
     // kill us. Signals that arrive before the handling thread runs wait in `signals`.

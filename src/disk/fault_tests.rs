@@ -47,6 +47,9 @@ fn config(dir: &Path) -> Config {
         fsync: true,
         allow_unsafe_dirs: false,
         limits: Limits::default(),
+        classes: crate::class::ClassRules::default(),
+        volatile_dir: dir.join("volatile"),
+        tombstones: crate::store::DEFAULT_TOMBSTONES,
     }
 }
 

@@ -22,6 +22,8 @@ pub const QUARANTINE_DIR: &str = ".quarantine";
 pub const LEGACY_LOCK: &str = ".lock";
 /// The start-up probe for a case-insensitive file system, `.case-probe-<pid>`.
 pub const CASE_PROBE_PREFIX: &str = ".case-probe-";
+/// The delete history (tombstones) saved at a clean stop, read and removed at the next start.
+pub const TOMBSTONE_FILE: &str = ".tombstones";
 /// Width of the revision in [`REV_FILE`]: `u64::MAX` has 20 digits.
 pub const REV_WIDTH: usize = 20;
 
@@ -32,6 +34,8 @@ pub enum Name {
     Temp,
     RevFloor,
     Reserve,
+    /// [`TOMBSTONE_FILE`], read by the store, not by the key scan.
+    Tombstones,
     Quarantine,
     /// `.lock` of layout 1.
     LegacyLock,
@@ -46,6 +50,7 @@ pub fn classify(name: &str) -> Name {
     match name {
         REV_FILE => return Name::RevFloor,
         RESERVE_FILE => return Name::Reserve,
+        TOMBSTONE_FILE => return Name::Tombstones,
         QUARANTINE_DIR => return Name::Quarantine,
         LEGACY_LOCK => return Name::LegacyLock,
         _ => {}

@@ -113,7 +113,7 @@ pub fn load(dir: &Dir, max_value: usize) -> Result<Contents, DiskError> {
                 }
                 continue;
             }
-            Name::LegacyLock | Name::Reserve | Name::Quarantine => continue,
+            Name::LegacyLock | Name::Reserve | Name::Quarantine | Name::Tombstones => continue,
             Name::RevFloor => match read_floor(dir, &name) {
                 Ok(rev) => {
                     contents.floor = Some(rev);

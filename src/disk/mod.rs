@@ -28,6 +28,7 @@ pub mod owner;
 #[cfg(test)]
 mod power_tests;
 mod reserve;
+mod server_file;
 mod write;
 
 use std::fs::{self, File};

@@ -104,7 +104,7 @@ pub(super) fn write_parts(file: &mut File, parts: &[&[u8]]) -> io::Result<()> {
 }
 
 impl Disk {
-    fn check_in_place(&self) -> Result<(), WriteError> {
+    pub(super) fn check_in_place(&self) -> Result<(), WriteError> {
         if self.dir.still_in_place() {
             Ok(())
         } else {
@@ -170,7 +170,7 @@ impl Disk {
     }
 
     /// A new, exclusively created temporary file. A name someone planted is skipped.
-    fn create_temp(&self) -> Result<(String, File), WriteError> {
+    pub(super) fn create_temp(&self) -> Result<(String, File), WriteError> {
         let mut last = None;
         for _ in 0..8 {
             let tmp = temp_name(self.next_temp.fetch_add(1, Ordering::Relaxed));
@@ -217,7 +217,7 @@ impl Disk {
     }
 
     /// Rewrites the floor in place (same size: it needs no new space).
-    fn raise_floor(&self, rev: u64) -> Result<(), WriteError> {
+    pub(crate) fn raise_floor(&self, rev: u64) -> Result<(), WriteError> {
         let mut floor = self.floor.lock();
         if rev <= floor.value {
             return Ok(());

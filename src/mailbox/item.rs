@@ -3,7 +3,7 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::key::{Key, Target};
-use crate::protocol::{write_ready, Event, SHUTDOWN_EVENT};
+use crate::protocol::{write_ready, write_reset, Event, SHUTDOWN_EVENT};
 
 /// One change as published to every covering subscriber. Shared (`Arc`) by all their mailboxes:
 /// its line is formatted once, by whichever subscriber sends it first, and the same bytes go to
@@ -41,11 +41,20 @@ impl Published {
 pub enum Item {
     /// A change of a key (shared with the other subscribers); may be coalesced.
     Change(Arc<Published>),
+    /// A change that replaced `n` earlier pending changes of its key in this mailbox (it is
+    /// sent with `"skipped":n`); may be coalesced again.
+    Skipped(Arc<Published>, u64),
     /// A key's value in a subscription's snapshot; may take a later value of its key, is never
     /// dropped.
     Init(Event),
-    /// The end of a subscription's snapshot.
-    Ready { target: Target, count: usize },
+    /// The end of a subscription's snapshot; `rev` is the revision it was taken at.
+    Ready {
+        target: Target,
+        count: usize,
+        rev: u64,
+    },
+    /// A resume the delete history could not answer: a full snapshot follows.
+    Reset(Target),
     /// A response line, `\n` included (`SUB`/`UNSUB`/`HELLO`/`HEALTH`/`QUIT` answers, errors).
     Reply(Box<[u8]>),
     /// The server is stopping: the last item a mailbox ever takes.
@@ -56,7 +65,7 @@ impl Item {
     /// The key of an event item.
     pub fn key(&self) -> Option<&Key> {
         match self {
-            Item::Change(p) => Some(&p.event.key),
+            Item::Change(p) | Item::Skipped(p, _) => Some(&p.event.key),
             Item::Init(e) => Some(&e.key),
             _ => None,
         }
@@ -65,10 +74,10 @@ impl Item {
     /// Value bytes held, for the queue's byte budget.
     pub fn weight(&self) -> usize {
         match self {
-            Item::Change(p) => p.weight(),
+            Item::Change(p) | Item::Skipped(p, _) => p.weight(),
             Item::Init(e) => e.value.as_ref().map_or(0, |v| v.len()),
             Item::Reply(line) => line.len(),
-            Item::Ready { .. } | Item::Shutdown => 0,
+            Item::Ready { .. } | Item::Reset(_) | Item::Shutdown => 0,
         }
     }
 
@@ -82,12 +91,36 @@ impl Item {
         self.weight() + 64
     }
 
+    /// How many earlier changes of its key this item replaced.
+    pub fn skipped(&self) -> u64 {
+        match self {
+            Item::Skipped(_, n) => *n,
+            _ => 0,
+        }
+    }
+
+    /// This change, standing also for `n` more replaced ones. Lines and `init`s are kept as
+    /// they are (an `init` restates the key's whole state).
+    pub fn replacing(self, n: u64) -> Item {
+        match self {
+            Item::Change(p) | Item::Skipped(p, _) => Item::Skipped(p, n),
+            other => other,
+        }
+    }
+
     /// Appends the item's line.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         match self {
             Item::Change(p) => out.extend_from_slice(p.line()),
             Item::Init(e) => e.write(out),
-            Item::Ready { target, count } => write_ready(target, *count, out),
+            Item::Skipped(p, n) => {
+                // The shared line ends in `}\n`: the count goes before it.
+                let line = p.line();
+                out.extend_from_slice(&line[..line.len() - 2]);
+                let _ = std::io::Write::write_fmt(out, format_args!(",\"skipped\":{n}}}\n"));
+            }
+            Item::Ready { target, count, rev } => write_ready(target, *count, *rev, out),
+            Item::Reset(target) => write_reset(target, out),
             Item::Reply(line) => out.extend_from_slice(line),
             Item::Shutdown => out.extend_from_slice(SHUTDOWN_EVENT),
         }

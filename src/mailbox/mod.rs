@@ -406,6 +406,13 @@ impl<P: Port> Mailbox<P> {
     pub fn pending(&self) -> usize {
         self.state.lock().queue.len()
     }
+
+    /// Items waiting, and changes replaced by a later one of their key since the start (for
+    /// `TRACE` and `STATS`).
+    pub fn lag(&self) -> (usize, u64) {
+        let state = self.state.lock();
+        (state.queue.len(), state.queue.coalesced())
+    }
 }
 
 /// Returns the free pages of every allocator arena to the system. A snapshot or a burst leaves

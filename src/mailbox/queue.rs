@@ -10,6 +10,10 @@
 //!   - with a pending event of `k` after the last line: replaces it in place (coalesced);
 //!   - with a pending non-`init` event of `k` before a line: that one is dropped and the new one
 //!     appended (coalesced), so an event never moves ahead of a line pushed before it;
+//!   - a change that replaces another stands for it too: it carries `skipped` = the replaced
+//!     one's `skipped` + 1 ([`Item::Skipped`]), so `skipped` counts exactly the changes of its
+//!     key this subscriber will never see (an `init` that replaces a change restates the whole
+//!     state and carries none);
 //!   - otherwise (no pending event of `k`, or it is a snapshot's `init` before its `ready`): is
 //!     appended.
 //! - After [`Item::Shutdown`] or [`Queue::close`] nothing more is accepted.
@@ -48,6 +52,8 @@ pub struct Queue {
     /// Bytes of the pending replies (an `id` is echoed, so one reply can be megabytes).
     reply_bytes: usize,
     snapshots: usize,
+    /// Changes replaced by a later one of their key, since the mailbox was created.
+    coalesced: u64,
     closed: bool,
     cap_items: usize,
     cap_bytes: usize,
@@ -65,6 +71,7 @@ impl Queue {
             high_water: 0,
             reply_bytes: 0,
             snapshots: 0,
+            coalesced: 0,
             closed: false,
             cap_items,
             cap_bytes,
@@ -77,27 +84,32 @@ impl Queue {
         }
         let weight = item.weight();
         let over = self.items.len() >= self.cap_items || self.value_bytes + weight > self.cap_bytes;
-        let mut result = Pushed::Queued;
         if let (true, Some(key)) = (over, item.key()) {
             if let Some(&seq) = self.latest.get(key) {
                 let pending_init = matches!(self.items.get(&seq), Some(Item::Init(_)));
                 let after_last_line = self.last_line.is_none_or(|line| seq > line);
                 if !pending_init && after_last_line {
-                    let old = self.items.insert(seq, item);
+                    let skipped = self.items.get(&seq).map_or(0, |o| o.skipped() + 1);
+                    let old = self.items.insert(seq, item.replacing(skipped));
                     self.value_bytes -= old.map_or(0, |o| o.weight());
                     self.value_bytes += weight;
+                    self.coalesced += 1;
                     return Pushed::Coalesced;
                 }
                 if !pending_init {
+                    let mut item = item;
                     if let Some(old) = self.items.remove(&seq) {
                         self.value_bytes -= old.weight();
+                        item = item.replacing(old.skipped() + 1);
                     }
-                    result = Pushed::Coalesced;
+                    self.coalesced += 1;
+                    self.append(item, weight);
+                    return Pushed::Coalesced;
                 }
             }
         }
         self.append(item, weight);
-        result
+        Pushed::Queued
     }
 
     fn append(&mut self, item: Item, weight: usize) {
@@ -110,7 +122,7 @@ impl Queue {
             }
             Item::Ready { .. } => self.snapshots += 1,
             Item::Shutdown => self.closed = true,
-            Item::Change(_) | Item::Init(_) => {}
+            Item::Change(_) | Item::Skipped(..) | Item::Init(_) | Item::Reset(_) => {}
         }
         match item.key() {
             Some(key) => {
@@ -199,6 +211,11 @@ impl Queue {
     /// Pending `ready` markers (snapshots not yet fully taken).
     pub fn snapshots(&self) -> usize {
         self.snapshots
+    }
+
+    /// Changes replaced by a later one of their key since the start.
+    pub fn coalesced(&self) -> u64 {
+        self.coalesced
     }
 
     /// Whether the queue is past its capacity (so events are being coalesced).

@@ -103,6 +103,7 @@ fn replies_and_snapshots_hold_back_requests() {
     mb.push(Item::Ready {
         target: crate::key::Target::parse("a").unwrap(),
         count: 0,
+        rev: 0,
     });
     assert!(!mb.status().accepts_requests, "a snapshot pending");
     mb.send();

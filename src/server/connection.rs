@@ -19,12 +19,13 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::{ErrorCode, WriteError};
-use crate::key::Target;
+use crate::key::{Key, Target};
 use crate::mailbox::{send_some, Item, Kicks, Mailbox, Turn};
 use crate::notify::SubError;
 use crate::protocol::{parse_request, Envelope, Request, Response, Stats};
 use crate::server::lines::{Line, LineReader};
 use crate::server::{Limits, Shared, SHUTDOWN_STALL};
+use crate::store::{DelOptions, PutOptions};
 
 /// Batched responses are written once they reach this size; a large reply is written in parts
 /// of this size.
@@ -57,6 +58,9 @@ pub struct Connection<'a> {
     /// waits on its own client (see [`write_out`]).
     kicks: Kicks,
     requests: u64,
+    /// Keys this connection put as session keys (some may have been taken over since): when
+    /// the connection ends, those it still owns are deleted (see `Drop`).
+    sessions: Vec<Key>,
 }
 
 impl<'a> Connection<'a> {
@@ -76,6 +80,7 @@ impl<'a> Connection<'a> {
             unsubscribed: false,
             kicks: Kicks::default(),
             requests: 0,
+            sessions: Vec::new(),
         }
     }
 
@@ -313,6 +318,7 @@ impl<'a> Connection<'a> {
             && !matches!(
                 request,
                 Request::Sub(_)
+                    | Request::SubFrom(..)
                     | Request::Unsub(_)
                     | Request::Hello(_)
                     | Request::Health
@@ -325,12 +331,31 @@ impl<'a> Connection<'a> {
             ));
         }
         let response = match request {
-            Request::Put { key, value } => match store.put(key, value, &mut self.kicks) {
-                Ok(rev) => Response::Rev(rev),
-                Err(e) => self.write_failed(e),
-            },
-            Request::Get(Target::Key(key)) => match store.get(&key) {
-                Some((value, rev)) => Response::Value { key, value, rev },
+            Request::Put {
+                key,
+                value,
+                if_rev,
+                session,
+            } => {
+                let options = PutOptions {
+                    if_rev,
+                    session: session.then_some(self.id),
+                };
+                if session && !self.sessions.contains(&key) {
+                    self.sessions.push(key.clone());
+                }
+                match store.put_with(key, value, options, &mut self.kicks) {
+                    Ok(rev) => Response::Rev(rev),
+                    Err(e) => self.write_failed(e),
+                }
+            }
+            Request::Get(Target::Key(key)) => match store.get_with_class(&key) {
+                Some((value, rev, class)) => Response::Value {
+                    key,
+                    value,
+                    rev,
+                    class,
+                },
                 None => not_found(&key),
             },
             Request::Get(Target::Pattern(pattern)) => {
@@ -341,6 +366,17 @@ impl<'a> Connection<'a> {
                 Ok(None) => not_found(&key),
                 Err(e) => self.write_failed(e),
             },
+            Request::DelIf { key, rev } => {
+                let options = DelOptions {
+                    if_rev: Some(rev),
+                    only_owner: None,
+                };
+                match store.delete_with(&key, options, &mut self.kicks) {
+                    Ok(Some(rev)) => Response::Rev(rev),
+                    Ok(None) => not_found(&key),
+                    Err(e) => self.write_failed(e),
+                }
+            }
             Request::Del(Target::Pattern(pattern)) => {
                 match store.delete_matching(&pattern, &mut self.kicks) {
                     Ok(n) => Response::Deleted(n),
@@ -348,7 +384,8 @@ impl<'a> Connection<'a> {
                 }
             }
             Request::Keys(target) => Response::Keys(store.keys(target.as_ref())),
-            Request::Sub(target) => return self.subscribe(&target, id),
+            Request::Sub(target) => return self.subscribe(&target, None, id),
+            Request::SubFrom(target, from) => return self.subscribe(&target, Some(from), id),
             Request::Unsub(target) => match store.notifier().remove(self.id, &target) {
                 Ok(()) => Response::Ok,
                 Err(_) => Response::error(
@@ -379,6 +416,11 @@ impl<'a> Connection<'a> {
                 behind: store.notifier().behind(),
                 dropped_slow: store.notifier().dropped_slow(),
                 names: self.shared.names(),
+                classes: store.class_counts(),
+                sessions: store.class_counts().sessions,
+                tombstones: store.history_stats().0,
+                horizon: store.history_stats().1,
+                lag: store.notifier().all(),
             }),
             Request::Health => Response::Health,
             Request::Version => Response::Version,
@@ -394,7 +436,7 @@ impl<'a> Connection<'a> {
         Reply::Send(response)
     }
 
-    fn subscribe(&mut self, target: &Target, id: Option<&str>) -> Reply {
+    fn subscribe(&mut self, target: &Target, from: Option<u64>, id: Option<&str>) -> Reply {
         let mailbox = match &self.mailbox {
             Some(mailbox) => mailbox.clone(),
             None => match self.become_subscriber() {
@@ -411,13 +453,14 @@ impl<'a> Connection<'a> {
         Response::Ok.write(id, &mut ack);
         let store = &self.shared.store;
         let max = self.shared.limits.max_subscriptions;
-        match store.subscribe(self.id, &self.name, &mailbox, target, max, ack) {
+        match store.subscribe(self.id, &self.name, &mailbox, target, from, max, ack) {
             Ok(count) => {
                 self.shared.mark_subscriber(self.id);
                 log::info!(
-                    "conn {} ({}) subscribed to {target}: {count} initial values",
+                    "conn {} ({}) subscribed to {target}{}: {count} events before ready",
                     self.id,
-                    self.name
+                    self.name,
+                    from.map(|r| format!(" from rev {r}")).unwrap_or_default()
                 );
                 Reply::Queued
             }
@@ -455,8 +498,13 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// A put or delete that failed (`internal`, `no_space`) or is only not durable.
+    /// A put or delete that failed (`internal`, `no_space`, `conflict`) or is only not
+    /// durable.
     fn write_failed(&self, err: WriteError) -> Response {
+        if let WriteError::Conflict { current, .. } = err {
+            log::debug!("conn {}: conflict: {err}", self.id);
+            return Response::Conflict(err.to_string(), current);
+        }
         log::error!("conn {}: {err}", self.id);
         Response::error(err.code(), err)
     }
@@ -521,6 +569,13 @@ impl Drop for Connection<'_> {
         if let Some(mailbox) = self.mailbox.take() {
             self.shared.store.notifier().forget(self.id);
             mailbox.die();
+        }
+        if !self.sessions.is_empty() {
+            let sessions = std::mem::take(&mut self.sessions);
+            self.shared
+                .store
+                .end_session(self.id, &sessions, &mut self.kicks);
+            self.kicks.run();
         }
     }
 }

@@ -29,9 +29,10 @@ use parking_lot::{Condvar, Mutex};
 
 pub use socket::SocketError;
 
+use crate::class::ClassRules;
 use crate::disk::owner::Policy;
 use crate::disk::{OpenError, Options};
-use crate::store::Store;
+use crate::store::{Config as StoreConfig, Store};
 use accept::Acceptor;
 use connection::Connection;
 
@@ -67,6 +68,12 @@ pub struct Config {
     /// (`--allow-unsafe-dirs`).
     pub allow_unsafe_dirs: bool,
     pub limits: Limits,
+    /// Storage classes by key prefix (`--class`), on top of the default `runtime=memory`.
+    pub classes: ClassRules,
+    /// The `volatile` class's directory (`--volatile-dir`); opened only when a rule uses it.
+    pub volatile_dir: PathBuf,
+    /// Most tombstones kept for resumes (`--tombstones`).
+    pub tombstones: usize,
 }
 
 /// Per-connection limits.
@@ -233,7 +240,14 @@ impl Server {
             group,
             allow_unsafe_dirs: config.allow_unsafe_dirs,
         };
-        let store = Store::open(&config.data_dir, &options).map_err(StartError::Data)?;
+        let store = Store::open_with(&StoreConfig {
+            data_dir: config.data_dir.clone(),
+            volatile_dir: config.volatile_dir.clone(),
+            classes: config.classes.clone(),
+            tombstones: config.tombstones,
+            options,
+        })
+        .map_err(StartError::Data)?;
         let socket_err = |action, source| {
             StartError::Socket(SocketError::Io {
                 action,
@@ -262,6 +276,7 @@ impl Server {
             }
             Err(e) => return Err(socket_err("use the socket passed by systemd for", e)),
         };
+        log::info!("storage classes: {}", store.classes().describe());
         log::info!(
             "nkv {} listening on {}{} with data in {} ({} keys, rev {})",
             env!("CARGO_PKG_VERSION"),
@@ -351,6 +366,8 @@ impl Server {
             Connections::is_idle,
             |_, _| true,
         );
+        // 3. Nothing is in flight: the delete history can be kept for the next start.
+        self.shared.store.save();
         let still_ours = std::fs::symlink_metadata(&self.path)
             .is_ok_and(|m| Some((m.dev(), m.ino())) == self.socket_file);
         if !self.inherited && still_ours {

@@ -203,7 +203,7 @@ fn json_flag_prints_the_response_line_as_is() {
     );
     ok(
         server.cli(&["--json", "get", "a"]),
-        "{\"ok\":true,\"key\":\"a\",\"value\":{\"x\":1},\"rev\":1}\n",
+        "{\"ok\":true,\"key\":\"a\",\"value\":{\"x\":1},\"rev\":1,\"class\":\"persistent\"}\n",
     );
     // The same bytes as the server sends to socat.
     assert_eq!(
@@ -329,7 +329,7 @@ fn piped_interactive_session_runs_until_quit() {
     let out = server.cli_with_stdin(&["--json"], "get d\nquit\n");
     assert_eq!(
         stdout(&out),
-        "{\"ok\":true,\"key\":\"d\",\"value\":4,\"rev\":5}\n"
+        "{\"ok\":true,\"key\":\"d\",\"value\":4,\"rev\":5,\"class\":\"persistent\"}\n"
     );
 }
 
@@ -441,7 +441,7 @@ fn subscribe_with_json_prints_event_lines() {
     );
     assert_eq!(
         sub.line(),
-        "{\"event\":\"ready\",\"sub\":\"k.*\",\"count\":1}"
+        "{\"event\":\"ready\",\"sub\":\"k.*\",\"count\":1,\"rev\":1}"
     );
     let rev = client.put("k.b", "t").unwrap();
     assert_eq!(
@@ -538,7 +538,7 @@ fn put_takes_every_word_after_the_key_as_the_value() {
     ok(server.cli(&["put", "h.n", "-5"]), "");
     ok(
         server.cli(&["--json", "get", "h.n"]),
-        "{\"ok\":true,\"key\":\"h.n\",\"value\":-5,\"rev\":9}\n",
+        "{\"ok\":true,\"key\":\"h.n\",\"value\":-5,\"rev\":9,\"class\":\"persistent\"}\n",
     );
     ok(server.cli(&["put", "h.w", "-5", "--json", "--help"]), "");
     ok(server.cli(&["get", "h.w"]), "-5 --json --help\n");

@@ -65,7 +65,7 @@ fn smoke_put_get_over_every_interface() {
     let out = server.socat("GET a.b\n");
     assert_eq!(
         out,
-        "{\"ok\":true,\"key\":\"a.b\",\"value\":{\"x\":1},\"rev\":1}\n"
+        "{\"ok\":true,\"key\":\"a.b\",\"value\":{\"x\":1},\"rev\":1,\"class\":\"persistent\"}\n"
     );
     let out = server.cli(&["get", "a.b"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "{\"x\":1}\n");
@@ -105,7 +105,7 @@ fn put_text_form_stores_json_strings_and_quoted_strings() {
         raw.send(&format!("GET {key}"));
         let line = raw.line().expect("response");
         let expected = format!(
-            "{{\"ok\":true,\"key\":\"{key}\",\"value\":{stored},\"rev\":{}}}",
+            "{{\"ok\":true,\"key\":\"{key}\",\"value\":{stored},\"rev\":{},\"class\":\"persistent\"}}",
             i + 1
         );
         assert_eq!(line, expected);
@@ -121,14 +121,14 @@ fn put_text_form_stores_json_strings_and_quoted_strings() {
     assert_eq!(raw.request("put n 43"), json!({"ok": true, "rev": 14}));
     assert_eq!(
         raw.request("Get n"),
-        json!({"ok": true, "key": "n", "value": 43, "rev": 14})
+        json!({"ok": true, "key": "n", "value": 43, "rev": 14, "class": "persistent"})
     );
     assert_eq!(key_file(&server, "n"), json!({"rev": 14, "value": 43}));
     // The same over socat.
     let out = server.socat("PUT sc {\"on\":true}\nGET sc\n");
     assert_eq!(
         out,
-        "{\"ok\":true,\"rev\":15}\n{\"ok\":true,\"key\":\"sc\",\"value\":{\"on\":true},\"rev\":15}\n"
+        "{\"ok\":true,\"rev\":15}\n{\"ok\":true,\"key\":\"sc\",\"value\":{\"on\":true},\"rev\":15,\"class\":\"persistent\"}\n"
     );
 }
 
@@ -146,7 +146,7 @@ fn get_patterns_are_sorted_and_strictly_below_the_prefix() {
             r#"{"ok":true,"values":{"a":0,"a.a":"s","a.b":2,"a.c.d":3,"a_b.c":1,"ab.x":9,"b":7}}"#,
             r#"{"ok":true,"values":{"a.c.d":3}}"#,
             r#"{"ok":true,"values":{}}"#,
-            r#"{"ok":true,"key":"a","value":0,"rev":2}"#,
+            r#"{"ok":true,"key":"a","value":0,"rev":2,"class":"persistent"}"#,
         ]
     );
     // Patterns with `*` anywhere but the whole last segment are invalid keys.
@@ -278,7 +278,7 @@ fn json_form_echoes_the_id_on_success_and_on_error() {
     );
     check(
         r#"{"op":"get","key":"a.b","id":"s"}"#,
-        r#"{"ok":true,"key":"a.b","value":{"x":1},"rev":1,"id":"s"}"#,
+        r#"{"ok":true,"key":"a.b","value":{"x":1},"rev":1,"class":"persistent","id":"s"}"#,
     );
     check(
         r#"{"id":{"n":[1]},"key":"a.*","op":"GET"}"#,
@@ -318,7 +318,7 @@ fn json_form_echoes_the_id_on_success_and_on_error() {
     );
     check(
         r#"{"op":"get","key":"k"}"#,
-        r#"{"ok":true,"key":"k","value":null,"rev":3}"#,
+        r#"{"ok":true,"key":"k","value":null,"rev":3,"class":"persistent"}"#,
     );
     // help
     raw.send(r#"{"op":"help","id":6}"#);
@@ -441,7 +441,7 @@ fn malformed_lines_get_bad_request_and_the_connection_stays_usable() {
         // Still usable, and nothing was changed.
         assert_eq!(
             raw.request("GET k"),
-            json!({"ok": true, "key": "k", "value": 1, "rev": 1}),
+            json!({"ok": true, "key": "k", "value": 1, "rev": 1, "class": "persistent"}),
             "after {:?}",
             String::from_utf8_lossy(line)
         );
@@ -511,7 +511,7 @@ fn pipelined_requests_are_answered_in_order() {
         assert_eq!(raw.json(), json!({"ok": true, "rev": i + 1}));
         assert_eq!(
             raw.json(),
-            json!({"ok": true, "key": format!("p.{i}"), "value": i, "rev": i + 1})
+            json!({"ok": true, "key": format!("p.{i}"), "value": i, "rev": i + 1, "class": "persistent"})
         );
     }
     assert_eq!(raw.json()["keys"].as_array().map(Vec::len), Some(n));
@@ -546,7 +546,7 @@ fn half_close_unterminated_last_line_and_crlf() {
         raw.lines_until_closed(),
         [
             r#"{"ok":true,"rev":1}"#,
-            r#"{"ok":true,"key":"h","value":1,"rev":1}"#,
+            r#"{"ok":true,"key":"h","value":1,"rev":1,"class":"persistent"}"#,
             r#"{"ok":true,"keys":["h"]}"#
         ]
     );
@@ -570,7 +570,7 @@ fn half_close_unterminated_last_line_and_crlf() {
     // socat sends what echo printed: echo ends its line.
     assert_eq!(
         server.socat("GET u\n"),
-        "{\"ok\":true,\"key\":\"u\",\"value\":\"hello\",\"rev\":2}\n"
+        "{\"ok\":true,\"key\":\"u\",\"value\":\"hello\",\"rev\":2,\"class\":\"persistent\"}\n"
     );
     assert_eq!(
         server.socat("HEALTH\n"),
@@ -584,12 +584,12 @@ fn half_close_unterminated_last_line_and_crlf() {
         lines(&out),
         [
             r#"{"ok":true,"rev":3}"#,
-            r#"{"ok":true,"key":"c","value":"hello world","rev":3}"#,
+            r#"{"ok":true,"key":"c","value":"hello world","rev":3,"class":"persistent"}"#,
             r#"{"ok":true,"rev":4}"#,
-            r#"{"ok":true,"key":"d","value":5,"rev":4}"#,
-            r#"{"ok":true,"key":"c","value":"hello world","rev":3,"id":1}"#,
+            r#"{"ok":true,"key":"d","value":5,"rev":4,"class":"persistent"}"#,
+            r#"{"ok":true,"key":"c","value":"hello world","rev":3,"class":"persistent","id":1}"#,
             r#"{"ok":true,"keys":["c","d","h","u"]}"#,
-            r#"{"ok":true,"key":"d","value":5,"rev":4}"#,
+            r#"{"ok":true,"key":"d","value":5,"rev":4,"class":"persistent"}"#,
         ]
     );
     assert_eq!(
@@ -678,9 +678,9 @@ fn restart_keeps_values_and_revisions_moving_forward() {
         server.socat("GET *\nGET a\nGET b\nGET c\n"),
         concat!(
             "{\"ok\":true,\"values\":{\"a\":1,\"b\":{\"x\":[1,\"two\"]},\"c\":\"hello\"}}\n",
-            "{\"ok\":true,\"key\":\"a\",\"value\":1,\"rev\":1}\n",
-            "{\"ok\":true,\"key\":\"b\",\"value\":{\"x\":[1,\"two\"]},\"rev\":2}\n",
-            "{\"ok\":true,\"key\":\"c\",\"value\":\"hello\",\"rev\":3}\n",
+            "{\"ok\":true,\"key\":\"a\",\"value\":1,\"rev\":1,\"class\":\"persistent\"}\n",
+            "{\"ok\":true,\"key\":\"b\",\"value\":{\"x\":[1,\"two\"]},\"rev\":2,\"class\":\"persistent\"}\n",
+            "{\"ok\":true,\"key\":\"c\",\"value\":\"hello\",\"rev\":3,\"class\":\"persistent\"}\n",
         )
     );
     expect_error(&raw.request("GET c.d"), "not_found");
@@ -752,7 +752,7 @@ fn stray_temp_files_removed_and_unparsable_files_quarantined() {
     let mut raw = server.raw();
     assert_eq!(
         raw.request("GET good"),
-        json!({"ok": true, "key": "good", "value": "g", "rev": 7})
+        json!({"ok": true, "key": "good", "value": "g", "rev": 7, "class": "persistent"})
     );
     assert_eq!(
         raw.request("KEYS"),
@@ -921,7 +921,7 @@ fn rust_client_api() {
     // The client's writes are visible to everyone.
     assert_eq!(
         parse(server.socat("GET s.int\n").trim_end()),
-        json!({"ok": true, "key": "s.int", "value": 42, "rev": 1})
+        json!({"ok": true, "key": "s.int", "value": 42, "rev": 1, "class": "persistent"})
     );
 
     let matching = client.get_matching("s.*").unwrap();

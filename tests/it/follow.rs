@@ -138,7 +138,7 @@ fn subscribe_exits_0_on_shutdown_and_2_when_the_connection_is_lost() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(
         stdout(&out),
-        "{\"event\":\"ready\",\"sub\":\"a\",\"count\":0}\n{\"event\":\"shutdown\"}\n"
+        "{\"event\":\"ready\",\"sub\":\"a\",\"count\":0,\"rev\":0}\n{\"event\":\"shutdown\"}\n"
     );
 
     server.spawn_and_wait();

@@ -4,7 +4,9 @@
 mod support;
 
 mod access;
+mod cas;
 mod chaos;
+mod classes;
 mod cli;
 mod client_retry;
 mod core;
@@ -20,7 +22,9 @@ mod panic;
 mod promise;
 mod promise_peers;
 mod props;
+mod resume;
 mod session;
+mod sessions;
 mod soak;
 mod storage;
 mod subscribe;

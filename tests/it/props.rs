@@ -278,7 +278,7 @@ proptest! {
     ) {
         let line = format!("PUT {key} {pad}{value}{pad}{}", if cr { "\r" } else { "" });
         let envelope = parse_request(line.as_bytes(), MAX_VALUE).expect("valid PUT");
-        let Request::Put { key: got_key, value: stored } = envelope.request else {
+        let Request::Put { key: got_key, value: stored, .. } = envelope.request else {
             panic!("{line:?} is not a put");
         };
         prop_assert_eq!(got_key, key);
@@ -312,7 +312,7 @@ proptest! {
         let line = serde_json::json!({"op": "put", "key": key.as_str(), "value": value, "id": id})
             .to_string();
         let envelope = parse_request(line.as_bytes(), MAX_VALUE).expect("valid JSON put");
-        let Request::Put { key: got_key, value: stored } = envelope.request else {
+        let Request::Put { key: got_key, value: stored, .. } = envelope.request else {
             panic!("{line:?} is not a put");
         };
         prop_assert_eq!(got_key, key);

@@ -110,7 +110,7 @@ fn the_key_rev_never_collides_with_the_revision_floor() {
     server.restart();
     assert_eq!(
         request(&server, "GET rev"),
-        json!({"ok": true, "key": "rev", "value": i - 1, "rev": last}),
+        json!({"ok": true, "key": "rev", "value": i - 1, "rev": last, "class": "persistent"}),
         "the acknowledged PUT rev survives a restart"
     );
     assert_eq!(
@@ -406,7 +406,8 @@ fn load_trusts_nothing_on_disk() {
     raw.send("GET pretty");
     let pretty = raw.line().expect("an answer");
     assert_eq!(
-        pretty, r#"{"ok":true,"key":"pretty","value":{"a b":[1,2],"s":" x "},"rev":4}"#,
+        pretty,
+        r#"{"ok":true,"key":"pretty","value":{"a b":[1,2],"s":" x "},"rev":4,"class":"persistent"}"#,
         "served as one compact line"
     );
     assert_eq!(

@@ -33,8 +33,19 @@ fn check_shape(ev: &Value) {
     let obj = ev
         .as_object()
         .unwrap_or_else(|| panic!("event not an object: {ev}"));
-    let mut fields: Vec<&str> = obj.keys().map(String::as_str).collect();
+    // `skipped` (a change that replaced earlier ones of its key) is counted, never 0.
+    let mut fields: Vec<&str> = obj
+        .keys()
+        .map(String::as_str)
+        .filter(|f| *f != "skipped")
+        .collect();
     fields.sort_unstable();
+    if let Some(n) = obj.get("skipped") {
+        assert!(
+            ev["event"] != "init" && n.as_u64().is_some_and(|n| n > 0),
+            "skipped of {ev}"
+        );
+    }
     let expected: &[&str] = match ev["event"].as_str() {
         Some("init") | Some("put") => &["event", "key", "rev", "value"],
         Some("del") => &["event", "key", "rev"],
@@ -145,7 +156,7 @@ fn read_snapshot(raw: &mut Raw, target: &str) -> View {
             Some("ready") => {
                 assert_eq!(
                     ev,
-                    json!({"event": "ready", "sub": target, "count": view.events}),
+                    json!({"event": "ready", "sub": target, "count": view.events, "rev": ev["rev"].as_u64().expect("ready carries rev")}),
                     "marker of SUB {target}"
                 );
                 return view;
@@ -240,7 +251,7 @@ fn snapshot_then_marker_then_live_events() {
             r#"{"event":"init","key":"a","value":1,"rev":1}"#,
             r#"{"event":"init","key":"a.b","value":2,"rev":2}"#,
             r#"{"event":"init","key":"a.b.c","value":3,"rev":3}"#,
-            r#"{"event":"ready","sub":"a","count":3}"#,
+            r#"{"event":"ready","sub":"a","count":3,"rev":5}"#,
         ]
     );
 
@@ -298,7 +309,7 @@ fn snapshot_then_marker_then_live_events() {
     assert_eq!(next(&mut empty), json!({"ok": true, "id": "s1"}));
     assert_eq!(
         next(&mut empty),
-        json!({"event": "ready", "sub": "nothing.here", "count": 0})
+        json!({"event": "ready", "sub": "nothing.here", "count": 0, "rev": 11})
     );
 }
 
@@ -352,7 +363,7 @@ fn marker_count_holds_when_the_snapshot_overflows_the_queue() {
     );
     assert_eq!(
         marker,
-        json!({"event": "ready", "sub": "a", "count": view.events}),
+        json!({"event": "ready", "sub": "a", "count": view.events, "rev": marker["rev"].as_u64().expect("ready carries rev")}),
         "the marker counts the init events sent before it"
     );
     assert_eq!(view.events, KEYS as u64, "every key has its init event");
@@ -968,7 +979,7 @@ fn rust_client_subscription_yields_typed_events() {
     let mut client = server.client();
     let r1 = client.put("a", &json!(1)).unwrap();
     let r2 = client.put("a.b", &json!({"x": true})).unwrap();
-    client.put("ab", &json!(0)).unwrap();
+    let r3 = client.put("ab", &json!(0)).unwrap();
 
     let mut sub = client.subscribe("a").unwrap();
     let mut next_event = || sub.next().expect("an event").expect("a good event");
@@ -992,7 +1003,8 @@ fn rust_client_subscription_yields_typed_events() {
         next_event(),
         Event::Ready {
             sub: "a".into(),
-            count: 2
+            count: 2,
+            rev: r3
         }
     );
     // The client stays usable for requests while its subscription streams.
@@ -1049,7 +1061,10 @@ fn socat_subscriber_streams_events() {
         line(),
         format!(r#"{{"event":"init","key":"a.b","value":1,"rev":{r1}}}"#)
     );
-    assert_eq!(line(), r#"{"event":"ready","sub":"a","count":1}"#);
+    assert_eq!(
+        line(),
+        format!(r#"{{"event":"ready","sub":"a","count":1,"rev":{r1}}}"#)
+    );
     let r2 = client.put("a.c", &json!({"on": true})).unwrap();
     assert_eq!(
         line(),

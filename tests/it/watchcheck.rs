@@ -9,6 +9,13 @@
 //! - no gap while the subscriber keeps up: [`Watch::assert_no_gap`] against the writers'
 //!   history when nothing was coalesced;
 //! - converged: [`Watch::wait_converged`] waits until its view equals `GET prefix.*`.
+//!
+//! Resumed subscribers (`SUB target FROM rev`) are checked too: [`Watch::resume`] starts from the
+//! view of the subscriber it resumes; the `put`/`del` events before `ready` count as its
+//! snapshot (they may restate a revision already seen, never go back); a `reset` clears the
+//! view, so keys the full snapshot does not restate are gone. [`Seen::resume_point`] is the
+//! revision a client resumes from: the last `ready`'s, raised by every later event without
+//! `skipped`.
 
 #![allow(dead_code)]
 
@@ -36,6 +43,15 @@ pub struct Seen {
     pub closed: bool,
     /// `init` events since the last acknowledgement (the snapshot being received).
     inits: u64,
+    /// Between an acknowledgement and its `ready`: every event is part of the snapshot.
+    in_snapshot: bool,
+    /// Where a client would resume from (see the module doc).
+    pub resume_point: u64,
+    /// `reset` lines seen.
+    pub resets: u64,
+    /// Events carrying `skipped`, and the sum of their counts.
+    pub skipped_events: u64,
+    pub skipped_total: u64,
 }
 
 impl Seen {
@@ -48,6 +64,7 @@ impl Seen {
         let Some(kind) = v["event"].as_str() else {
             if v == serde_json::json!({"ok": true}) {
                 self.inits = 0;
+                self.in_snapshot = true;
             }
             self.replies.push(v);
             return;
@@ -56,9 +73,20 @@ impl Seen {
             "init" | "put" | "del" => {
                 let key = v["key"].as_str().unwrap_or_default().to_owned();
                 let rev = v["rev"].as_u64().unwrap_or(0);
-                let init = kind == "init";
+                let init = kind == "init" || self.in_snapshot;
                 if init {
                     self.inits += 1;
+                }
+                match v["skipped"].as_u64() {
+                    Some(n) => {
+                        if n == 0 {
+                            self.violations.push(format!("skipped 0: {line}"));
+                        }
+                        self.skipped_events += 1;
+                        self.skipped_total += n;
+                    }
+                    None if !init => self.resume_point = self.resume_point.max(rev),
+                    None => {}
                 }
                 if let Some(&prev) = self.revs.get(&key) {
                     if rev < prev || (rev == prev && !init) {
@@ -83,6 +111,19 @@ impl Seen {
                     ));
                 }
                 self.inits = 0;
+                self.in_snapshot = false;
+                match v["rev"].as_u64() {
+                    Some(rev) => self.resume_point = rev,
+                    None => self.violations.push(format!("ready without rev: {line}")),
+                }
+            }
+            "reset" => {
+                if !self.in_snapshot {
+                    self.violations
+                        .push(format!("reset outside a snapshot: {line}"));
+                }
+                self.resets += 1;
+                self.view.clear();
             }
             "shutdown" => self.shutdown = true,
             other => self
@@ -115,12 +156,26 @@ impl Watch {
     }
 
     /// Starts checking `raw` after sending `SUB target` for each target.
-    pub fn on(mut raw: Raw, targets: &[&str]) -> Watch {
+    pub fn on(raw: Raw, targets: &[&str]) -> Watch {
+        Watch::continuing(raw, targets, Seen::default())
+    }
+
+    /// Resumes the subscriber that saw `seen`: a new connection, `SUB target FROM <its resume
+    /// point>`, checked as the continuation of that view.
+    pub fn resume(server: &Server, target: &str, seen: Seen) -> Watch {
+        let from = seen.resume_point;
+        Watch::continuing(server.raw(), &[&format!("{target} FROM {from}")], seen)
+    }
+
+    fn continuing(mut raw: Raw, targets: &[&str], mut seen: Seen) -> Watch {
         for target in targets {
             raw.send(&format!("SUB {target}"));
         }
         let stream = raw.stream().try_clone().expect("clone");
-        let seen = Arc::new(Mutex::new(Seen::default()));
+        seen.replies.clear();
+        seen.closed = false;
+        seen.shutdown = false;
+        let seen = Arc::new(Mutex::new(seen));
         let reader = {
             let seen = seen.clone();
             std::thread::spawn(move || {
@@ -223,6 +278,16 @@ impl Watch {
                 "{who}: gap in {key} while nothing was coalesced"
             );
         }
+    }
+
+    /// Closes the connection from the client's side (a client that dies or loses its socket)
+    /// and returns what it saw, to [`resume`](Watch::resume) from.
+    pub fn disconnect(mut self) -> Seen {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("reader thread");
+        }
+        std::mem::take(&mut *self.seen.lock().unwrap())
     }
 
     /// Waits until the server closed the connection; returns what was seen.

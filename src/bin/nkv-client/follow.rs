@@ -96,7 +96,8 @@ pub fn subscribe(client: &mut Client, key: &str, context: &Context) -> Result<Ou
                 Event::Init { key, value, .. } => writeln!(out, "init {key} {}", display(&value))?,
                 Event::Put { key, value, .. } => writeln!(out, "put {key} {}", display(&value))?,
                 Event::Del { key, .. } => writeln!(out, "del {key}")?,
-                Event::Ready { sub, count } => writeln!(out, "ready {sub} {count}")?,
+                Event::Ready { sub, count, .. } => writeln!(out, "ready {sub} {count}")?,
+                Event::Reset { sub } => writeln!(out, "reset {sub}")?,
                 Event::Shutdown => {}
             }
         }
@@ -334,7 +335,7 @@ fn run_for(program: &str, args: &[String], event: &Event) -> io::Result<()> {
         Event::Init { key, value, rev } => ("init", key, Some(value), rev),
         Event::Put { key, value, rev } => ("put", key, Some(value), rev),
         Event::Del { key, rev } => ("del", key, None, rev),
-        Event::Ready { .. } | Event::Shutdown => return Ok(()),
+        Event::Ready { .. } | Event::Reset { .. } | Event::Shutdown => return Ok(()),
     };
     cmd.env("NKV_EVENT", kind)
         .env("NKV_KEY", key)

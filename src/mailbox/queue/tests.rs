@@ -42,15 +42,21 @@ fn op() -> impl Strategy<Value = Op> {
 /// What the subscriber saw: events as (key, rev, push tag), lines as their push tag.
 #[derive(Debug, PartialEq)]
 enum Seen {
-    Event { key: String, rev: u64, init: bool },
+    Event {
+        key: String,
+        rev: u64,
+        init: bool,
+        skipped: u64,
+    },
     Line,
 }
 
 /// Each item's push tag is its `rev` (events) or its text (replies): the push order.
 fn tag_of(item: &Item) -> u64 {
     match item {
-        Item::Change(p) => p.event.rev,
+        Item::Change(p) | Item::Skipped(p, _) => p.event.rev,
         Item::Init(e) => e.rev * 1_000_000 + tag_suffix(&e.value),
+        Item::Reset(_) => 0,
         Item::Reply(line) => std::str::from_utf8(line).unwrap().trim().parse().unwrap(),
         Item::Ready { count, .. } => *count as u64,
         Item::Shutdown => u64::MAX,
@@ -59,6 +65,25 @@ fn tag_of(item: &Item) -> u64 {
 
 fn tag_suffix(value: &Option<Value>) -> u64 {
     value.as_ref().map_or(0, |v| v.parse().unwrap_or(0))
+}
+
+/// What the subscriber sees of an item.
+fn seen_of(item: &Item) -> Seen {
+    match item {
+        Item::Change(p) | Item::Skipped(p, _) => Seen::Event {
+            key: p.event.key.to_string(),
+            rev: p.event.rev,
+            init: false,
+            skipped: item.skipped(),
+        },
+        Item::Init(e) => Seen::Event {
+            key: e.key.to_string(),
+            rev: e.rev,
+            init: true,
+            skipped: 0,
+        },
+        _ => Seen::Line,
+    }
 }
 
 fn key(k: u8) -> Key {
@@ -76,6 +101,8 @@ fn run(cap_items: usize, cap_bytes: usize, ops: Vec<Op>) -> Result<(), TestCaseE
     let mut coalesced = false;
     let mut closed = false;
     let mut all_events = 0usize;
+    // Every change accepted, by key, in push (= revision) order: what `skipped` counts.
+    let mut pushed_changes: HashMap<String, Vec<u64>> = HashMap::new();
     for op in ops {
         match op {
             Op::Change { key: k, len } => {
@@ -105,6 +132,7 @@ fn run(cap_items: usize, cap_bytes: usize, ops: Vec<Op>) -> Result<(), TestCaseE
                 if pushed != Pushed::Closed {
                     all_events += 1;
                     pushed_rev.insert(format!("k{k}"), rev);
+                    pushed_changes.entry(format!("k{k}")).or_default().push(rev);
                 }
             }
             Op::Sub => {
@@ -132,6 +160,7 @@ fn run(cap_items: usize, cap_bytes: usize, ops: Vec<Op>) -> Result<(), TestCaseE
                 queue.push(Item::Ready {
                     target: Target::parse("*").unwrap(),
                     count,
+                    rev: tag,
                 });
             }
             Op::Reply => {
@@ -145,19 +174,7 @@ fn run(cap_items: usize, cap_bytes: usize, ops: Vec<Op>) -> Result<(), TestCaseE
                         !matches!(delivered.last(), Some((u64::MAX, _))),
                         "an item after shutdown"
                     );
-                    let seen = match &item {
-                        Item::Change(p) => Seen::Event {
-                            key: p.event.key.to_string(),
-                            rev: p.event.rev,
-                            init: false,
-                        },
-                        Item::Init(e) => Seen::Event {
-                            key: e.key.to_string(),
-                            rev: e.rev,
-                            init: true,
-                        },
-                        _ => Seen::Line,
-                    };
+                    let seen = seen_of(&item);
                     let t = match &item {
                         Item::Reply(_) => tag_of(&item),
                         Item::Shutdown => u64::MAX,
@@ -184,19 +201,7 @@ fn run(cap_items: usize, cap_bytes: usize, ops: Vec<Op>) -> Result<(), TestCaseE
         );
     }
     while let Some(item) = queue.pop() {
-        let seen = match &item {
-            Item::Change(p) => Seen::Event {
-                key: p.event.key.to_string(),
-                rev: p.event.rev,
-                init: false,
-            },
-            Item::Init(e) => Seen::Event {
-                key: e.key.to_string(),
-                rev: e.rev,
-                init: true,
-            },
-            _ => Seen::Line,
-        };
+        let seen = seen_of(&item);
         let t = match &item {
             Item::Reply(_) => tag_of(&item),
             Item::Shutdown => u64::MAX,
@@ -208,20 +213,49 @@ fn run(cap_items: usize, cap_bytes: usize, ops: Vec<Op>) -> Result<(), TestCaseE
     let mut last: HashMap<String, u64> = HashMap::new();
     let mut events = 0usize;
     for (_, seen) in &delivered {
-        if let Seen::Event { key, rev, init } = seen {
+        if let Seen::Event {
+            key,
+            rev,
+            init,
+            skipped,
+        } = seen
+        {
             events += 1;
+            if !*init {
+                // `skipped` is exactly the changes of the key between the one delivered before
+                // (or the state an `init` restated) and this one.
+                let since = last.get(key).copied().unwrap_or(0);
+                let missed = pushed_changes.get(key).map_or(0, |revs| {
+                    revs.iter().filter(|r| **r > since && *r < rev).count()
+                });
+                prop_assert_eq!(
+                    *skipped,
+                    missed as u64,
+                    "{}@{}: skipped {} but {} changes were not delivered",
+                    key,
+                    rev,
+                    skipped,
+                    missed
+                );
+            }
             if let Some(prev) = last.get(key) {
                 prop_assert!(
                     rev > prev || (*init && rev == prev),
                     "{key}: rev {rev} after {prev}"
                 );
             }
-            last.insert(key.clone(), *rev);
+            let newest = last.get(key).map_or(*rev, |prev| (*prev).max(*rev));
+            last.insert(key.clone(), newest);
         }
     }
     prop_assert_eq!(&last, &pushed_rev, "latest state of every key delivered");
     if !coalesced {
         prop_assert_eq!(events, all_events, "no gap while nothing was coalesced");
+        let skipped = delivered
+            .iter()
+            .filter(|(_, s)| matches!(s, Seen::Event { skipped, .. } if *skipped > 0))
+            .count();
+        prop_assert_eq!(skipped, 0, "nothing skipped while nothing was coalesced");
     }
     // Lines keep their place: a change is delivered before a reply exactly when it was pushed
     // before it (a change's rev is its push tag).
@@ -290,7 +324,7 @@ fn lines_are_not_reordered_against_events() {
         let mut order = Vec::new();
         while let Some(item) = queue.pop() {
             order.push(match item {
-                Item::Change(p) => p.event.rev,
+                Item::Change(p) | Item::Skipped(p, _) => p.event.rev,
                 _ => 0,
             });
         }

@@ -145,7 +145,15 @@ pub fn serve(
     let max = shared.limits.max_subscriptions;
     shared
         .store
-        .subscribe(conn, &name, &mailbox, target, max, HELLO_LINE.to_vec())
+        .subscribe(
+            conn,
+            &name,
+            &mailbox,
+            target,
+            None,
+            max,
+            HELLO_LINE.to_vec(),
+        )
         .map_err(|_| SubscribeError::Limit)?;
     shared.framed.add(client, target, conn, &mailbox);
     // A subscriber: shutdown tells it last, after the request connections finished.

@@ -1,0 +1,321 @@
+//! Resuming subscriptions against the real server: `ready` carries the snapshot's revision;
+//! `SUB target FROM rev` sends exactly what changed after it (deletes included); a resume the
+//! delete history cannot answer gets `reset` and the full snapshot; the history survives a
+//! clean restart, not a crash; resumed subscribers keep every watch property.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::{Raw, Server};
+use crate::watchcheck::Watch;
+
+/// What a `SUB` sent before its `ready`: (event, key) pairs, a reset flag, and the `ready`.
+struct Snapshot {
+    events: BTreeSet<(String, String)>,
+    reset: bool,
+    ready: Value,
+    bytes: usize,
+}
+
+fn sub(raw: &mut Raw, line: &str) -> Snapshot {
+    raw.send(line);
+    assert_eq!(raw.json(), json!({"ok": true}), "ack of {line}");
+    let mut snap = Snapshot {
+        events: BTreeSet::new(),
+        reset: false,
+        ready: Value::Null,
+        bytes: 0,
+    };
+    loop {
+        let text = raw.line().expect("a line of the snapshot");
+        snap.bytes += text.len() + 1;
+        let ev: Value = serde_json::from_str(&text).unwrap();
+        match ev["event"].as_str().unwrap() {
+            "reset" => {
+                assert!(snap.events.is_empty(), "reset comes first: {text}");
+                snap.reset = true;
+            }
+            "ready" => {
+                assert_eq!(ev["count"], snap.events.len() as u64, "{text}");
+                snap.ready = ev;
+                return snap;
+            }
+            kind => {
+                let key = ev["key"].as_str().unwrap().to_owned();
+                assert!(snap.events.insert((kind.to_owned(), key)), "twice: {text}");
+            }
+        }
+    }
+}
+
+fn pairs(list: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+    list.iter()
+        .map(|(e, k)| (e.to_string(), k.to_string()))
+        .collect()
+}
+
+fn ready_rev(snap: &Snapshot) -> u64 {
+    snap.ready["rev"].as_u64().expect("ready carries rev")
+}
+
+#[test]
+fn ready_carries_the_revision_its_snapshot_was_taken_at() {
+    let server = Server::start();
+    let mut raw = server.raw();
+    raw.request("PUT a.x 1");
+    raw.request("PUT b 1");
+    let snap = sub(&mut server.raw(), "SUB a");
+    assert_eq!(
+        snap.ready,
+        json!({"event": "ready", "sub": "a", "count": 1, "rev": 2})
+    );
+}
+
+#[test]
+fn a_resume_gets_exactly_the_missed_changes() {
+    let server = Server::start();
+    let mut w = server.raw();
+    for i in 0..10 {
+        w.request(&format!("PUT p.k{i} {i}"));
+    }
+    w.request("PUT other 1");
+    let first = sub(&mut server.raw(), "SUB p");
+    assert_eq!(first.events.len(), 10);
+    let from = ready_rev(&first);
+    // Missed while away: an update, a delete, a new key, a key born and gone, and changes
+    // outside the prefix.
+    w.request("PUT p.k1 11");
+    w.request("DEL p.k2");
+    w.request("PUT p.new 1");
+    w.request("PUT p.brief 1");
+    w.request("DEL p.brief");
+    w.request("PUT other 2");
+    w.request("DEL other");
+    let resumed = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+    assert!(!resumed.reset);
+    assert_eq!(
+        resumed.events,
+        pairs(&[
+            ("put", "p.k1"),
+            ("del", "p.k2"),
+            ("put", "p.new"),
+            ("del", "p.brief"),
+        ])
+    );
+    assert_eq!(ready_rev(&resumed), from + 7);
+    // The JSON form, and a resume from the present: nothing.
+    let mut raw = server.raw();
+    raw.send(&format!(
+        r#"{{"op":"sub","key":"p.*","from_rev":{},"id":1}}"#,
+        from + 7
+    ));
+    assert_eq!(raw.json(), json!({"ok": true, "id": 1}));
+    assert_eq!(
+        raw.json(),
+        json!({"event": "ready", "sub": "p.*", "count": 0, "rev": from + 7})
+    );
+    // Live events follow as usual.
+    w.request("PUT p.k3 33");
+    assert_eq!(raw.json()["key"], "p.k3");
+}
+
+#[test]
+fn a_resume_past_the_tombstone_horizon_gets_a_reset() {
+    let server = Server::start_with(&["--tombstones", "2"]);
+    let mut w = server.raw();
+    for i in 0..5 {
+        w.request(&format!("PUT p.k{i} {i}"));
+    }
+    let from = ready_rev(&sub(&mut server.raw(), "SUB p"));
+    for i in 0..3 {
+        w.request(&format!("DEL p.k{i}"));
+    }
+    let resumed = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+    assert!(
+        resumed.reset,
+        "three deletes, two tombstones: the history is short"
+    );
+    assert_eq!(resumed.events, pairs(&[("init", "p.k3"), ("init", "p.k4")]));
+    // Within the horizon it still answers.
+    let recent = sub(&mut server.raw(), &format!("SUB p FROM {}", from + 1));
+    assert!(!recent.reset);
+    assert_eq!(recent.events, pairs(&[("del", "p.k1"), ("del", "p.k2")]));
+    // A revision from the future (another server's) is a reset too, never a failure.
+    let future = sub(&mut server.raw(), "SUB p FROM 999999");
+    assert!(future.reset);
+    assert_eq!(server.raw().request("STATS")["tombstones"], 2);
+}
+
+#[test]
+fn the_delete_history_survives_a_clean_restart_and_not_a_crash() {
+    let mut server = Server::start();
+    let mut w = server.raw();
+    w.request("PUT p.a 1");
+    w.request("PUT p.b 1");
+    w.request("PUT runtime.x 1");
+    let from = ready_rev(&sub(&mut server.raw(), "SUB *"));
+    w.request("DEL p.a");
+    drop(w);
+    assert!(server.stop().success());
+    server.spawn_and_wait();
+    assert!(
+        !server.data.join(".tombstones").exists(),
+        "read once, then removed"
+    );
+    let resumed = sub(&mut server.raw(), &format!("SUB * FROM {from}"));
+    assert!(!resumed.reset, "a clean restart keeps the history");
+    // The memory key did not survive the restart: the resume says so.
+    assert_eq!(
+        resumed.events,
+        pairs(&[("del", "p.a"), ("del", "runtime.x")])
+    );
+    let from = ready_rev(&resumed);
+    server.raw().request("DEL p.b");
+    server.restart();
+    let after_crash = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+    assert!(
+        after_crash.reset,
+        "after a crash the history cannot be trusted"
+    );
+    assert!(after_crash.events.is_empty());
+}
+
+#[test]
+fn resume_bytes_versus_a_full_snapshot_of_100000_keys() {
+    const KEYS: usize = 100_000;
+    let server = Server::start();
+    let mut w = server.raw();
+    // Pipelined puts of a memory-class prefix (the bytes on the wire do not depend on it).
+    let mut batch = String::new();
+    for i in 0..KEYS {
+        batch.push_str(&format!(
+            "PUT runtime.big.k{i:06} {{\"n\":{i},\"on\":true}}\n"
+        ));
+    }
+    // Sent from another thread while this one reads the replies: neither side waits forever.
+    let mut sender = Raw::connect(&server.socket);
+    let mut replies = Raw::connect(&server.socket);
+    std::mem::swap(&mut sender, &mut replies);
+    let stream = sender.stream().try_clone().unwrap();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        (&stream).write_all(batch.as_bytes()).unwrap();
+    });
+    for _ in 0..KEYS {
+        assert_eq!(sender.json()["ok"], true);
+    }
+    feeder.join().unwrap();
+    drop(replies);
+    let full = sub(&mut server.raw(), "SUB runtime.big");
+    assert_eq!(full.events.len(), KEYS);
+    let from = ready_rev(&full);
+    for i in 0..8 {
+        w.request(&format!("PUT runtime.big.k{:06} {{\"n\":-1}}", i * 1000));
+    }
+    w.request("DEL runtime.big.k000001");
+    w.request("DEL runtime.big.k000002");
+    let started = Instant::now();
+    let resumed = sub(&mut server.raw(), &format!("SUB runtime.big FROM {from}"));
+    let took = started.elapsed();
+    assert_eq!(resumed.events.len(), 10);
+    println!(
+        "resume vs full snapshot, {KEYS} keys, 10 changes missed: full {} bytes, resume {} bytes ({:.4}%), resume took {:?}",
+        full.bytes,
+        resumed.bytes,
+        100.0 * resumed.bytes as f64 / full.bytes as f64,
+        took
+    );
+    assert!(
+        resumed.bytes * 1000 < full.bytes,
+        "a resume sends what changed, not everything"
+    );
+    assert!(took < Duration::from_secs(5));
+}
+
+#[test]
+fn resumed_subscribers_keep_the_watch_properties() {
+    let server = Server::start_with(&["--tombstones", "10"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (socket, stop) = (server.socket.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut raw = Raw::connect(&socket);
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("w.k{}", (i * 7 + w) % 200);
+                    if i % 5 == 4 {
+                        raw.request(&format!("DEL {key}"));
+                    } else {
+                        raw.request(&format!("PUT {key} {i}"));
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let mut watch = Watch::start(&server, &["w"]);
+    let mut resets = 0;
+    for round in 0..12 {
+        // Let some changes through, then lose the connection and resume where it left.
+        let seen_before = watch.seen.lock().unwrap().events;
+        crate::support::wait_until("some events", || {
+            watch.seen.lock().unwrap().events > seen_before + 20
+        });
+        let seen = watch.disconnect();
+        assert!(
+            seen.violations.is_empty(),
+            "round {round}: {:?}",
+            seen.violations
+        );
+        resets = seen.resets;
+        // Sometimes stay away long enough for the history (10 tombstones) to run out.
+        if round % 4 == 3 {
+            let mut probe = server.raw();
+            let end = probe.request("STATS")["rev"].as_u64().unwrap() + 400;
+            crate::support::wait_until("the writers to move on", || {
+                probe.request("STATS")["rev"].as_u64().unwrap() > end
+            });
+        }
+        watch = Watch::resume(&server, "w", seen);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    watch.wait_converged(&mut server.raw(), "w.*");
+    watch.assert_ok("resumed subscriber");
+    let seen = watch.disconnect();
+    println!(
+        "resumed 12 times: {} events, {} resets, {} skipped events",
+        seen.events,
+        seen.resets.max(resets),
+        seen.skipped_events
+    );
+    assert!(
+        seen.resets >= 1,
+        "the long absences reached past the horizon"
+    );
+}
+
+#[test]
+fn a_data_directory_edited_while_stopped_is_not_resumed_from() {
+    let mut server = Server::start();
+    let mut w = server.raw();
+    w.request("PUT p.a 1");
+    w.request("PUT p.b 1");
+    let from = ready_rev(&sub(&mut server.raw(), "SUB p"));
+    drop(w);
+    assert!(server.stop().success());
+    // Someone removes a key file while the server is stopped (the layout allows it).
+    std::fs::remove_file(server.data.join("p.b.json")).unwrap();
+    server.spawn_and_wait();
+    let resumed = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+    assert!(
+        resumed.reset,
+        "the saved history no longer describes the directory"
+    );
+    assert_eq!(resumed.events, pairs(&[("init", "p.a")]));
+}
