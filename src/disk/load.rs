@@ -3,9 +3,9 @@
 //! Key files are meant to be read and edited by people, so anything a person (or a crash) can
 //! leave there is handled: a symlink, FIFO, device or directory is never opened as a value; a
 //! file larger than the value limit is not read; a record with an invalid revision or value,
-//! or a name that is not ours, is moved to `.quarantine/` with a log line — and a revision it
-//! still shows counts, so revisions never go backwards. A valid record is served as one
-//! compact line however it was formatted.
+//! or a name that is not ours (or not UTF-8), is moved to `.quarantine/` with a log line — and
+//! a revision its first bytes still show counts, so revisions never go backwards. Something other than a directory at `.quarantine` is moved into a new
+//! one. A valid record is served as one compact line however it was formatted.
 
 use std::ffi::OsStr;
 use std::io::Read;
@@ -98,30 +98,25 @@ pub fn load(dir: &Dir, max_value: usize) -> Result<Contents, DiskError> {
     for (raw, kind) in names {
         let path = dir.path().join(OsStr::from_bytes(&raw));
         let Ok(name) = std::str::from_utf8(&raw) else {
+            if kind == Some(Type::Directory) {
+                log::warn!("ignoring directory {}: not an nkv file", path.display());
+                continue;
+            }
             let why = Unusable::new("not a UTF-8 file name");
             quarantine_one(dir, &mut quarantine, &mut contents, &raw, why)?;
             continue;
         };
         let verdict = match classify(name) {
             Name::Temp | Name::LegacyTemp => {
-                // Never acknowledged, but its revision was handed out: counting it keeps
-                // every revision ever written to this directory unique.
-                if let Some(rev) = prefix_rev(dir, &raw) {
-                    contents.max_rev = contents.max_rev.max(rev);
-                }
+                // Never renamed into place, so never acknowledged: its revision was seen by
+                // no one and does not count (a junk temp file cannot raise revisions).
                 match dir.unlink(name) {
                     Ok(()) => log::info!("removed stray temporary file {}", path.display()),
                     Err(e) => log::warn!("cannot remove stray file {}: {e}", path.display()),
                 }
                 continue;
             }
-            Name::Reserve => {
-                // A write into the reserve that crashed before its rename left a record.
-                if let Some(rev) = prefix_rev(dir, &raw) {
-                    contents.max_rev = contents.max_rev.max(rev);
-                }
-                continue;
-            }
+            Name::Reserve => continue,
             Name::LegacyLock => continue,
             Name::Quarantine => {
                 // Opened now, not only when needed: a blocker is moved aside and the folder
