@@ -114,6 +114,9 @@ pub enum WriteError {
     Failed(DiskError),
     /// The file system is full (bytes or inodes); nothing changed.
     NoSpace(DiskError),
+    /// The file would be larger than this process may write (`EFBIG`: the file-size limit,
+    /// `ulimit -f`, or the file system's largest file); nothing changed. Answered `no_space`.
+    FileTooLarge(DiskError),
     /// The change (revision `rev`) is in place, applied and announced, but its fsync failed.
     NotDurable { rev: u64, source: DiskError },
     /// The data directory was removed or replaced while the server ran; nothing changed.
@@ -130,6 +133,8 @@ impl WriteError {
     pub fn from_disk(err: DiskError) -> WriteError {
         if is_no_space(&err.source) {
             WriteError::NoSpace(err)
+        } else if err.source.raw_os_error() == Some(nix::libc::EFBIG) {
+            WriteError::FileTooLarge(err)
         } else {
             WriteError::Failed(err)
         }
@@ -138,7 +143,7 @@ impl WriteError {
     /// The wire code of this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            WriteError::NoSpace(_) => ErrorCode::NoSpace,
+            WriteError::NoSpace(_) | WriteError::FileTooLarge(_) => ErrorCode::NoSpace,
             WriteError::NotDurable { .. } => ErrorCode::NotDurable,
             WriteError::Conflict { .. } => ErrorCode::Conflict,
             WriteError::Failed(_)
@@ -153,6 +158,10 @@ impl fmt::Display for WriteError {
         match self {
             WriteError::Failed(err) => write!(f, "{err}; nothing changed"),
             WriteError::NoSpace(err) => write!(f, "the file system is full ({err}); nothing changed"),
+            WriteError::FileTooLarge(err) => write!(
+                f,
+                "the file would be larger than this server may write (its file-size limit, ulimit -f, or the file system's largest file) ({err}); nothing changed"
+            ),
             WriteError::NotDurable { rev, source } => write!(
                 f,
                 "the change is in place as rev {rev} and subscribers were told, but it may not survive a power loss: {source}"

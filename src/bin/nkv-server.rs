@@ -320,6 +320,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    ignore_file_size_signal();
     let server = match Server::start(&config) {
         Ok(server) => server,
         Err(e) => {
@@ -364,5 +365,16 @@ fn raise_fd_limit() {
                 log::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
             }
         }
+    }
+}
+
+/// A write past the file-size limit (`ulimit -f`) raises SIGXFSZ, whose default kills the
+/// whole server. Ignored, the write fails with `EFBIG` instead, and that put alone is
+/// refused (`no_space`, "file-size limit").
+fn ignore_file_size_signal() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: installs no handler, only the kernel's "ignore" disposition.
+    if let Err(e) = unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) } {
+        eprintln!("nkv-server: cannot ignore SIGXFSZ: {e}");
     }
 }

@@ -16,6 +16,7 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::{fchmod, fstatat, FileStat, Mode};
 use nix::unistd::{fchown, unlinkat, Gid, UnlinkatFlags};
+use nix::NixPath;
 
 use super::fault::{Faults, Op, Rec};
 
@@ -145,9 +146,28 @@ impl Dir {
         Ok(file)
     }
 
+    /// Gives an existing file of ours the server's mode and group: a file left more open
+    /// (an operator's `chmod -R`, a restore) would hand its mode on to a key file it is
+    /// renamed over.
+    pub fn conform(&self, file: &File) -> io::Result<()> {
+        let meta = file.metadata()?;
+        if let Some(gid) = self.access.group {
+            if meta.gid() != gid.as_raw() {
+                fchown(file.as_raw_fd(), None, Some(gid))?;
+            }
+        }
+        if meta.mode() & 0o7777 != self.access.file_mode {
+            fchmod(
+                file.as_raw_fd(),
+                Mode::from_bits_truncate(self.access.file_mode as _),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Opens an existing `name` for reading without following a symlink and without blocking
     /// on a FIFO or device (the caller checks it is a regular file before reading).
-    pub fn open_read(&self, name: &str) -> io::Result<File> {
+    pub fn open_read<N: ?Sized + NixPath>(&self, name: &N) -> io::Result<File> {
         let flags = base_flags() | OFlag::O_RDONLY | OFlag::O_NONBLOCK;
         let fd = openat(Some(self.fd()), name, flags, Mode::empty())?;
         // SAFETY: as in `create_new`.
@@ -163,7 +183,7 @@ impl Dir {
     }
 
     /// The status of `name` itself (a symlink is reported as one).
-    pub fn stat(&self, name: &str) -> io::Result<FileStat> {
+    pub fn stat<N: ?Sized + NixPath>(&self, name: &N) -> io::Result<FileStat> {
         Ok(fstatat(
             Some(self.fd()),
             name,
@@ -179,8 +199,13 @@ impl Dir {
         Ok(())
     }
 
-    /// Moves `from` into the subdirectory `other` as `to`.
-    pub fn rename_into(&self, from: &str, other: &Dir, to: &str) -> io::Result<()> {
+    /// Moves `from` into the subdirectory `other` as `to` (names need not be UTF-8: a file
+    /// with such a name is quarantined).
+    pub fn rename_into<A, B>(&self, from: &A, other: &Dir, to: &B) -> io::Result<()>
+    where
+        A: ?Sized + NixPath,
+        B: ?Sized + NixPath,
+    {
         Ok(renameat(Some(self.fd()), from, Some(other.fd()), to)?)
     }
 
@@ -199,9 +224,15 @@ impl Dir {
         Ok(())
     }
 
-    /// Creates the subdirectory `name` (mode `0o700`) unless it exists, and opens it.
+    /// Creates the subdirectory `name` unless it exists, opens it, and gives it the data
+    /// directory's rule: `0o700`, or `0o750` and the group with `--socket-group`.
     pub fn subdir(&self, name: &str) -> io::Result<Dir> {
-        let mode = Mode::from_bits_truncate(0o700);
+        let bits = if self.access.group.is_some() {
+            0o750
+        } else {
+            0o700
+        };
+        let mode = Mode::from_bits_truncate(bits);
         match nix::sys::stat::mkdirat(Some(self.fd()), name, mode) {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(e.into()),
@@ -210,6 +241,9 @@ impl Dir {
         let fd = openat(Some(self.fd()), name, flags, Mode::empty())?;
         // SAFETY: as in `create_new`.
         let file = unsafe { File::from_raw_fd(fd) };
+        if let Some(gid) = self.access.group {
+            fchown(file.as_raw_fd(), None, Some(gid))?;
+        }
         fchmod(file.as_raw_fd(), mode)?;
         let meta = file.metadata()?;
         Ok(Dir {

@@ -84,7 +84,12 @@ mod imp {
         /// acknowledgements the test had noted when it happened.
         recorded: Mutex<Option<Vec<(Rec, usize)>>>,
         acks: Mutex<usize>,
+        /// Run once, instead of failing, when the disk is about to do this operation: lets a
+        /// test change the world at an exact point of a write (e.g. replace the directory).
+        hook: Mutex<Option<Hook>>,
     }
+
+    type Hook = (Op, Box<dyn FnOnce() + Send>);
 
     impl Plan {
         /// Starts recording every file-system effect of the disk layer.
@@ -104,6 +109,11 @@ mod imp {
 
         pub fn set(&self, fault: Option<Fault>) {
             *self.fault.lock() = fault;
+        }
+
+        /// Runs `hook` the next time the disk is about to do `op`.
+        pub fn on(&self, op: Op, hook: impl FnOnce() + Send + 'static) {
+            *self.hook.lock() = Some((op, Box::new(hook)));
         }
 
         pub fn injected(&self) -> usize {
@@ -139,6 +149,19 @@ mod imp {
         }
 
         pub fn hit(&self, op: Op) -> std::io::Result<()> {
+            let hook = {
+                let mut hook = self.0.hook.lock();
+                match hook.take() {
+                    Some((at, run)) if at == op => Some(run),
+                    other => {
+                        *hook = other;
+                        None
+                    }
+                }
+            };
+            if let Some(run) = hook {
+                run();
+            }
             let mut fault = self.0.fault.lock();
             match fault.as_mut() {
                 Some(f) if f.op == op && f.times > 0 => {

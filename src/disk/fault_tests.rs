@@ -293,3 +293,42 @@ fn every_disk_operation_fails_in_turn_and_nothing_diverges() {
         scenario(op, nix::libc::EIO, usize::MAX);
     }
 }
+
+/// The data directory is replaced (renamed away, a new one made) while a change is under
+/// way, after the check at its start: the change lands in the orphaned directory, so it must
+/// be neither applied nor acknowledged.
+fn replaced_mid_change(op: Op, line: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = start(tmp.path());
+    server.request("PUT k \"before\"").unwrap();
+    let before = server.memory();
+    wait_for("the subscriber to see the first put", || {
+        *server.seen.lock() == before
+    });
+    let (path, old) = (data.clone(), tmp.path().join("data.old"));
+    plan_for(&data).on(op, move || {
+        std::fs::rename(&path, &old).unwrap();
+        std::fs::create_dir(&path).unwrap();
+    });
+    let answer: Json = serde_json::from_str(&server.client.raw(line).expect("answer")).unwrap();
+    assert_eq!(answer["error"], "internal", "{line}: {answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("removed or replaced"),
+        "{line}: {answer}"
+    );
+    assert_eq!(server.memory(), before, "{line}: not applied");
+    assert_eq!(*server.seen.lock(), before, "{line}: not announced");
+    server.stop();
+}
+
+#[test]
+fn a_directory_replaced_during_a_change_is_never_acknowledged_into() {
+    // A slow fdatasync of the temp file is where the probe replaced the directory.
+    replaced_mid_change(Op::SyncFile, "PUT k \"acked\"");
+    replaced_mid_change(Op::Rename, "PUT k \"acked\"");
+    replaced_mid_change(Op::Unlink, "DEL k");
+}

@@ -3,11 +3,13 @@
 //! Key files are meant to be read and edited by people, so anything a person (or a crash) can
 //! leave there is handled: a symlink, FIFO, device or directory is never opened as a value; a
 //! file larger than the value limit is not read; a record with an invalid revision or value,
-//! or a name that is not ours, is moved to `.quarantine/` with a log line — and a revision it
-//! still shows counts, so revisions never go backwards. A valid record is served as one
-//! compact line however it was formatted.
+//! or a name that is not ours (or not UTF-8), is moved to `.quarantine/` with a log line — and
+//! a revision its first bytes still show counts, so revisions never go backwards. Something other than a directory at `.quarantine` is moved into a new
+//! one. A valid record is served as one compact line however it was formatted.
 
+use std::ffi::OsStr;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 
 use nix::dir::Type;
@@ -88,33 +90,46 @@ pub fn load(dir: &Dir, max_value: usize) -> Result<Contents, DiskError> {
     for entry in listing.iter() {
         let entry = entry.map_err(list_err)?;
         let raw = entry.file_name().to_bytes();
-        if raw == b"." || raw == b".." {
-            continue;
+        if raw != b"." && raw != b".." {
+            names.push((raw.to_vec(), entry.file_type()));
         }
-        let Ok(name) = std::str::from_utf8(raw) else {
-            log::warn!(
-                "ignoring {}: not a UTF-8 file name",
-                dir.path()
-                    .join(String::from_utf8_lossy(raw).as_ref())
-                    .display()
-            );
-            continue;
-        };
-        names.push((name.to_owned(), entry.file_type()));
     }
     drop(listing);
-    for (name, kind) in names {
-        let path = dir.join(&name);
-        let verdict = match classify(&name) {
+    for (raw, kind) in names {
+        let path = dir.path().join(OsStr::from_bytes(&raw));
+        let Ok(name) = std::str::from_utf8(&raw) else {
+            if kind == Some(Type::Directory) {
+                log::warn!("ignoring directory {}: not an nkv file", path.display());
+                continue;
+            }
+            let why = Unusable::new("not a UTF-8 file name");
+            quarantine_one(dir, &mut quarantine, &mut contents, &raw, why)?;
+            continue;
+        };
+        let verdict = match classify(name) {
             Name::Temp | Name::LegacyTemp => {
-                match dir.unlink(&name) {
+                // Never renamed into place, so never acknowledged: its revision was seen by
+                // no one and does not count (a junk temp file cannot raise revisions).
+                match dir.unlink(name) {
                     Ok(()) => log::info!("removed stray temporary file {}", path.display()),
                     Err(e) => log::warn!("cannot remove stray file {}: {e}", path.display()),
                 }
                 continue;
             }
-            Name::LegacyLock | Name::Reserve | Name::Quarantine | Name::Tombstones => continue,
-            Name::RevFloor => match read_floor(dir, &name) {
+            Name::Reserve | Name::Tombstones => continue,
+            Name::LegacyLock => continue,
+            Name::Quarantine => {
+                // Opened now, not only when needed: a blocker is moved aside and the folder
+                // gets the data directory's access rule at every start.
+                if quarantine.is_none() {
+                    match open_quarantine(dir) {
+                        Ok(q) => quarantine = Some(q),
+                        Err(e) => log::warn!("cannot use {}: {e}", path.display()),
+                    }
+                }
+                continue;
+            }
+            Name::RevFloor => match read_floor(dir, name) {
                 Ok(rev) => {
                     contents.floor = Some(rev);
                     contents.max_rev = contents.max_rev.max(rev);
@@ -122,7 +137,7 @@ pub fn load(dir: &Dir, max_value: usize) -> Result<Contents, DiskError> {
                 }
                 Err(why) => why,
             },
-            Name::Key(key) => match read_record(dir, &name, max_value) {
+            Name::Key(key) => match read_record(dir, name, max_value) {
                 Ok((value, rev, size)) => {
                     contents.max_rev = contents.max_rev.max(rev);
                     contents.largest = contents.largest.max(size);
@@ -137,52 +152,102 @@ pub fn load(dir: &Dir, max_value: usize) -> Result<Contents, DiskError> {
             }
             Name::Foreign => Unusable::new("not a key file name (<key>.json)"),
         };
-        if let Some(rev) = verdict.rev {
-            contents.max_rev = contents.max_rev.max(rev);
-        }
-        let q = match &quarantine {
-            Some(q) => q,
-            None => quarantine.insert(
-                dir.subdir(QUARANTINE_DIR)
-                    .map_err(|e| DiskError::new("create", dir.join(QUARANTINE_DIR), e))?,
-            ),
-        };
-        match move_aside(dir, q, &name) {
-            Ok(moved) => {
-                contents.quarantined += 1;
-                log::warn!(
-                    "moved {} to {}: {}{}",
-                    path.display(),
-                    q.join(&moved).display(),
-                    verdict.why,
-                    verdict
-                        .rev
-                        .map(|r| format!(" (its revision {r} still counts)"))
-                        .unwrap_or_default()
-                );
-            }
-            Err(e) => log::warn!(
-                "cannot quarantine {} ({}): {e}",
-                path.display(),
-                verdict.why
-            ),
-        }
+        quarantine_one(dir, &mut quarantine, &mut contents, &raw, verdict)?;
     }
     Ok(contents)
 }
 
-/// Moves `name` into the quarantine folder under a name not yet taken there.
-fn move_aside(dir: &Dir, quarantine: &Dir, name: &str) -> std::io::Result<String> {
+/// Moves one unusable file into the quarantine folder (opened on first use), counting the
+/// revision it shows: found by the parse that failed, or else read from its first bytes
+/// (a file over the limit, one that is not UTF-8, a record under a foreign name).
+fn quarantine_one(
+    dir: &Dir,
+    quarantine: &mut Option<Dir>,
+    contents: &mut Contents,
+    raw: &[u8],
+    mut verdict: Unusable,
+) -> Result<(), DiskError> {
+    let path = dir.path().join(OsStr::from_bytes(raw));
+    if verdict.rev.is_none() {
+        verdict.rev = prefix_rev(dir, raw);
+    }
+    if let Some(rev) = verdict.rev {
+        contents.max_rev = contents.max_rev.max(rev);
+    }
+    let q = match quarantine {
+        Some(q) => q,
+        None => quarantine.insert(
+            open_quarantine(dir)
+                .map_err(|e| DiskError::new("create", dir.join(QUARANTINE_DIR), e))?,
+        ),
+    };
+    match move_aside(dir, q, raw) {
+        Ok(moved) => {
+            contents.quarantined += 1;
+            log::warn!(
+                "moved {} to {}: {}{}",
+                path.display(),
+                q.path().join(OsStr::from_bytes(&moved)).display(),
+                verdict.why,
+                verdict
+                    .rev
+                    .map(|r| format!(" (its revision {r} still counts)"))
+                    .unwrap_or_default()
+            );
+        }
+        Err(e) => log::warn!(
+            "cannot quarantine {} ({}): {e}",
+            path.display(),
+            verdict.why
+        ),
+    }
+    Ok(())
+}
+
+/// Opens `.quarantine/`, creating it if needed. Something else at that name (a person's
+/// file, a symlink) would stop every start that has a file to quarantine, so it is moved
+/// into the new folder itself, under its own name, with a log line; a symlink is never
+/// followed, only moved.
+fn open_quarantine(dir: &Dir) -> std::io::Result<Dir> {
+    let blocked = dir
+        .stat(QUARANTINE_DIR)
+        .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFDIR);
+    if !blocked {
+        return dir.subdir(QUARANTINE_DIR);
+    }
+    let aside = format!("{QUARANTINE_DIR}.in-the-way-{}", std::process::id());
+    dir.rename_into(QUARANTINE_DIR, dir, aside.as_str())?;
+    let q = dir.subdir(QUARANTINE_DIR)?;
+    let moved = move_aside_as(dir, &q, &aside, QUARANTINE_DIR.as_bytes())?;
+    log::warn!(
+        "{} was in the way and not a directory: moved it to {}",
+        dir.join(QUARANTINE_DIR).display(),
+        q.path().join(OsStr::from_bytes(&moved)).display()
+    );
+    Ok(q)
+}
+
+/// Moves `name` into the quarantine folder under a name not yet taken there; returns it.
+fn move_aside(dir: &Dir, quarantine: &Dir, name: &[u8]) -> std::io::Result<Vec<u8>> {
+    move_aside_as(dir, quarantine, name, name)
+}
+
+/// Moves `from` into the quarantine folder as `name` (or `name.<n>` if taken).
+fn move_aside_as(
+    dir: &Dir,
+    quarantine: &Dir,
+    from: impl AsRef<[u8]>,
+    name: &[u8],
+) -> std::io::Result<Vec<u8>> {
     for n in 0..1000u32 {
-        let target = if n == 0 {
-            name.to_owned()
-        } else {
-            format!("{name}.{n}")
-        };
-        match quarantine.stat(&target) {
+        let mut target = name.to_vec();
+        if n > 0 {
+            target.extend_from_slice(format!(".{n}").as_bytes());
+        }
+        match quarantine.stat(target.as_slice()) {
             Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                dir.rename_into(name, quarantine, &target)?;
+                dir.rename_into(from.as_ref(), quarantine, target.as_slice())?;
                 return Ok(target);
             }
             Err(e) => return Err(e),
@@ -192,6 +257,22 @@ fn move_aside(dir: &Dir, quarantine: &Dir, name: &str) -> std::io::Result<String
         "too many quarantined files of that name",
     ))
 }
+
+/// The revision a file's first bytes show, if it is a regular file that starts like a
+/// record (`{"rev":N,`, any whitespace): a bounded read that needs neither valid UTF-8 nor
+/// the whole file. A file that does not start like a record sets no revision.
+fn prefix_rev(dir: &Dir, name: &[u8]) -> Option<u64> {
+    let file = dir.open_read(name).ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut head = Vec::with_capacity(PREFIX);
+    file.take(PREFIX as u64).read_to_end(&mut head).ok()?;
+    rev_hint(&String::from_utf8_lossy(&head))
+}
+
+/// How much of a file [`prefix_rev`] reads: room for a pretty-printed record's start.
+const PREFIX: usize = 256;
 
 /// Reads a regular file of at most `limit` bytes, never through a symlink and never blocking.
 /// Tightens its mode to the server's if it is ours alone and more open.
@@ -260,10 +341,11 @@ fn read_record(dir: &Dir, name: &str, max_value: usize) -> Result<(Value, u64, u
     Ok((Value::from(value.as_ref()), rev, size))
 }
 
-/// The revision an unparsable record still shows (`"rev": N` near its start), if valid.
+/// The revision an unparsable record still shows (it starts `{"rev": N`), if valid.
 fn rev_hint(text: &str) -> Option<u64> {
-    let at = text.find("\"rev\"")? + "\"rev\"".len();
-    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
+    let rest = text.trim_start().strip_prefix('{')?.trim_start();
+    let rest = rest.strip_prefix("\"rev\"")?.trim_start();
+    let rest = rest.strip_prefix(':')?.trim_start();
     let digits: &str = &rest[..rest.bytes().take_while(u8::is_ascii_digit).count()];
     digits
         .parse::<u64>()
@@ -291,5 +373,7 @@ mod tests {
         assert_eq!(rev_hint("{ \"rev\" : 7 , \"val"), Some(7));
         assert_eq!(rev_hint("{\"rev\":18446744073709551615,"), None);
         assert_eq!(rev_hint("garbage"), None);
+        assert_eq!(rev_hint("{\n  \"rev\": 40,\n"), Some(40));
+        assert_eq!(rev_hint("notes: {\"rev\":5,"), None, "not a record's start");
     }
 }

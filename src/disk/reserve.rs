@@ -184,6 +184,8 @@ impl Disk {
                 file.sync_data()?;
                 self.dir.note(|| Rec::SyncFile(RESERVE_FILE.to_owned()));
             }
+            // The key's file gets the reserve's inode, and so its mode: make it the server's.
+            self.dir.conform(&file)?;
             self.dir.rename(RESERVE_FILE, name)
         })();
         if let Err(e) = written {

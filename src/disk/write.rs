@@ -48,6 +48,12 @@ fn floor_bytes(rev: u64) -> [u8; REV_WIDTH + 1] {
 pub(super) fn open_or_create(dir: &Dir, name: &str, initial: &[u8]) -> io::Result<File> {
     if let Ok(file) = dir.open_rw(name) {
         if ours_alone(&file) {
+            // Tightened at start (an operator's `chmod -R`, a restore): the reserve becomes a
+            // key's file. A failure is only logged here; the reserve is conformed again
+            // before it is renamed, and that one is checked.
+            if let Err(e) = dir.conform(&file) {
+                log::warn!("cannot set the mode of {}: {e}", dir.join(name).display());
+            }
             return Ok(file);
         }
     }
@@ -239,13 +245,22 @@ impl Disk {
         Ok(())
     }
 
+    /// Ends a change that is in place (renamed or unlinked): fsyncs the directory with
+    /// `--fsync`, then checks again that the directory is still the one the path leads to.
+    /// The check at the start of the change is not enough: a directory replaced during a
+    /// slow fsync would have the change land in the orphaned directory, where no one reads
+    /// it, while another server may own the new one. Then the change is not applied and not
+    /// acknowledged ([`WriteError::DirReplaced`]), whatever the fsync said.
     pub(super) fn sync_dir(&self, rev: u64) -> Result<(), WriteError> {
-        if self.fsync {
+        let synced = if self.fsync {
             self.dir.sync().map_err(|e| WriteError::NotDurable {
                 rev,
                 source: DiskError::new("fsync directory", self.dir.path(), e),
-            })?;
-        }
-        Ok(())
+            })
+        } else {
+            Ok(())
+        };
+        self.check_in_place()?;
+        synced
     }
 }

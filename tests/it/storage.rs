@@ -555,11 +555,19 @@ fn full_disk_can_be_freed(options: &str, value: &str) {
     assert_eq!(count, keys.len() + 3);
     // Same-size and smaller overwrites still work, repeatedly.
     for round in 0..3 {
+        // The reserve loosened while the server runs (an operator's `chmod -R`): the key's
+        // file it becomes must still get the server's mode.
+        let reserve = server.data.join(".reserve");
+        if reserve.exists() {
+            fs::set_permissions(&reserve, fs::Permissions::from_mode(0o644)).unwrap();
+        }
         let answer = conn.request(&format!("PUT {} {value}", keys[0]));
         assert!(
             answer["rev"].is_u64(),
             "{options}: same-size overwrite {round}: {answer}"
         );
+        let file = server.data.join(format!("{}.json", keys[0]));
+        assert_eq!(mode(&file), 0o600, "{options}: round {round}");
         let answer = conn.request(&format!("PUT {} 1", keys[1]));
         assert!(
             answer["rev"].is_u64(),
@@ -597,4 +605,168 @@ fn a_full_disk_can_be_freed_through_nkv_bytes() {
 #[test]
 fn a_full_disk_can_be_freed_through_nkv_inodes() {
     full_disk_can_be_freed("size=16m,nr_inodes=64", "{\"small\":1}");
+}
+
+/// Stops `server`, lets `plant` change its stopped data directory, and starts it again.
+fn with_stopped(server: &mut Server, plant: impl FnOnce(&Path)) {
+    assert!(server.stop().success());
+    plant(&server.data);
+    server.spawn_and_wait();
+}
+
+#[test]
+fn every_quarantined_file_still_counts_its_revision() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::new_in(tmp.path(), &["--max-value-bytes", "200000"]);
+    server.spawn_and_wait();
+    let big = format!("\"{}\"", "x".repeat(150_000));
+    let top = request(&server, &format!("PUT big {big}"))["rev"]
+        .as_u64()
+        .unwrap();
+    // Restarted with a smaller value limit: big.json is too large to load now.
+    assert!(server.stop().success());
+    let mut server = Server::new_in(tmp.path(), &["--max-value-bytes", "1000"]);
+    server.spawn_and_wait();
+    assert!(server.data.join(".quarantine/big.json").exists());
+    let mut last = request(&server, "PUT n 1")["rev"].as_u64().unwrap();
+    assert!(last > top, "over-limit file: rev {last} after {top}");
+    // What a person (or an editor, or a crash) leaves there, each with a higher revision.
+    let cases: [(&[u8], &[u8], bool); 6] = [
+        (b"cfg.json.bak", b"{\"rev\":REV,\"value\":2}\n", true),
+        (b".hidden.json", b"{\"rev\":REV,\"value\":2}\n", true),
+        (b"sp ace.json", b"{\"rev\":REV,\"value\":2}\n", true),
+        (b"name.json", b"{\"rev\":REV,\"value\":\"caf\xe9\"}\n", true),
+        (b"caf\xe9.json", b"{\"rev\":REV,\"value\":1}\n", true),
+        (b"torn.json", b"{\n  \"rev\": REV,\n  \"value\": [1,", true),
+    ];
+    for (name, text, quarantined) in cases {
+        let rev = last + 10;
+        let at = text.windows(3).position(|w| w == b"REV").unwrap();
+        let bytes = [&text[..at], rev.to_string().as_bytes(), &text[at + 3..]].concat();
+        let file = std::ffi::OsStr::from_bytes(name);
+        with_stopped(&mut server, |data| {
+            fs::write(data.join(file), &bytes).unwrap();
+        });
+        let what = String::from_utf8_lossy(name);
+        assert!(
+            !server.data.join(file).exists(),
+            "{what} moved out of the way"
+        );
+        assert_eq!(
+            server.data.join(".quarantine").join(file).exists(),
+            quarantined,
+            "{what} quarantined"
+        );
+        let next = request(&server, "PUT n 1")["rev"].as_u64().unwrap();
+        assert!(next > rev, "{what}: rev {next} after its {rev}");
+        last = next;
+    }
+    // A foreign file that is not a record does not set revisions, whatever it says later on.
+    let rev = last + 1_000_000;
+    with_stopped(&mut server, |data| {
+        fs::write(data.join("notes.txt"), format!("see {{\"rev\":{rev}}}")).unwrap();
+    });
+    assert_eq!(request(&server, "PUT n 1")["rev"], last + 1);
+}
+
+#[test]
+fn a_file_or_symlink_at_the_quarantine_is_moved_into_it() {
+    for kind in ["file", "symlink"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut server = Server::new_in(tmp.path(), &[]);
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir_all(&server.data).unwrap();
+        fs::create_dir(&elsewhere).unwrap();
+        fs::set_permissions(&server.data, fs::Permissions::from_mode(0o700)).unwrap();
+        let q = server.data.join(".quarantine");
+        if kind == "file" {
+            fs::write(&q, "a person's notes").unwrap();
+        } else {
+            symlink(&elsewhere, &q).unwrap();
+        }
+        fs::write(server.data.join("good.json"), "{\"rev\":1,\"value\":1}").unwrap();
+        fs::write(server.data.join("bad.json"), "oops").unwrap();
+        server.spawn_and_wait();
+        assert_eq!(request(&server, "GET good")["value"], 1, "{kind}");
+        let meta = fs::symlink_metadata(&q).unwrap();
+        assert!(meta.is_dir(), "{kind}: .quarantine is a directory now");
+        assert!(q.join("bad.json").exists(), "{kind}: bad.json quarantined");
+        let blocker = fs::symlink_metadata(q.join(".quarantine")).unwrap();
+        assert_eq!(
+            blocker.file_type().is_symlink(),
+            kind == "symlink",
+            "{kind}"
+        );
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0, "{kind}");
+        assert!(server.log_text().contains("was in the way"), "{kind}");
+    }
+}
+
+#[test]
+fn every_server_file_is_tightened_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::new_in(tmp.path(), &[]);
+    server.spawn_and_wait();
+    request(&server, "PUT a 1");
+    request(&server, "DEL a");
+    request(&server, "PUT b 1");
+    assert!(server.stop().success());
+    fs::write(server.data.join("bad.json"), "oops").unwrap();
+    fs::create_dir(server.data.join(".quarantine")).unwrap();
+    // An operator's `chmod -R a+rX`, or a restore from a backup.
+    let loosen = |path: &Path| {
+        let m = if path.is_dir() { 0o755 } else { 0o644 };
+        fs::set_permissions(path, fs::Permissions::from_mode(m)).unwrap();
+    };
+    loosen(&server.data);
+    for entry in fs::read_dir(&server.data).unwrap() {
+        loosen(&entry.unwrap().path());
+    }
+    server.spawn_and_wait();
+    let mut names = Vec::new();
+    for entry in fs::read_dir(&server.data).unwrap() {
+        let path = entry.unwrap().path();
+        let want = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode(&path), want, "{}", path.display());
+        names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    names.sort();
+    assert_eq!(names, [".quarantine", ".reserve", ".rev", "b.json"]);
+    // With --socket-group the quarantine follows the data directory's rule.
+    assert!(server.stop().success());
+    let mut grouped = Server::new_in(tmp.path(), &["--socket-group", "65534"]);
+    grouped.spawn_and_wait();
+    let q = grouped.data.join(".quarantine");
+    assert_eq!(mode(&q), 0o750);
+    assert_eq!(fs::metadata(&q).unwrap().gid(), 65534);
+}
+
+#[test]
+fn a_put_over_the_file_size_limit_fails_and_the_server_stays_up() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::new_in(tmp.path(), &[]);
+    let mut cmd = server.command();
+    let log = fs::File::create(&server.log).unwrap();
+    // SAFETY: between fork and exec only setrlimit runs, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = 128 * 1024;
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE, limit, limit)
+                .map_err(std::io::Error::from)
+        });
+    }
+    server.adopt(cmd.stderr(log).spawn().unwrap());
+    assert_eq!(request(&server, "PUT small 1")["rev"], 1);
+    let answer = request(&server, &format!("PUT big \"{}\"", "x".repeat(300_000)));
+    assert_eq!(answer["error"], "no_space", "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(
+        message.contains("file-size limit") && message.contains("nothing changed"),
+        "{answer}"
+    );
+    assert_eq!(request(&server, "GET big")["error"], "not_found");
+    assert_eq!(request(&server, "PUT small 2")["rev"], 2);
+    assert_eq!(request(&server, "GET small")["value"], 2);
 }
