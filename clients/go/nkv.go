@@ -24,8 +24,12 @@ import (
 // DefaultSocket is where the server listens unless told otherwise.
 const DefaultSocket = "/tmp/nkv/nkv.sock"
 
-// maxLine bounds one response line (the server's default value limit plus room).
+// maxLine bounds one event line (the server's default value limit plus room).
 const maxLine = 16<<20 + 64<<10
+
+// maxReply bounds one response line: a pattern GET carries every value it matches, each up to
+// the value limit, so its reply is bounded by the store, not by one value.
+const maxReply = 1 << 30
 
 // Error is an error response from the server: its machine-readable code and its message.
 type Error struct {
@@ -361,8 +365,8 @@ type sendError struct {
 func (e *sendError) Error() string { return fmt.Sprintf("nkv: sending %s: %v", e.op, e.err) }
 func (e *sendError) Unwrap() error { return e.err }
 
-// readLine reads one line without its "\n", refusing lines over maxLine.
-func (cn *conn) readLine() ([]byte, error) {
+// readLine reads one line without its "\n", refusing lines over limit bytes.
+func (cn *conn) readLine(limit int) ([]byte, error) {
 	var line []byte
 	for {
 		part, isPrefix, err := cn.r.ReadLine()
@@ -370,8 +374,8 @@ func (cn *conn) readLine() ([]byte, error) {
 			return nil, err
 		}
 		line = append(line, part...)
-		if len(line) > maxLine {
-			return nil, fmt.Errorf("nkv: a line from the server is over %d bytes", maxLine)
+		if len(line) > limit {
+			return nil, fmt.Errorf("nkv: a line from the server is over %d bytes", limit)
 		}
 		if !isPrefix {
 			return line, nil
@@ -387,7 +391,7 @@ func (cn *conn) exchange(req request, timeout time.Duration) (*response, error) 
 	if err := cn.send(req); err != nil {
 		return nil, err
 	}
-	line, err := cn.readLine()
+	line, err := cn.readLine(maxReply)
 	if err != nil {
 		return nil, fmt.Errorf("nkv: reading the %s response: %w", req.Op, err)
 	}

@@ -7,10 +7,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -173,6 +175,22 @@ func TestGetPutDeleteKeys(t *testing.T) {
 	}
 	if err := c.Health(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A pattern GET's reply may be far larger than one value: 20 values of 1 MiB each.
+func TestGetPrefixReadsARepliesLargerThanOneValue(t *testing.T) {
+	s := startServer(t)
+	c := connect(t, s)
+	big := strings.Repeat("x", 1<<20)
+	for i := 0; i < 20; i++ {
+		if _, err := c.Put(fmt.Sprintf("big.k%02d", i), big); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := c.GetPrefix("big.*")
+	if err != nil || len(got) != 20 {
+		t.Fatalf("GetPrefix: %d values, %v", len(got), err)
 	}
 }
 

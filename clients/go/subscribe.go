@@ -163,7 +163,7 @@ func (s *subscription) run(ctx context.Context, cn *conn, events chan<- Event) {
 func (s *subscription) pump(ctx context.Context, cn *conn, resume *resumeState, events chan<- Event) bool {
 	delivered := false
 	for {
-		line, err := cn.readLine()
+		line, err := cn.readLine(maxLine)
 		if err != nil {
 			return delivered
 		}
