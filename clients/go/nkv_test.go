@@ -265,12 +265,20 @@ func TestSubscribeResumesAcrossAServerRestart(t *testing.T) {
 		next(t, events) // init r.gone, init r.keep, ready
 	}
 	s.stop()
-	// While the server is down, r.gone disappears from the data directory.
+	// While the server is down, r.gone disappears from the data directory and r.keep gets
+	// another value at the same revision (as a replaced data directory would have it).
 	if err := os.Remove(filepath.Join(s.data, "r.gone.json")); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.WriteFile(filepath.Join(s.data, "r.keep.json"), []byte(`{"rev":1,"value":5}`+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	s.start()
-	// Resumed: the deletion, not the unchanged key again, then the marker.
+	// The edit made while the server was down costs a reset: the snapshot again (its key
+	// passed on even at a known revision), then the deletion, then the marker.
+	if ev := next(t, events); ev.Kind != Init || ev.Key != "r.keep" || string(ev.Value) != "5" {
+		t.Fatalf("after resume: %+v", ev)
+	}
 	if ev := next(t, events); ev.Kind != Del || ev.Key != "r.gone" || ev.Rev != 0 {
 		t.Fatalf("after resume: %+v", ev)
 	}

@@ -9,9 +9,10 @@ import "sort"
 // overtaken older changes of other keys, so it does not move the point). The server answers
 // with only what changed after it (put and del events) before ready. When its delete history
 // does not reach back that far (a crash, too many deletes) it sends a reset line and the full
-// snapshot: then the client works out the difference itself — a key whose revision is the one
-// the consumer already has is not passed on, and a key the consumer has that the snapshot
-// lacks is reported deleted (revision 0). Either way the consumer sees only changes.
+// snapshot: then every key of the snapshot is passed on as an init event (its revision may equal
+// one the consumer has and still stand for another value, when the server's revisions started
+// again with a replaced or wiped data directory), and a key the consumer has that the snapshot
+// lacks is reported deleted (revision 0). Either way the consumer converges.
 
 // resumeState is what one resumption tracks until its snapshot's ready marker.
 type resumeState struct {

@@ -5,8 +5,10 @@ import (
 	"testing"
 )
 
-// Resuming without server help: only what changed while disconnected reaches the consumer.
-func TestResumeSkipsWhatTheConsumerHasAndReportsWhatIsGone(t *testing.T) {
+// Resuming without server help (a reset): the whole snapshot reaches the consumer, even a key
+// at a revision it has (the server's revisions may have started again), and what is gone is
+// reported deleted.
+func TestAResetPassesTheWholeSnapshotOnAndReportsWhatIsGone(t *testing.T) {
 	s := &subscription{seen: map[string]uint64{}}
 	for _, ev := range []wireEvent{
 		{Event: "init", Key: "a", Rev: 1}, {Event: "init", Key: "b", Rev: 2},
@@ -24,7 +26,7 @@ func TestResumeSkipsWhatTheConsumerHasAndReportsWhatIsGone(t *testing.T) {
 	var got []Event
 	for _, ev := range []wireEvent{
 		{Event: "reset"},                  // the server cannot resume: full snapshot
-		{Event: "init", Key: "a", Rev: 1}, // unchanged: skipped
+		{Event: "init", Key: "a", Rev: 1}, // the same revision: passed on all the same
 		{Event: "init", Key: "c", Rev: 7}, // changed: passed on
 		{Event: "init", Key: "d", Rev: 8}, // new: passed on
 		{Event: "ready", Count: 3},        // b is gone
@@ -36,6 +38,7 @@ func TestResumeSkipsWhatTheConsumerHasAndReportsWhatIsGone(t *testing.T) {
 		got = append(got, out...)
 	}
 	want := []Event{
+		{Kind: Init, Key: "a", Rev: 1},
 		{Kind: Init, Key: "c", Rev: 7},
 		{Kind: Init, Key: "d", Rev: 8},
 		{Kind: Del, Key: "b"},

@@ -200,10 +200,10 @@ func (s *subscription) translate(ev wireEvent, resume *resumeState) ([]Event, bo
 		return nil, true
 	case "init":
 		if resume != nil {
+			// Passed on even at a revision the consumer has: after a reset the server's
+			// revisions may have started again (a replaced or wiped data directory), so an
+			// equal revision does not prove an equal value.
 			resume.present[ev.Key] = true
-			if s.seen[ev.Key] == ev.Rev {
-				return nil, true // unchanged while disconnected
-			}
 		}
 		s.note(ev.Key, ev.Rev)
 		return []Event{{Kind: Init, Key: ev.Key, Value: ev.Value, Rev: ev.Rev}}, true
