@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use crate::support::{Raw, Server, CLIENT};
+use crate::support::{BoundedOutput, Raw, Server, CLIENT};
 
 const NOBODY: u32 = 65534;
 /// A group no test user belongs to (it need not exist in /etc/group).
@@ -67,7 +67,11 @@ fn can_switch_users(test: &str) -> bool {
         eprintln!("skipped {test}: needs root to run a client as another user");
         return false;
     }
-    if Command::new("setpriv").arg("--version").output().is_err() {
+    if Command::new("setpriv")
+        .arg("--version")
+        .bounded_output()
+        .is_err()
+    {
         eprintln!("skipped {test}: setpriv (util-linux) is not installed");
         return false;
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::support::{Raw, Server};
+use crate::support::{BoundedOutput, Raw, Server};
 
 /// A server in `dir` with a `volatile` prefix and a `memory` prefix (besides `runtime`).
 fn server_in(dir: &Path) -> Server {
@@ -148,7 +148,7 @@ fn bad_class_rules_stop_the_server_with_a_message() {
         let out = server
             .command()
             .stderr(std::process::Stdio::piped())
-            .output()
+            .bounded_output()
             .unwrap();
         assert!(!out.status.success(), "--class {rule} accepted");
         let err = String::from_utf8_lossy(&out.stderr);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{wait_until, Server, CLIENT, DEADLINE};
+use crate::support::{wait_until, BoundedOutput, Server, CLIENT, DEADLINE};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
@@ -189,7 +189,7 @@ fn exit_codes_and_errors_on_stderr() {
     }
     let out = Command::new(CLIENT)
         .args(["--socket", "/nonexistent/nkv.sock", "health"])
-        .output()
+        .bounded_output()
         .expect("run nkv-client");
     fails(out, 2, &["/nonexistent/nkv.sock"]);
 }
@@ -252,7 +252,7 @@ fn help_lists_the_flags_of_every_command() {
         let out = Command::new(CLIENT)
             .args(["--socket", "/nonexistent/nkv.sock"])
             .args(args)
-            .output()
+            .bounded_output()
             .expect("run nkv-client");
         assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
         stdout(&out)
@@ -459,7 +459,7 @@ fn completions_and_man_page_are_generated_without_a_server() {
     ] {
         let out = Command::new(CLIENT)
             .args(["--socket", "/nonexistent/nkv.sock", "completions", shell])
-            .output()
+            .bounded_output()
             .unwrap();
         assert!(out.status.success(), "{shell}: {out:?}");
         let script = stdout(&out);
@@ -472,7 +472,7 @@ fn completions_and_man_page_are_generated_without_a_server() {
             "{shell} completion lacks the subcommands"
         );
     }
-    let out = Command::new(CLIENT).arg("man").output().unwrap();
+    let out = Command::new(CLIENT).arg("man").bounded_output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let page = stdout(&out);
     assert!(
@@ -497,7 +497,7 @@ fn keys_output_is_one_key_per_line_when_piped() {
 fn keys_output_is_a_tree_on_a_terminal() {
     let status = Command::new("script")
         .arg("--version")
-        .output()
+        .bounded_output()
         .expect("script (util-linux) is needed for the terminal test: apt-get install util-linux");
     assert!(status.status.success());
     let server = Server::start();
@@ -508,7 +508,7 @@ fn keys_output_is_a_tree_on_a_terminal() {
     let command = format!("{CLIENT} --socket {} keys", server.socket.display());
     let out = Command::new("script")
         .args(["-qec", &command, "/dev/null"])
-        .output()
+        .bounded_output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(

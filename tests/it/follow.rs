@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{wait_until, Server, DEADLINE};
+use crate::support::{wait_until, BoundedOutput, Server, DEADLINE};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -285,7 +285,7 @@ fn wait_times_out_with_1_when_the_server_never_answers() {
             "wait",
             "a",
         ])
-        .output()
+        .bounded_output()
         .unwrap();
     let took = started.elapsed();
     assert_eq!(out.status.code(), Some(1), "{out:?}");

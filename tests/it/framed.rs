@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{libc_sigterm, wait_until, Server, DEADLINE};
+use crate::support::{
+    libc_sigterm, output_within, wait_until, BoundedOutput, Server, COMMAND_DEADLINE, DEADLINE,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Upstream binaries
@@ -50,7 +52,7 @@ fn build_upstream_once() {
         }
         let out = Command::new("bash")
             .arg(root.join(".ci/build-upstream.sh"))
-            .output()
+            .bounded_output()
             .expect("run .ci/build-upstream.sh");
         assert!(
             out.status.success(),
@@ -67,13 +69,9 @@ fn upstream_client() -> PathBuf {
 /// Runs upstream's `nkv-client --addr <socket> <args>`; returns its stdout, asserting success
 /// and that it did not complain about the server (a version mismatch or a wrong response).
 fn upstream(server: &Server, args: &[&str]) -> String {
-    let out = Command::new(upstream_client())
-        .arg("--addr")
-        .arg(&server.socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run upstream nkv-client");
+    let mut cmd = Command::new(upstream_client());
+    cmd.arg("--addr").arg(&server.socket).args(args);
+    let out = output_within(&mut cmd, b"", "upstream nkv-client", COMMAND_DEADLINE);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -638,12 +636,9 @@ fn shutdown_delivers_what_is_queued_then_closes_framed_streams() {
 
 fn mixed(scenario: &str) {
     let server = Server::start();
-    let out: Output = Command::new(upstream_bin("NKV_UPSTREAM_MIXED", "nkv-upstream-mixed"))
-        .arg(&server.socket)
-        .arg(scenario)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run nkv-upstream-mixed");
+    let mut cmd = Command::new(upstream_bin("NKV_UPSTREAM_MIXED", "nkv-upstream-mixed"));
+    cmd.arg(&server.socket).arg(scenario);
+    let out: Output = output_within(&mut cmd, b"", "nkv-upstream-mixed", COMMAND_DEADLINE);
     assert!(
         out.status.success(),
         "scenario {scenario} failed ({}):\nstdout: {}\nstderr: {}\nserver log tail: {}",

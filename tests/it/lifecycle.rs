@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
-use crate::support::{wait_until, Raw, Server, SERVER};
+use crate::support::{wait_until, BoundedOutput, Raw, Server, SERVER};
 
 /// How long a second server may take to refuse to start before the test calls it a hang.
 const REFUSAL: Duration = Duration::from_secs(10);
@@ -617,7 +617,7 @@ fn traced_syncs(dir: &Path, flags: &[&str], puts: usize) -> usize {
 
 #[test]
 fn fsync_mode_really_syncs_each_write() {
-    if Command::new("strace").arg("-V").output().is_err() {
+    if Command::new("strace").arg("-V").bounded_output().is_err() {
         eprintln!("skipped: strace is not installed");
         return;
     }

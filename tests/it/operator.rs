@@ -7,7 +7,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{wait_until, Raw, Server, CLIENT, SERVER};
+use crate::support::{wait_until, BoundedOutput, Raw, Server, CLIENT, SERVER};
 
 fn exits_cleanly(server: &mut Server) {
     server.signal(nix::sys::signal::Signal::SIGTERM as i32);
@@ -55,7 +55,7 @@ fn sigterm_stops_a_server_that_has_no_free_descriptor() {
     let limit = format!("--nofile={open}:{open}");
     let out = Command::new("prlimit")
         .args(["--pid", &pid.to_string(), &limit])
-        .output()
+        .bounded_output()
         .expect("prlimit (util-linux) is needed");
     assert!(out.status.success(), "{out:?}");
     // No descriptor is free, so a stop that needs one (connecting to itself) cannot happen.
@@ -79,7 +79,7 @@ fn a_socket_that_refuses_us_for_permission_is_not_stale() {
         // The directories are deliberately open to all: only the socket's answer is tested.
         .arg("--allow-unsafe-dirs")
         .stdin(Stdio::null())
-        .output()
+        .bounded_output()
         .expect("setpriv (util-linux) is needed");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -114,7 +114,7 @@ fn boolean_variables_take_the_usual_spellings() {
     let out = Command::new(SERVER)
         .args(["--socket", "/nonexistent/x.sock"])
         .env("NKV_FSYNC", "maybe")
-        .output()
+        .bounded_output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -124,7 +124,7 @@ fn boolean_variables_take_the_usual_spellings() {
     );
     let out = Command::new(SERVER)
         .env("NKV_MAX_CONNECTIONS", "lots")
-        .output()
+        .bounded_output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
@@ -274,8 +274,8 @@ fn notify_socket_may_be_a_path_or_abstract() {
 #[test]
 fn both_man_pages_have_environment_and_exit_status_and_point_only_to_real_pages() {
     let pages = [
-        Command::new(CLIENT).arg("man").output().unwrap(),
-        Command::new(SERVER).arg("--man").output().unwrap(),
+        Command::new(CLIENT).arg("man").bounded_output().unwrap(),
+        Command::new(SERVER).arg("--man").bounded_output().unwrap(),
     ];
     for (out, name, variable) in [
         (&pages[0], "nkv-client", "NKV_TIMEOUT"),
@@ -314,7 +314,7 @@ fn both_man_pages_have_environment_and_exit_status_and_point_only_to_real_pages(
             .arg(&file)
             .env("MANPAGER", "cat")
             .env("MANWIDTH", "80")
-            .output()
+            .bounded_output()
             .expect("man (man-db) is needed");
         let _ = std::fs::remove_file(&file);
         assert!(out.status.success(), "{out:?}");
@@ -343,7 +343,7 @@ fn a_non_root_client_in_another_mount_namespace_reaches_the_server_through_the_d
         );
         Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-            .output()
+            .bounded_output()
             .expect("unshare (util-linux) is needed")
     };
     let out = run_in_namespace("put ns.k from-the-namespace");

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::support::{wait_until, Raw, Server, CLIENT, SERVER};
+use crate::support::{wait_until, BoundedOutput, Raw, Server, CLIENT, SERVER};
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -101,7 +101,7 @@ fn the_units_command_line_and_environment_file_are_accepted_by_the_binary() {
         .expect("nkv.service has ExecStart=");
     let mut words = exec.split_whitespace();
     assert_eq!(words.next(), Some("/usr/bin/nkv-server"));
-    let help = Command::new(SERVER).arg("--help").output().unwrap();
+    let help = Command::new(SERVER).arg("--help").bounded_output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     let literal_flags: Vec<&str> = words.filter(|w| !w.starts_with('$')).collect();
     for flag in literal_flags.iter().filter(|w| w.starts_with("--")) {
@@ -179,7 +179,7 @@ fn container_client(host_dir: &Path, uid: u32, groups: &[u32]) -> std::process::
     );
     Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .output()
+        .bounded_output()
         .expect("unshare")
 }
 

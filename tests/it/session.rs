@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{wait_until, Server, DEADLINE};
+use crate::support::{wait_until, BoundedOutput, Server, DEADLINE};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -198,7 +198,7 @@ fn timeout_bounds_a_server_that_does_not_answer() {
             "get",
             "a",
         ])
-        .output()
+        .bounded_output()
         .unwrap();
     let took = started.elapsed();
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{parse, Server, DEADLINE};
+use crate::support::{parse, BoundedOutput, Server, DEADLINE};
 
 fn mode(path: &Path) -> u32 {
     fs::symlink_metadata(path).unwrap().mode() & 0o7777
@@ -330,7 +330,7 @@ fn values_are_private_whatever_the_umask() {
         Command::new("setpriv")
             .args(["--reuid", uid, "--regid", gid, "--clear-groups", "cat"])
             .arg(&file)
-            .output()
+            .bounded_output()
             .unwrap()
     };
     assert!(cat("65533", "65534").status.success(), "group member reads");
@@ -501,7 +501,7 @@ impl Tmpfs {
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(&dir)
-            .output()
+            .bounded_output()
             .expect("run mount");
         assert!(
             out.status.success(),

@@ -239,23 +239,81 @@ impl Drop for Server {
     }
 }
 
+/// How long a command a test runs may take before it is killed and the test fails: well above
+/// any command's normal time on a loaded machine, well below the CI's limit.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
+
 /// Runs `cmd` with `input` on its stdin and returns its output; `what` names it in a panic.
 fn output_with_input(mut cmd: Command, input: &str, what: &str) -> Output {
+    output_within(&mut cmd, input.as_bytes(), what, COMMAND_DEADLINE)
+}
+
+/// Runs `cmd` with `input` on its stdin and returns its output, or kills it and panics with
+/// what it printed if it has not exited within `deadline`: a test that hangs is a failure
+/// that names the command, never a CI run that times out.
+pub fn output_within(cmd: &mut Command, input: &[u8], what: &str, deadline: Duration) -> Output {
+    run_within(cmd, input, deadline)
+        .unwrap_or_else(|e| panic!("spawn {what} (is it installed?): {e}"))
+}
+
+/// `Command::output` with [`COMMAND_DEADLINE`]: the drop-in every test uses.
+pub trait BoundedOutput {
+    fn bounded_output(&mut self) -> io::Result<Output>;
+}
+
+impl BoundedOutput for Command {
+    fn bounded_output(&mut self) -> io::Result<Output> {
+        run_within(self, b"", COMMAND_DEADLINE)
+    }
+}
+
+fn run_within(cmd: &mut Command, input: &[u8], deadline: Duration) -> io::Result<Output> {
+    let what = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {what} (is it installed?): {e}"));
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .unwrap_or_else(|e| panic!("write to {what}: {e}"));
-    child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("{what} output: {e}"))
+        .spawn()?;
+    let reader = |pipe: Option<Box<dyn io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = reader(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = reader(child.stderr.take().map(|p| Box::new(p) as _));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    // Written from a thread, so a command that reads nothing cannot block the deadline.
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let end = Instant::now() + deadline;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            let out = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
+            let err = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+            panic!("{what} did not exit within {deadline:?}\nstdout: {out}\nstderr: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if let Ok(Err(e)) = writer.join() {
+        // A command that exits without reading all of its input is the test's to judge.
+        if e.kind() != ErrorKind::BrokenPipe {
+            panic!("write to {what}: {e}");
+        }
+    }
+    Ok(Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    })
 }
 
 /// A numeric field of `/proc/<pid>/status` (`VmRSS`, `VmHWM` in KiB; `Threads`).

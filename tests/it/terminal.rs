@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::support::{wait_until, Server, CLIENT};
+use crate::support::{wait_until, BoundedOutput, Server, CLIENT};
 
 /// A private tmux server (its own socket name, no configuration) running one command.
 ///
@@ -55,7 +55,7 @@ impl Tmux {
         let out = Command::new("tmux")
             .args(["-L", &self.name, "-f", "/dev/null"])
             .args(args)
-            .output()
+            .bounded_output()
             .expect("tmux is needed for the terminal tests (apt-get install tmux)");
         assert!(out.status.success(), "tmux {args:?}: {out:?}");
         out
@@ -113,7 +113,7 @@ impl Drop for Tmux {
         let _ = std::fs::remove_file(&self.status_file);
         let _ = Command::new("tmux")
             .args(["-L", &self.name, "kill-server"])
-            .output();
+            .bounded_output();
     }
 }
 
@@ -168,7 +168,7 @@ fn ctrl_c_during_a_one_shot_subscribe_exits_130() {
 fn completion_script(shell: &str, dir: &Path, file: &str) -> std::path::PathBuf {
     let out = Command::new(CLIENT)
         .args(["completions", shell])
-        .output()
+        .bounded_output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let path = dir.join(file);
@@ -193,7 +193,11 @@ fn bash_completes_subcommands_and_their_options() {
          comp nkv-client completions z\n",
         script.display()
     );
-    let out = Command::new("bash").arg("-c").arg(&probe).output().unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&probe)
+        .bounded_output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
@@ -216,7 +220,7 @@ fn fish_completes_subcommands_and_their_options() {
              complete -C 'nkv-client completions z'; complete -C 'nkv-client completions f'",
             script.display()
         ))
-        .output()
+        .bounded_output()
         .expect("fish is needed for the completion test (apt-get install fish)");
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -233,7 +237,7 @@ fn fish_completes_subcommands_and_their_options() {
 
 #[test]
 fn zsh_completes_subcommands_and_their_options() {
-    let status = Command::new("zsh").arg("--version").output();
+    let status = Command::new("zsh").arg("--version").bounded_output();
     assert!(
         status.is_ok_and(|s| s.status.success()),
         "zsh is needed for the completion test (apt-get install zsh)"
