@@ -46,6 +46,9 @@ use crate::error::{Error, ErrorCode};
 use crate::wire::{self, JsonRequest, Op, Reply};
 
 pub use crate::wire::{Stats, Subscriber};
+pub use watch::{Connection, Delivery, Watch};
+
+mod watch;
 
 /// A key's value with the revision of its last change.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,10 +106,12 @@ pub struct Client {
     path: PathBuf,
     conn: Option<Conn>,
     timeouts: Timeouts,
+    /// Connections opened so far (see [`Client::connections`]).
+    opened: u64,
 }
 
-struct Conn {
-    reader: BufReader<UnixStream>,
+pub(crate) struct Conn {
+    pub(crate) reader: BufReader<UnixStream>,
     /// Requests answered on this connection (0: nothing proves the server still reads it).
     answered: u64,
 }
@@ -152,7 +157,7 @@ fn libc_timeval(timeout: Option<Duration>) -> nix::libc::timeval {
 }
 
 impl Conn {
-    fn open(path: &Path, timeouts: Timeouts) -> io::Result<Conn> {
+    pub(crate) fn open(path: &Path, timeouts: Timeouts) -> io::Result<Conn> {
         let stream = open_stream(path, timeouts.connect).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -167,14 +172,14 @@ impl Conn {
         })
     }
 
-    fn send(&mut self, line: &str) -> io::Result<()> {
+    pub(crate) fn send(&mut self, line: &str) -> io::Result<()> {
         let mut request = Vec::with_capacity(line.len() + 1);
         request.extend_from_slice(line.as_bytes());
         request.push(b'\n');
         self.reader.get_ref().write_all(&request)
     }
 
-    fn read_line(&mut self) -> io::Result<String> {
+    pub(crate) fn read_line(&mut self) -> io::Result<String> {
         let mut response = String::new();
         if self.reader.read_line(&mut response)? == 0 {
             return Err(io::Error::new(
@@ -208,6 +213,7 @@ impl Client {
     pub fn connect_with(path: impl AsRef<Path>, timeouts: Timeouts) -> Result<Client, Error> {
         let mut client = Client::lazy(path, timeouts);
         client.conn = Some(Conn::open(&client.path, timeouts)?);
+        client.opened = 1;
         Ok(client)
     }
 
@@ -217,6 +223,7 @@ impl Client {
             path: path.as_ref().to_owned(),
             conn: None,
             timeouts,
+            opened: 0,
         }
     }
 
@@ -251,7 +258,11 @@ impl Client {
         loop {
             let conn = match &mut self.conn {
                 Some(conn) => conn,
-                None => self.conn.insert(Conn::open(&self.path, self.timeouts)?),
+                None => {
+                    let conn = Conn::open(&self.path, self.timeouts)?;
+                    self.opened += 1;
+                    self.conn.insert(conn)
+                }
             };
             let reused = conn.answered > 0;
             if let Err(e) = conn.send(line) {
@@ -406,6 +417,106 @@ impl Client {
         }
     }
 
+    /// Stores `value` under `key` only if the key is at revision `rev` (`0`: only if it does
+    /// not exist). A conflict is an outcome, not an error: it carries the key's current
+    /// revision, so the caller can read again and retry.
+    ///
+    /// # Errors
+    /// An invalid key, a value over the server's limit, or a connection or server failure.
+    pub fn put_if<T: Serialize + ?Sized>(
+        &mut self,
+        key: &str,
+        value: &T,
+        rev: u64,
+    ) -> Result<Cas, Error> {
+        let value: Box<RawValue> =
+            serde_json::value::to_raw_value(value).map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut request = JsonRequest::new(Op::Put).key(key);
+        request.value = Some(&value);
+        request.if_rev = Some(rev);
+        self.compare_and_set(&request)
+    }
+
+    /// Deletes `key` only if it is at revision `rev`; a conflict carries the current revision
+    /// (0 when the key does not exist).
+    ///
+    /// # Errors
+    /// An invalid key, a connection or server failure; `not_found` for `rev` 0 of a missing
+    /// key (there is nothing to delete and nothing conflicts).
+    pub fn delete_if(&mut self, key: &str, rev: u64) -> Result<Cas, Error> {
+        let mut request = JsonRequest::new(Op::Del).key(key);
+        request.if_rev = Some(rev);
+        self.compare_and_set(&request)
+    }
+
+    fn compare_and_set(&mut self, request: &JsonRequest) -> Result<Cas, Error> {
+        let text = serde_json::to_string(request).map_err(|e| Error::Protocol(e.to_string()))?;
+        let line = self.round_trip(&text, false)?;
+        cas_outcome(&line)
+    }
+
+    /// Stores `value` under `key` as a session key of this client's connection: kept in
+    /// memory only, and deleted by the server (subscribers get a `del`) when the connection
+    /// closes — this client dropped, the process dying, the server stopping. Keep the client
+    /// (and use it, or [`Client::wait_closed`]) for as long as the key should live. If the
+    /// connection is lost, the key is gone with it, and the next request opens a new one:
+    /// put the key again ([`Client::connections`] tells that it happened).
+    ///
+    /// # Errors
+    /// An invalid key, a value over the server's limit, or a connection or server failure.
+    pub fn put_session<T: Serialize + ?Sized>(
+        &mut self,
+        key: &str,
+        value: &T,
+    ) -> Result<u64, Error> {
+        let value: Box<RawValue> =
+            serde_json::value::to_raw_value(value).map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut request = JsonRequest::new(Op::Put).key(key);
+        request.value = Some(&value);
+        request.session = Some(true);
+        let rev: wire::Rev = self.call(&request)?;
+        Ok(rev.rev)
+    }
+
+    /// How many connections this client has opened so far: a session key put on an earlier
+    /// one is gone.
+    pub fn connections(&self) -> u64 {
+        self.opened
+    }
+
+    /// Blocks until the server closes this client's connection (a server stopping or
+    /// restarting, or dropping the connection); returns at once when none is open. What a
+    /// holder of session keys waits on: when this returns, they are gone. The next request
+    /// opens a new connection.
+    ///
+    /// # Errors
+    /// The socket refused the setting.
+    pub fn wait_closed(&mut self) -> Result<(), Error> {
+        let Some(conn) = &mut self.conn else {
+            return Ok(());
+        };
+        conn.reader.get_ref().set_read_timeout(None)?;
+        // The server sends nothing unasked on a request connection: any line is its last
+        // word (an idle-timeout or shutdown notice) before it closes.
+        let _ = conn.read_line();
+        self.conn = None;
+        Ok(())
+    }
+
+    /// A handle that closes this client's current connection from another thread (so that a
+    /// [`Client::wait_closed`] returns), `None` when none is open.
+    ///
+    /// # Errors
+    /// No descriptor was free to make it.
+    pub fn interrupter(&self) -> Result<Option<Interrupter>, Error> {
+        match &self.conn {
+            Some(conn) => Ok(Some(Interrupter::stream(
+                conn.reader.get_ref().try_clone()?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
     /// Deletes every key matching `pattern`; returns how many were deleted.
     ///
     /// # Errors
@@ -508,6 +619,50 @@ impl Client {
         Subscription::open(Conn::open(&self.path, self.timeouts)?, target)
     }
 
+    /// Subscribes to `target` resuming after revision `from_rev` (`SUB ... FROM`): only what
+    /// changed after it comes before [`Event::Ready`], or [`Event::Reset`] and the full
+    /// snapshot when the server's history does not reach back. One connection, as
+    /// [`Client::subscribe`]; [`Client::watch`] resumes on its own.
+    ///
+    /// # Errors
+    /// An invalid target, or a connection or server failure.
+    pub fn subscribe_from(&self, target: &str, from_rev: u64) -> Result<Subscription, Error> {
+        Subscription::open_from(
+            Conn::open(&self.path, self.timeouts)?,
+            target,
+            Some(from_rev),
+        )
+    }
+
+    /// A subscription to `target` that survives the connection: when it is lost (the server
+    /// restarts, its socket is replaced) it reconnects and resumes (see [`Watch`]). The first
+    /// connection is made here, so a wrong path or target is an error now rather than a retry
+    /// loop.
+    ///
+    /// # Errors
+    /// An invalid target, or a connection or server failure on the first connection.
+    pub fn watch(&self, target: &str) -> Result<Watch, Error> {
+        Watch::open(
+            &self.path,
+            self.timeouts,
+            target,
+            Conn::open(&self.path, self.timeouts)?,
+        )
+    }
+
+    /// [`Client::watch`] on this client's own connection (no idle request connection is left
+    /// beside it).
+    ///
+    /// # Errors
+    /// An invalid target, or a connection or server failure on the first connection.
+    pub fn into_watch(mut self, target: &str) -> Result<Watch, Error> {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => Conn::open(&self.path, self.timeouts)?,
+        };
+        Watch::open(&self.path, self.timeouts, target, conn)
+    }
+
     /// Turns this client's connection into a subscription to `target`, so that no idle
     /// request connection is left beside it.
     ///
@@ -548,6 +703,44 @@ fn closed_for_idleness(line: &str) -> bool {
         Err(Error::Server { code: Some(ErrorCode::Timeout), ref message, .. })
             if message.contains("idle timeout")
     )
+}
+
+/// A compare-and-set's outcome: applied, or refused because the key is at another revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Cas {
+    /// The change was applied at this revision.
+    Done(u64),
+    /// Nothing changed: the key is at this revision (0: it does not exist).
+    Conflict(u64),
+}
+
+impl Cas {
+    /// The new revision when applied.
+    pub fn done(self) -> Option<u64> {
+        match self {
+            Cas::Done(rev) => Some(rev),
+            Cas::Conflict(_) => None,
+        }
+    }
+}
+
+/// Decodes a compare-and-set's response line: a conflict is an outcome, any other failure an
+/// error.
+///
+/// # Errors
+/// A failure response other than `conflict`, or a line of another shape.
+pub fn cas_outcome(line: &str) -> Result<Cas, Error> {
+    match parse_reply::<wire::Rev>(line) {
+        Ok(rev) => Ok(Cas::Done(rev.rev)),
+        Err(e) if e.code() == Some(ErrorCode::Conflict) => {
+            let conflict: wire::Conflict<String> = serde_json::from_str(line).map_err(|e| {
+                Error::Protocol(format!("a conflict without its rev ({e}): {line:?}"))
+            })?;
+            Ok(Cas::Conflict(conflict.rev))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Decodes a response line: the body of a success, [`Error::Server`] for a failure.
@@ -605,26 +798,39 @@ impl RawEvent {
     /// # Errors
     /// An error response, or a line that is neither an event nor a response.
     pub fn parse(line: &str) -> Result<Option<RawEvent>, Error> {
-        #[derive(serde::Deserialize)]
-        struct Flat {
-            ok: Option<bool>,
-            event: Option<String>,
-            key: Option<String>,
-            value: Option<Box<RawValue>>,
-            rev: Option<u64>,
-            sub: Option<String>,
-            count: Option<u64>,
-        }
-        let bad = |why: &str| Error::Protocol(format!("not an event ({why}): {line:?}"));
-        let flat: Flat =
-            serde_json::from_str(line).map_err(|e| Error::Protocol(format!("{e}: {line:?}")))?;
-        if flat.ok.is_some() {
-            return parse_reply::<wire::Done>(line).map(|_| None);
-        }
-        let event = flat.event.as_deref().ok_or_else(|| bad("no event field"))?;
-        let key = || flat.key.clone().ok_or_else(|| bad("no key"));
-        let rev = flat.rev.ok_or_else(|| bad("no rev"));
-        Ok(Some(match event {
+        Ok(parse_raw_event(line)?.map(|(event, _)| event))
+    }
+}
+
+/// Parses an event line as [`RawEvent::parse`] does, with the event's `skipped` count (0 when
+/// absent): how many earlier changes of its key a put or del stands for.
+///
+/// # Errors
+/// An error response, or a line that is neither an event nor a response.
+pub fn parse_raw_event(line: &str) -> Result<Option<(RawEvent, u64)>, Error> {
+    #[derive(serde::Deserialize)]
+    struct Flat {
+        ok: Option<bool>,
+        event: Option<String>,
+        key: Option<String>,
+        value: Option<Box<RawValue>>,
+        rev: Option<u64>,
+        sub: Option<String>,
+        count: Option<u64>,
+        skipped: Option<u64>,
+    }
+    let bad = |why: &str| Error::Protocol(format!("not an event ({why}): {line:?}"));
+    let flat: Flat =
+        serde_json::from_str(line).map_err(|e| Error::Protocol(format!("{e}: {line:?}")))?;
+    if flat.ok.is_some() {
+        return parse_reply::<wire::Done>(line).map(|_| None);
+    }
+    let event = flat.event.as_deref().ok_or_else(|| bad("no event field"))?;
+    let key = || flat.key.clone().ok_or_else(|| bad("no key"));
+    let rev = flat.rev.ok_or_else(|| bad("no rev"));
+    let skipped = flat.skipped.unwrap_or(0);
+    Ok(Some((
+        match event {
             "init" | "put" => {
                 let key = key()?;
                 let value = flat.value.ok_or_else(|| bad("no value"))?;
@@ -649,8 +855,25 @@ impl RawEvent {
             },
             "shutdown" => wire::Event::Shutdown,
             other => return Err(bad(&format!("unknown event {other:?}"))),
-        }))
-    }
+        },
+        skipped,
+    )))
+}
+
+/// Sends a SUB (resuming after `from_rev` if given) on `conn` and reads its acknowledgement;
+/// then clears the read timeout: events may be minutes apart, only the answer had a deadline.
+pub(crate) fn subscribe_on(
+    conn: &mut Conn,
+    target: &str,
+    from_rev: Option<u64>,
+) -> Result<(), Error> {
+    let mut request = JsonRequest::new(Op::Sub).key(target);
+    request.from_rev = from_rev;
+    let request = serde_json::to_string(&request).map_err(|e| Error::Protocol(e.to_string()))?;
+    conn.send(&request)?;
+    parse_reply::<wire::Done>(&conn.read_line()?)?;
+    conn.reader.get_ref().set_read_timeout(None)?;
+    Ok(())
 }
 
 /// A dedicated subscriber connection; iterate it for events. Ends after [`Event::Shutdown`] or
@@ -661,22 +884,41 @@ pub struct Subscription {
 
 /// Ends a [`Subscription`]'s blocking read from another thread (a signal handler's, say): the
 /// subscription then ends as if the server had closed it.
-pub struct Interrupter(UnixStream);
+pub struct Interrupter(Interrupts);
+
+enum Interrupts {
+    /// One connection: shutting it down ends its blocking read.
+    Stream(UnixStream),
+    /// A [`Watch`]: stops its reconnecting too.
+    Watch(std::sync::Arc<watch::Stop>),
+}
 
 impl Interrupter {
+    fn stream(stream: UnixStream) -> Interrupter {
+        Interrupter(Interrupts::Stream(stream))
+    }
+
     pub fn interrupt(&self) {
-        let _ = self.0.shutdown(Shutdown::Both);
+        match &self.0 {
+            Interrupts::Stream(stream) => {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            Interrupts::Watch(stop) => stop.stop(),
+        }
     }
 }
 
 impl Subscription {
-    fn open(mut conn: Conn, target: &str) -> Result<Subscription, Error> {
-        let request = serde_json::to_string(&JsonRequest::new(Op::Sub).key(target))
-            .map_err(|e| Error::Protocol(e.to_string()))?;
-        conn.send(&request)?;
-        parse_reply::<wire::Done>(&conn.read_line()?)?;
-        // Events may be minutes apart: only the acknowledgement had a deadline.
-        conn.reader.get_ref().set_read_timeout(None)?;
+    fn open(conn: Conn, target: &str) -> Result<Subscription, Error> {
+        Subscription::open_from(conn, target, None)
+    }
+
+    fn open_from(
+        mut conn: Conn,
+        target: &str,
+        from_rev: Option<u64>,
+    ) -> Result<Subscription, Error> {
+        subscribe_on(&mut conn, target, from_rev)?;
         Ok(Subscription { conn })
     }
 
@@ -716,7 +958,7 @@ impl Subscription {
     /// # Errors
     /// No descriptor was free to make it.
     pub fn interrupter(&self) -> Result<Interrupter, Error> {
-        Ok(Interrupter(self.conn.reader.get_ref().try_clone()?))
+        Ok(Interrupter::stream(self.conn.reader.get_ref().try_clone()?))
     }
 
     /// The next line from the server as is, or `None` when the connection is closed.

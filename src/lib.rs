@@ -63,7 +63,7 @@ pub mod store;
 pub mod value;
 pub mod wire;
 
-pub use client::{Client, Entry, Event, RawEntry, RawEvent, Subscription, Timeouts};
+pub use client::{Cas, Client, Entry, Event, RawEntry, RawEvent, Subscription, Timeouts, Watch};
 pub use error::{Error, ErrorCode};
 
 // The README's Rust example is compiled as a doctest, so it cannot rot.

@@ -111,8 +111,9 @@ fn wait_exits_1_on_timeout_and_2_on_errors() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let out = server.cli(&["wait", "a.*"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    // The server stopping is an error for a waiter: the key never came.
-    let waiter = Running::spawn(&server, &["wait", "never"]);
+    // With --no-reconnect the server stopping is an error for a waiter: the key never came.
+    // (Without, it waits for the server to return: `wait_waits_across_a_restart`.)
+    let waiter = Running::spawn(&server, &["wait", "--no-reconnect", "never"]);
     wait_subscribers(&server, 1);
     assert!(server.stop().success());
     let out = waiter.finish();
@@ -121,9 +122,9 @@ fn wait_exits_1_on_timeout_and_2_on_errors() {
 }
 
 #[test]
-fn subscribe_exits_0_on_shutdown_and_2_when_the_connection_is_lost() {
+fn subscribe_no_reconnect_exits_0_on_shutdown_and_2_when_the_connection_is_lost() {
     let mut server = Server::start();
-    let sub = Running::spawn(&server, &["subscribe", "a"]);
+    let sub = Running::spawn(&server, &["subscribe", "--no-reconnect", "a"]);
     wait_subscribers(&server, 1);
     assert!(server.stop().success());
     let out = sub.finish();
@@ -131,7 +132,7 @@ fn subscribe_exits_0_on_shutdown_and_2_when_the_connection_is_lost() {
     assert_eq!(stdout(&out), "ready a 0\nshutdown\n");
 
     server.spawn_and_wait();
-    let sub = Running::spawn(&server, &["--json", "subscribe", "a"]);
+    let sub = Running::spawn(&server, &["--json", "subscribe", "--no-reconnect", "a"]);
     wait_subscribers(&server, 1);
     assert!(server.stop().success());
     let out = sub.finish();
@@ -142,7 +143,7 @@ fn subscribe_exits_0_on_shutdown_and_2_when_the_connection_is_lost() {
     );
 
     server.spawn_and_wait();
-    let sub = Running::spawn(&server, &["subscribe", "a"]);
+    let sub = Running::spawn(&server, &["subscribe", "--no-reconnect", "a"]);
     wait_subscribers(&server, 1);
     server.kill();
     let out = sub.finish();
@@ -191,7 +192,7 @@ fn watch_runs_the_command_serially_coalescing_per_key() {
     let dir = tempfile::tempdir().unwrap();
     let mut client = server.client();
     client.put("w.old", &0).unwrap();
-    let mut args = vec!["watch", "w", "--no-init", "--"];
+    let mut args = vec!["watch", "w", "--no-init", "--no-reconnect", "--"];
     let command = logging_command(dir.path());
     args.extend(command.iter().map(String::as_str));
     let mut watch = Running::spawn(&server, &args);
@@ -223,7 +224,7 @@ fn watch_runs_the_command_serially_coalescing_per_key() {
             format!("put w.fail 1 {}", del + 1),
         ]
     );
-    // A failed run is reported; the watch goes on until the server stops.
+    // A failed run is reported; the watch goes on until the server stops (--no-reconnect).
     assert!(!watch.exited(), "the watch goes on after a failed run");
     assert!(server.stop().success());
     let out = watch.finish();
@@ -240,7 +241,7 @@ fn watch_runs_for_the_initial_values_unless_no_init() {
     let rev = client.put("w.a", &json!([1])).unwrap();
     client.put("x.b", &1).unwrap();
     let command = logging_command(dir.path());
-    let mut args = vec!["watch", "w", "--"];
+    let mut args = vec!["watch", "--no-reconnect", "w", "--"];
     args.extend(command.iter().map(String::as_str));
     let watch = Running::spawn(&server, &args);
     wait_until("the init run", || log_lines(dir.path()).len() == 1);

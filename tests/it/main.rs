@@ -8,6 +8,7 @@ mod cas;
 mod chaos;
 mod classes;
 mod cli;
+mod client_resume;
 mod client_retry;
 mod core;
 mod exact;

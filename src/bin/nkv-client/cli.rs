@@ -70,6 +70,15 @@ pub enum Command {
     /// Store a value: JSON if it parses as JSON, otherwise a string; `-` reads standard input
     #[command(visible_alias = "set")]
     Put {
+        /// Only if KEY is at revision N (0: only if it does not exist); exit 3 on a conflict
+        #[arg(long, value_name = "N", conflicts_with = "session")]
+        if_rev: Option<u64>,
+        /// A session key: kept in memory, owned by this command's connection, which it holds
+        /// open until SIGINT/SIGTERM (then exit 0, and the server deletes the key). Put again
+        /// when the server restarts. In a session, the key lives as long as the session's
+        /// connection instead
+        #[arg(long)]
+        session: bool,
         key: String,
         /// The value; several words are joined with spaces; may start with `-` (`put k -5`)
         #[arg(required = true, num_args = 1.., allow_hyphen_values = true, trailing_var_arg = true)]
@@ -77,23 +86,45 @@ pub enum Command {
     },
     /// Delete a key, or every key matching a pattern (`prefix.*`, `*`)
     #[command(visible_alias = "del")]
-    Delete { key: String },
+    Delete {
+        /// Only if KEY is at revision N; exit 3 on a conflict
+        #[arg(long, value_name = "N")]
+        if_rev: Option<u64>,
+        key: String,
+    },
     /// List keys: all, those covered by a key (itself and below), or matching a pattern
     Keys { pattern: Option<String> },
-    /// Print events for a key and everything below it (or a pattern) until the server stops
-    /// (exit 0), the connection is lost (exit 2) or Ctrl-C (exit 130)
+    /// Print events for a key and everything below it (or a pattern) until Ctrl-C (exit
+    /// 130); when the server restarts, reconnect and resume (missed changes, or `reset` and
+    /// the whole state, then `ready`)
     #[command(visible_alias = "sub")]
-    Subscribe { key: String },
-    /// Wait until KEY exists (and equals --equals), print its value; exit 1 on --timeout
+    Subscribe {
+        /// End when the connection ends, as before resuming existed: after the server's
+        /// `shutdown` (printed; exit 0), or when the connection is lost (exit 2)
+        #[arg(long)]
+        no_reconnect: bool,
+        key: String,
+    },
+    /// Wait until KEY exists (and equals --equals), print its value; exit 1 on --timeout.
+    /// Waits across server restarts
     Wait {
+        /// Fail (exit 2) when the server stops or the connection is lost instead of waiting
+        /// for the server to return
+        #[arg(long)]
+        no_reconnect: bool,
         key: String,
         /// Wait for this value (JSON if it parses as JSON, otherwise a string)
         #[arg(long, value_name = "JSON", allow_hyphen_values = true)]
         equals: Option<String>,
     },
     /// Run CMD once per change below PREFIX, with NKV_EVENT, NKV_KEY, NKV_VALUE (JSON text)
-    /// and NKV_REV set; runs are serialized, changes during a run are coalesced per key
+    /// and NKV_REV set; runs are serialized, changes during a run are coalesced per key.
+    /// Resumes across server restarts
     Watch {
+        /// End (exit 0 on the server's shutdown, 2 on a lost connection) instead of
+        /// reconnecting
+        #[arg(long)]
+        no_reconnect: bool,
         prefix: String,
         /// Skip the initial values: run only for changes after the start
         #[arg(long)]
@@ -127,7 +158,7 @@ pub enum Command {
 /// the key; other commands are left alone.
 pub fn put_value_as_typed(args: Vec<OsString>) -> Vec<OsString> {
     // Global flags that take a value, so that their value is not taken for the command.
-    const WITH_VALUE: &[&str] = &["-s", "--socket", "--addr", "--timeout"];
+    const WITH_VALUE: &[&str] = &["-s", "--socket", "--addr", "--timeout", "--if-rev"];
     let mut i = 1;
     let mut command = None;
     while i < args.len() {

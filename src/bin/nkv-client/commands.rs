@@ -7,7 +7,9 @@ use std::io::{self, IsTerminal, Read, Write};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
-use nkv::client::parse_reply;
+use std::time::Duration;
+
+use nkv::client::{cas_outcome, parse_reply, Cas};
 use nkv::wire::{self, JsonRequest, Op};
 use nkv::Client;
 
@@ -54,19 +56,42 @@ pub fn request(
                 writeln!(out, "{}", display(&got.value))?;
             }
         }
-        Command::Put { key, value } => {
+        Command::Put {
+            key,
+            value,
+            if_rev,
+            session,
+        } => {
             let raw = value_argument(&value.join(" "), context)?;
             let mut request = JsonRequest::new(Op::Put).key(key);
             request.value = Some(&raw);
-            let _: wire::Rev = ask(client, &request, context)?;
+            request.if_rev = *if_rev;
+            if *session {
+                drop(out);
+                return hold_session(client, key, &raw, context);
+            }
+            match if_rev {
+                Some(rev) => compare_and_set(client, &request, key, *rev, context)?,
+                None => {
+                    let _: wire::Rev = ask(client, &request, context)?;
+                }
+            }
         }
-        Command::Delete { key } if is_pattern(key) => {
+        Command::Delete {
+            key,
+            if_rev: Some(rev),
+        } => {
+            let mut request = JsonRequest::new(Op::Del).key(key);
+            request.if_rev = Some(*rev);
+            compare_and_set(client, &request, key, *rev, context)?;
+        }
+        Command::Delete { key, .. } if is_pattern(key) => {
             let deleted: wire::Deleted = ask(client, &JsonRequest::new(Op::Del).key(key), context)?;
             if !json {
                 writeln!(out, "deleted {}", deleted.deleted)?;
             }
         }
-        Command::Delete { key } => {
+        Command::Delete { key, .. } => {
             let _: wire::Rev = ask(client, &JsonRequest::new(Op::Del).key(key), context)?;
         }
         Command::Keys { pattern } => {
@@ -135,6 +160,72 @@ pub fn request(
     }
     out.flush()?;
     Ok(Outcome::Ok)
+}
+
+/// Sends a `put` or `del` with `if_rev`; a conflict is [`Failure::Conflict`] (exit 3).
+fn compare_and_set(
+    client: &mut Client,
+    request: &JsonRequest,
+    key: &str,
+    expected: u64,
+    context: &Context,
+) -> Result<(), Failure> {
+    let text = serde_json::to_string(request).map_err(|e| Failure::Usage(e.to_string()))?;
+    let line = client.raw(&text)?;
+    if context.cli.json {
+        let mut out = io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+    }
+    match cas_outcome(&line)? {
+        Cas::Done(_) => Ok(()),
+        Cas::Conflict(current) => Err(Failure::Conflict {
+            key: key.to_owned(),
+            expected,
+            current,
+        }),
+    }
+}
+
+/// `put --session`: puts KEY as a session key of this connection. In a session the key then
+/// lives as long as the session's connection. As a command, holds the connection open until
+/// SIGINT or SIGTERM (exit 0; closing the connection makes the server delete the key); when the
+/// server closes it (a restart), reconnects and puts the key again, backing off up to 1 s.
+fn hold_session(
+    client: &mut Client,
+    key: &str,
+    value: &RawValue,
+    context: &Context,
+) -> Result<Outcome, Failure> {
+    let mut request = JsonRequest::new(Op::Put).key(key);
+    request.value = Some(value);
+    request.session = Some(true);
+    if context.in_session {
+        let _: wire::Rev = ask(client, &request, context)?;
+        return Ok(Outcome::Ok);
+    }
+    // Before the put: an interrupt right after it must already end the process cleanly.
+    crate::signals::exit_zero_on_interrupt();
+    let _: wire::Rev = ask(client, &request, context)?;
+    loop {
+        client.wait_closed()?;
+        eprintln!(
+            "nkv-client: put --session: the server closed the connection, and {key} with it; putting it again"
+        );
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match ask::<wire::Rev>(client, &request, context) {
+                Ok(_) => break,
+                // The server is there and refuses: no retry can help.
+                Err(Failure::Nkv(e @ nkv::Error::Server { .. })) => return Err(e.into()),
+                Err(_) => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        eprintln!("nkv-client: put --session: {key} is back");
+    }
 }
 
 fn is_pattern(target: &str) -> bool {

@@ -12,54 +12,100 @@ use std::time::Instant;
 
 use serde_json::value::RawValue;
 
-use nkv::{Client, RawEvent as Event, Subscription};
+use nkv::client::{Connection, Delivery};
+use nkv::{Client, RawEvent as Event, Watch};
 
 use crate::commands::{display, parse_value};
 use crate::signals::Following;
 use crate::{Context, Failure, Outcome};
 
-/// This command's connection, made a subscription to `target`; the client is left to
-/// reconnect for the next command of a session.
-fn take_subscription(client: &mut Client, target: &str) -> Result<Subscription, Failure> {
+/// This command's connection, made a watch of `target` (see [`Watch`]: it reconnects and
+/// resumes unless `--no-reconnect`); the client is left to reconnect for the next command of
+/// a session. Losing and regaining the connection is told on stderr.
+fn take_watch(
+    client: &mut Client,
+    target: &str,
+    reconnect: bool,
+    what: &'static str,
+) -> Result<Watch, Failure> {
     let fresh = Client::lazy(client.path(), client.timeouts());
-    Ok(std::mem::replace(client, fresh).into_subscription(target)?)
+    let watch = std::mem::replace(client, fresh).into_watch(target)?;
+    Ok(watch
+        .reconnecting(reconnect)
+        .on_connection(move |change| match change {
+            Connection::Lost(why) => {
+                eprintln!("nkv-client: {what}: connection to the server lost ({why}); reconnecting")
+            }
+            Connection::Resumed {
+                from_rev: Some(rev),
+            } => {
+                eprintln!("nkv-client: {what}: reconnected; resuming after rev {rev}")
+            }
+            Connection::Resumed { from_rev: None } => {
+                eprintln!("nkv-client: {what}: reconnected; subscribing again")
+            }
+        }))
 }
 
-fn follow(sub: &Subscription, context: &Context) -> Following {
-    Following::start(context.at_prompt.then(|| sub.interrupter().ok()).flatten())
+fn follow(watch: &Watch, context: &Context) -> Following {
+    Following::start(context.at_prompt.then(|| watch.interrupter()))
 }
 
 /// How the stream of events ended.
 enum End {
-    /// The server sent `shutdown`.
+    /// The server sent `shutdown` (only with `--no-reconnect`).
     Shutdown,
     /// Ctrl-C at the prompt.
     Interrupted,
+    /// The deadline (`wait --timeout`) passed.
+    TimedOut,
     Lost(String),
 }
 
-/// Reads the next event; `Err(End)` when the stream is over.
-fn next_event(sub: &mut Subscription, following: &Following) -> Result<(Event, String), End> {
+/// Reads the next event, with the line the server sent (`None` for a `del` the watch made up
+/// after a reset); `Err(End)` when the stream is over.
+fn next_event(
+    watch: &mut Watch,
+    deadline: Option<Instant>,
+) -> Result<(Event, Option<String>), End> {
     loop {
-        let line = match sub.next_line() {
-            Ok(Some(line)) => line,
-            Ok(None) if following.interrupted() => return Err(End::Interrupted),
+        match watch.next_delivery(deadline) {
+            Ok(Some(Delivery {
+                event: Event::Shutdown,
+                ..
+            })) => return Err(End::Shutdown),
+            Ok(Some(delivery)) => return Ok((delivery.event, delivery.line)),
+            Ok(None) if watch.interrupted() => return Err(End::Interrupted),
             Ok(None) => return Err(End::Lost("the server closed the connection".into())),
-            Err(_) if following.interrupted() => return Err(End::Interrupted),
-            Err(e) => return Err(End::Lost(e.to_string())),
-        };
-        match Event::parse(&line) {
-            Ok(Some(Event::Shutdown)) => return Err(End::Shutdown),
-            Ok(Some(event)) => return Ok((event, line)),
-            Ok(None) => continue,
+            Err(nkv::Error::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(End::TimedOut)
+            }
+            Err(_) if watch.interrupted() => return Err(End::Interrupted),
+            // A line that is not an event: the watch dropped the connection and reconnects.
+            Err(e) if watch.goes_on() => {
+                eprintln!("nkv-client: {e}");
+                continue;
+            }
             Err(e) => return Err(End::Lost(e.to_string())),
         }
+    }
+}
+
+/// The line to print for an event under `--json`: the server's, or the event written out.
+fn json_line(event: &Event, line: Option<String>) -> Result<String, Failure> {
+    match line {
+        Some(line) => Ok(line),
+        None => serde_json::to_string(event).map_err(|e| Failure::Usage(e.to_string())),
     }
 }
 
 fn ended(end: End, what: &str) -> Outcome {
     match end {
         End::Shutdown | End::Interrupted => Outcome::Ok,
+        End::TimedOut => {
+            eprintln!("nkv-client: {what}: timed out");
+            Outcome::Failed
+        }
         End::Lost(why) => {
             eprintln!("nkv-client: {what}: connection to the server lost: {why}");
             Outcome::Failed
@@ -67,18 +113,20 @@ fn ended(end: End, what: &str) -> Outcome {
     }
 }
 
-pub fn subscribe(client: &mut Client, key: &str, context: &Context) -> Result<Outcome, Failure> {
-    let mut sub = take_subscription(client, key)?;
-    let following = follow(&sub, context);
+pub fn subscribe(
+    client: &mut Client,
+    key: &str,
+    reconnect: bool,
+    context: &Context,
+) -> Result<Outcome, Failure> {
+    let mut watch = take_watch(client, key, reconnect, "subscribe")?;
+    let _following = follow(&watch, context);
     loop {
-        let (event, line) = match next_event(&mut sub, &following) {
+        let (event, line) = match next_event(&mut watch, None) {
             Ok(next) => next,
             Err(End::Shutdown) => {
                 if context.cli.json {
-                    let shutdown: nkv::Event = nkv::Event::Shutdown;
-                    let line = serde_json::to_string(&shutdown)
-                        .map_err(|e| Failure::Usage(e.to_string()))?;
-                    println!("{line}");
+                    println!("{}", json_line(&Event::Shutdown, None)?);
                 } else {
                     println!("shutdown");
                 }
@@ -90,7 +138,7 @@ pub fn subscribe(client: &mut Client, key: &str, context: &Context) -> Result<Ou
         // an interrupt finds nothing pending and nothing locked.
         let mut out = io::stdout().lock();
         if context.cli.json {
-            writeln!(out, "{line}")?;
+            writeln!(out, "{}", json_line(&event, line)?)?;
         } else {
             match event {
                 Event::Init { key, value, .. } => writeln!(out, "init {key} {}", display(&value))?,
@@ -109,6 +157,7 @@ pub fn wait(
     client: &mut Client,
     key: &str,
     equals: Option<&str>,
+    reconnect: bool,
     context: &Context,
 ) -> Result<Outcome, Failure> {
     if key.contains('*') {
@@ -124,8 +173,8 @@ pub fn wait(
         .timeout
         .filter(|t| !t.is_zero())
         .map(|t| Instant::now() + t);
-    let mut sub = match take_subscription(client, key) {
-        Ok(sub) => sub,
+    let mut watch = match take_watch(client, key, reconnect, "wait") {
+        Ok(watch) => watch,
         // A server that accepts but does not answer within --timeout: the wait timed out
         // (exit 1), as it does when the key does not come.
         Err(Failure::Nkv(nkv::Error::Io(e)))
@@ -141,19 +190,13 @@ pub fn wait(
         }
         Err(e) => return Err(e),
     };
-    let following = follow(&sub, context);
+    let _following = follow(&watch, context);
     // Whether KEY existed (with another value) at some point: the timeout says so.
     let mut seen = false;
     loop {
-        if let Some(deadline) = deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(timed_out(key, seen, context));
-            }
-            sub.set_timeout(Some(left))?;
-        }
-        let (event, line) = match next_event(&mut sub, &following) {
+        let (event, line) = match next_event(&mut watch, deadline) {
             Ok(next) => next,
+            Err(End::TimedOut) => return Ok(timed_out(key, seen, context)),
             Err(End::Lost(_)) if deadline.is_some_and(|d| Instant::now() >= d) => {
                 return Ok(timed_out(key, seen, context))
             }
@@ -180,7 +223,8 @@ pub fn wait(
         {
             let mut out = io::stdout().lock();
             if context.cli.json {
-                writeln!(out, "{line}")?;
+                // An init or put always comes as the server's line.
+                writeln!(out, "{}", line.unwrap_or_default())?;
             } else {
                 writeln!(out, "{}", display(&value))?;
             }
@@ -214,22 +258,22 @@ pub fn watch(
     client: &mut Client,
     prefix: &str,
     no_init: bool,
+    reconnect: bool,
     command: &[String],
     context: &Context,
 ) -> Result<Outcome, Failure> {
     let Some((program, args)) = command.split_first() else {
         return Err(Failure::Usage("watch: give the command after --".into()));
     };
-    let mut sub = take_subscription(client, prefix)?;
-    let following = Arc::new(follow(&sub, context));
+    let mut watch = take_watch(client, prefix, reconnect, "watch")?;
+    let _following = follow(&watch, context);
     let pending = Arc::new((Mutex::new(Pending::default()), Condvar::new()));
     // The reader keeps reading while CMD runs, so the server never waits on us, and
     // coalesces: a key that changes again before its run replaces its pending event.
     let reader = {
         let pending = pending.clone();
-        let following = following.clone();
         std::thread::spawn(move || loop {
-            let next = next_event(&mut sub, &following);
+            let next = next_event(&mut watch, None);
             let (lock, ready) = &*pending;
             let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
             match next {

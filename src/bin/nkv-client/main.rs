@@ -1,8 +1,8 @@
 //! `nkv-client`: the command-line client.
 //!
-//! Exit status: 0 success, 1 not found (or `wait` timed out), 2 any other error, 130 when
-//! interrupted (Ctrl-C) while following events. A session exits with the worst status of its
-//! commands.
+//! Exit status: 0 success, 1 not found (or `wait` timed out), 2 any other error, 3 a
+//! compare-and-set conflict (`--if-rev`), 130 when interrupted (Ctrl-C) while following events.
+//! A session exits with the worst status of its commands.
 //!
 //! - `cli`: the clap definitions, shared by one-shot commands and session lines;
 //! - `commands`: one request, one response, printed;
@@ -35,6 +35,8 @@ use nkv::{Client, ErrorCode};
 pub enum Outcome {
     Ok,
     NotFound,
+    /// A compare-and-set found the key at another revision.
+    Conflict,
     Failed,
 }
 
@@ -44,6 +46,7 @@ impl Outcome {
             Outcome::Ok => 0,
             Outcome::NotFound => 1,
             Outcome::Failed => 2,
+            Outcome::Conflict => 3,
         })
     }
 }
@@ -57,6 +60,12 @@ pub enum Failure {
     Output(io::Error),
     /// The command cannot run as given.
     Usage(String),
+    /// `--if-rev` found the key at another revision (`current`, 0: absent); nothing changed.
+    Conflict {
+        key: String,
+        expected: u64,
+        current: u64,
+    },
 }
 
 impl fmt::Display for Failure {
@@ -65,6 +74,22 @@ impl fmt::Display for Failure {
             Failure::Nkv(e) => e.fmt(f),
             Failure::Output(e) => write!(f, "cannot write the output: {e}"),
             Failure::Usage(message) => f.write_str(message),
+            Failure::Conflict {
+                key,
+                expected,
+                current: 0,
+            } => write!(
+                f,
+                "conflict: {key} does not exist (current revision 0), not at revision {expected}; nothing changed"
+            ),
+            Failure::Conflict {
+                key,
+                expected,
+                current,
+            } => write!(
+                f,
+                "conflict: {key} is at revision {current}, not {expected}; nothing changed"
+            ),
         }
     }
 }
@@ -116,6 +141,7 @@ pub fn run(client: &mut Client, command: &Command, context: &Context) -> Outcome
             eprintln!("nkv-client: {e}");
             match &e {
                 Failure::Nkv(e) if e.code() == Some(ErrorCode::NotFound) => Outcome::NotFound,
+                Failure::Conflict { .. } => Outcome::Conflict,
                 _ => Outcome::Failed,
             }
         }
@@ -124,13 +150,20 @@ pub fn run(client: &mut Client, command: &Command, context: &Context) -> Outcome
 
 fn execute(client: &mut Client, command: &Command, context: &Context) -> Result<Outcome, Failure> {
     match command {
-        Command::Subscribe { key } => follow::subscribe(client, key, context),
-        Command::Wait { key, equals } => follow::wait(client, key, equals.as_deref(), context),
+        Command::Subscribe { key, no_reconnect } => {
+            follow::subscribe(client, key, !no_reconnect, context)
+        }
+        Command::Wait {
+            key,
+            equals,
+            no_reconnect,
+        } => follow::wait(client, key, equals.as_deref(), !no_reconnect, context),
         Command::Watch {
             prefix,
             no_init,
+            no_reconnect,
             command,
-        } => follow::watch(client, prefix, *no_init, command, context),
+        } => follow::watch(client, prefix, *no_init, !no_reconnect, command, context),
         Command::Dump { prefix } => transfer::dump(client, prefix.as_deref(), context),
         Command::Restore => transfer::restore(client, context),
         Command::Completions { shell } => {

@@ -18,9 +18,9 @@ use nkv::client::Interrupter;
 static TO_PROMPT: AtomicBool = AtomicBool::new(false);
 /// The command being followed at the prompt, to interrupt.
 static CURRENT: Mutex<Option<Interrupter>> = Mutex::new(None);
-/// Set when Ctrl-C interrupted the current command.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static INSTALL: Once = Once::new();
+/// Set by `put --session`: an interrupt is how it is meant to end, so it exits 0.
+static EXIT_ZERO: AtomicBool = AtomicBool::new(false);
 
 /// Installs the handler thread (once).
 pub fn install() {
@@ -33,15 +33,24 @@ pub fn install() {
                 if signal == SIGINT && TO_PROMPT.load(Ordering::SeqCst) {
                     let current = CURRENT.lock().unwrap_or_else(|e| e.into_inner()).take();
                     if let Some(interrupter) = current {
-                        INTERRUPTED.store(true, Ordering::SeqCst);
                         interrupter.interrupt();
                     }
                     continue;
+                }
+                if EXIT_ZERO.load(Ordering::SeqCst) {
+                    std::process::exit(0);
                 }
                 std::process::exit(128 + signal);
             }
         });
     });
+}
+
+/// Makes SIGINT and SIGTERM end the process with status 0 (`put --session`: exiting closes
+/// the connection, and the server deletes the key).
+pub fn exit_zero_on_interrupt() {
+    EXIT_ZERO.store(true, Ordering::SeqCst);
+    install();
 }
 
 /// Makes Ctrl-C return to the prompt instead of exiting.
@@ -50,20 +59,14 @@ pub fn return_to_prompt() {
     install();
 }
 
-/// Follows a command until [`Following::interrupted`]: Ctrl-C at the prompt interrupts it.
+/// Follows a command: Ctrl-C at the prompt interrupts it (through its interrupter).
 pub struct Following;
 
 impl Following {
     pub fn start(interrupter: Option<Interrupter>) -> Following {
         install();
-        INTERRUPTED.store(false, Ordering::SeqCst);
         *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = interrupter;
         Following
-    }
-
-    /// Whether Ctrl-C ended the command (its connection was shut down for that).
-    pub fn interrupted(&self) -> bool {
-        INTERRUPTED.load(Ordering::SeqCst)
     }
 }
 

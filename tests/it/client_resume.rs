@@ -1,0 +1,392 @@
+//! The Rust client's issue-12 features against the real server: compare-and-set with a typed
+//! outcome, session keys that live with the client, and a [`nkv::Watch`] that reconnects
+//! across server restarts, resumes, surfaces `reset`, and converges (deletes included).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use nkv::client::Connection;
+use nkv::{Cas, Event, Watch};
+
+use crate::support::{Server, DEADLINE};
+
+#[test]
+fn put_if_and_delete_if_report_a_conflict_with_the_current_revision() {
+    let server = Server::start();
+    let mut client = server.client();
+    let created = client.put_if("lock", &json!("me"), 0).unwrap();
+    let Cas::Done(rev) = created else {
+        panic!("create-if-absent of a new key: {created:?}")
+    };
+    assert_eq!(
+        client.put_if("lock", &json!("you"), 0).unwrap(),
+        Cas::Conflict(rev)
+    );
+    assert_eq!(
+        client.put_if("lock", &json!("you"), rev + 5).unwrap(),
+        Cas::Conflict(rev)
+    );
+    assert_eq!(
+        client.get("lock").unwrap(),
+        Some(json!("me")),
+        "a conflict changes nothing"
+    );
+    let next = client.put_if("lock", &json!("again"), rev).unwrap();
+    assert_eq!(next, Cas::Done(rev + 1));
+    assert_eq!(
+        client.delete_if("lock", rev).unwrap(),
+        Cas::Conflict(rev + 1)
+    );
+    assert_eq!(
+        client.delete_if("lock", rev + 1).unwrap().done(),
+        Some(rev + 2)
+    );
+    assert_eq!(client.get("lock").unwrap(), None);
+    // Absent: a conflict at revision 0; `delete_if(k, 0)` of a missing key is not_found.
+    assert_eq!(client.delete_if("lock", rev).unwrap(), Cas::Conflict(0));
+    assert_eq!(client.put_if("lock", &1, 7).unwrap(), Cas::Conflict(0));
+    assert!(client.delete_if("lock", 0).unwrap_err().is_not_found());
+    // Other failures stay errors.
+    assert!(client.put_if("a..b", &1, 0).is_err());
+}
+
+#[test]
+fn racing_put_if_writers_have_one_winner_per_revision() {
+    const WRITERS: usize = 4;
+    const INCREMENTS: u64 = 25;
+    let server = Server::start();
+    server.client().put("counter", &0).unwrap();
+    // Every successful put_if, by the revision it expected.
+    let won: Arc<Mutex<HashMap<u64, usize>>> = Arc::default();
+    let threads: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let mut client = server.client();
+            let won = won.clone();
+            std::thread::spawn(move || {
+                let mut done = 0;
+                let mut conflicts = 0;
+                while done < INCREMENTS {
+                    let entry = client.get_entry("counter").unwrap().expect("counter");
+                    let n = entry.value.as_u64().unwrap();
+                    match client.put_if("counter", &(n + 1), entry.rev).unwrap() {
+                        Cas::Done(rev) => {
+                            assert!(rev > entry.rev);
+                            *won.lock().unwrap().entry(entry.rev).or_default() += 1;
+                            done += 1;
+                        }
+                        Cas::Conflict(current) => {
+                            assert_ne!(current, entry.rev, "writer {w}: conflict at its own rev");
+                            conflicts += 1;
+                        }
+                    }
+                }
+                conflicts
+            })
+        })
+        .collect();
+    let conflicts: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let total = WRITERS as u64 * INCREMENTS;
+    let won = won.lock().unwrap();
+    assert!(
+        won.values().all(|&n| n == 1),
+        "two winners at a revision: {won:?}"
+    );
+    assert_eq!(won.len() as u64, total);
+    assert_eq!(server.client().get("counter").unwrap(), Some(json!(total)));
+    println!("{total} increments by {WRITERS} writers, {conflicts} conflicts");
+}
+
+#[test]
+fn a_session_key_lives_as_long_as_its_client() {
+    let server = Server::start();
+    let mut watcher = server.client().watch("svc").unwrap();
+    assert!(matches!(next(&mut watcher), Event::Ready { .. }));
+    let mut owner = server.client();
+    let rev = owner.put_session("svc.alive", &json!({"pid": 1})).unwrap();
+    assert_eq!(
+        next(&mut watcher),
+        Event::Put {
+            key: "svc.alive".into(),
+            value: json!({"pid": 1}),
+            rev
+        }
+    );
+    assert_eq!(owner.connections(), 1);
+    let mut other = server.client();
+    assert_eq!(other.get("svc.alive").unwrap(), Some(json!({"pid": 1})));
+    // Requests on the owner's connection keep it, and the key, alive.
+    owner.health().unwrap();
+    assert_eq!(other.get("svc.alive").unwrap(), Some(json!({"pid": 1})));
+    drop(owner);
+    let Event::Del { key, .. } = next(&mut watcher) else {
+        panic!("the session key's del")
+    };
+    assert_eq!(key, "svc.alive");
+    assert_eq!(other.get("svc.alive").unwrap(), None);
+}
+
+#[test]
+fn wait_closed_returns_when_the_server_goes_and_the_session_key_with_it() {
+    let mut server = Server::start();
+    let mut owner = server.client();
+    owner.put_session("svc.alive", &1).unwrap();
+    let waiting = std::thread::spawn(move || {
+        owner.wait_closed().unwrap();
+        owner
+    });
+    server.restart();
+    let mut owner = waiting.join().unwrap();
+    assert_eq!(
+        server.client().get("svc.alive").unwrap(),
+        None,
+        "memory only"
+    );
+    // The next request opens a new connection, which the client counts.
+    owner.put_session("svc.alive", &2).unwrap();
+    assert_eq!(owner.connections(), 2);
+    assert_eq!(server.client().get("svc.alive").unwrap(), Some(json!(2)));
+}
+
+/// The next event of `watch`, within the test deadline.
+fn next(watch: &mut Watch) -> Event {
+    let delivery = watch
+        .next_delivery(Some(Instant::now() + DEADLINE))
+        .expect("an event in time")
+        .expect("the watch goes on");
+    delivery.event.into_event().expect("a value that parses")
+}
+
+/// What a consumer of a watch holds: every key it was given and not told deleted.
+#[derive(Default)]
+struct Model {
+    keys: BTreeMap<String, Value>,
+    resets: usize,
+    /// The events after the last `ready`'s predecessor, in order.
+    log: Vec<Event>,
+}
+
+impl Model {
+    /// Applies events until a `ready`; returns the events it applied (the `ready` included).
+    fn until_ready(&mut self, watch: &mut Watch) -> Vec<Event> {
+        let mut events = Vec::new();
+        loop {
+            let event = next(watch);
+            match &event {
+                Event::Init { key, value, .. } | Event::Put { key, value, .. } => {
+                    self.keys.insert(key.clone(), value.clone());
+                }
+                Event::Del { key, .. } => {
+                    self.keys.remove(key);
+                }
+                Event::Reset { .. } => self.resets += 1,
+                Event::Ready { .. } => {
+                    events.push(event);
+                    self.log.extend(events.iter().cloned());
+                    return events;
+                }
+                Event::Shutdown => panic!("a reconnecting watch passes no shutdown on"),
+            }
+            events.push(event);
+        }
+    }
+}
+
+fn state(server: &Server, prefix: &str) -> BTreeMap<String, Value> {
+    let mut client = server.client();
+    client
+        .keys(Some(prefix))
+        .unwrap()
+        .into_iter()
+        .map(|k| {
+            let v = client.get(&k).unwrap().unwrap();
+            (k, v)
+        })
+        .collect()
+}
+
+/// Keys `a.k0..a.k4`, one more below `a.gone`, and `b` (not covered).
+fn fill(server: &Server) {
+    let mut client = server.client();
+    for i in 0..5 {
+        client.put(&format!("a.k{i}"), &i).unwrap();
+    }
+    client.put("a.gone", &"soon").unwrap();
+    client.put("b", &0).unwrap();
+}
+
+/// The changes a watch misses while it is not reading: a changed, a new, a deleted key, and a
+/// key created and deleted meanwhile.
+fn change_while_away(server: &Server) {
+    let mut client = server.client();
+    client.put("a.k1", &json!({"changed": true})).unwrap();
+    client.put("a.new", &1).unwrap();
+    client.delete("a.gone").unwrap();
+    client.put("a.tmp", &1).unwrap();
+    client.delete("a.tmp").unwrap();
+    client.put("b", &1).unwrap();
+}
+
+/// What a watch told of its connection.
+type Told = Arc<Mutex<Vec<Connection>>>;
+
+fn connections_log() -> (Told, impl FnMut(&Connection) + Send + 'static) {
+    let told = Told::default();
+    let log = told.clone();
+    (told, move |c: &Connection| {
+        log.lock().unwrap().push(c.clone())
+    })
+}
+
+#[test]
+fn a_watch_resumes_after_a_clean_restart_with_exactly_the_missed_changes() {
+    let mut server = Server::start();
+    fill(&server);
+    let (told, tell) = connections_log();
+    let mut watch = server.client().watch("a").unwrap().on_connection(tell);
+    let mut model = Model::default();
+    assert_eq!(model.until_ready(&mut watch).len(), 7, "6 inits and ready");
+    let before = watch.resume_rev().expect("a resume point after ready");
+    assert!(server.stop().success());
+    server.spawn_and_wait();
+    change_while_away(&server);
+
+    let resumed = model.until_ready(&mut watch);
+    assert_eq!(model.keys, state(&server, "a"), "converged: {resumed:?}");
+    assert_eq!(
+        model.resets, 0,
+        "the history survives a clean stop: {resumed:?}"
+    );
+    let kinds: Vec<(&str, &str)> = resumed
+        .iter()
+        .filter_map(|e| match e {
+            Event::Put { key, .. } => Some(("put", key.as_str())),
+            Event::Del { key, .. } => Some(("del", key.as_str())),
+            Event::Init { key, .. } => Some(("init", key.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut sorted = kinds.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [("del", "a.gone"), ("put", "a.k1"), ("put", "a.new")],
+        "only what changed: no restated key, no del of a key it never had"
+    );
+    assert_eq!(watch.reconnects(), 1);
+    assert!(watch.resume_rev().unwrap() > before);
+    assert!(
+        matches!(told.lock().unwrap().as_slice(), [Connection::Lost(_), Connection::Resumed { from_rev: Some(r) }] if *r == before),
+        "{:?}",
+        told.lock().unwrap()
+    );
+    // Live again.
+    let rev = server.client().put("a.k0", &"live").unwrap();
+    assert_eq!(
+        next(&mut watch),
+        Event::Put {
+            key: "a.k0".into(),
+            value: json!("live"),
+            rev
+        }
+    );
+}
+
+#[test]
+fn a_watch_after_a_crash_surfaces_reset_and_drops_keys_deleted_meanwhile() {
+    let mut server = Server::start();
+    fill(&server);
+    let mut watch = server.client().watch("a").unwrap();
+    let mut model = Model::default();
+    model.until_ready(&mut watch);
+    // SIGKILL: the delete history is lost, so the resume cannot be answered from it.
+    server.restart();
+    change_while_away(&server);
+
+    let resumed = model.until_ready(&mut watch);
+    assert!(
+        matches!(resumed.first(), Some(Event::Reset { sub }) if sub == "a"),
+        "{resumed:?}"
+    );
+    assert_eq!(model.resets, 1);
+    assert_eq!(watch.resets(), 1);
+    assert_eq!(model.keys, state(&server, "a"), "converged: {resumed:?}");
+    // Every key of the snapshot is passed on, even at a revision the consumer has.
+    let inits = resumed
+        .iter()
+        .filter(|e| matches!(e, Event::Init { .. }))
+        .count();
+    assert_eq!(inits, state(&server, "a").len());
+    assert!(
+        resumed.contains(&Event::Del {
+            key: "a.gone".into(),
+            rev: 0
+        }),
+        "the key deleted while away is reported gone: {resumed:?}"
+    );
+}
+
+#[test]
+fn a_watch_past_the_tombstone_horizon_gets_reset_and_converges() {
+    let mut server = Server::start_with(&["--tombstones", "1"]);
+    fill(&server);
+    let mut watch = server.client().watch("a").unwrap();
+    let mut model = Model::default();
+    model.until_ready(&mut watch);
+    assert!(server.stop().success());
+    server.spawn_and_wait();
+    change_while_away(&server);
+    // Two more deletes push the one-tombstone history past the watch's resume point.
+    let mut client = server.client();
+    client.delete("a.k3").unwrap();
+    client.delete("a.k4").unwrap();
+    let resumed = model.until_ready(&mut watch);
+    assert!(
+        matches!(resumed.first(), Some(Event::Reset { .. })),
+        "{resumed:?}"
+    );
+    assert_eq!(model.keys, state(&server, "a"));
+    assert!(!model.keys.contains_key("a.gone") && !model.keys.contains_key("a.k3"));
+}
+
+#[test]
+fn a_watch_survives_its_socket_file_being_replaced() {
+    let mut server = Server::start();
+    fill(&server);
+    let mut watch = server.client().watch("a").unwrap();
+    let mut model = Model::default();
+    model.until_ready(&mut watch);
+    // Another server takes the path over: the old socket file is removed and made anew.
+    assert!(server.stop().success());
+    std::fs::remove_dir_all(&server.data).unwrap();
+    server.spawn_and_wait();
+    server.client().put("a.y", &2).unwrap();
+    // A wiped data directory: revisions started again, below the watch's resume point, which
+    // this server never reached.
+    let resumed = model.until_ready(&mut watch);
+    assert!(
+        matches!(resumed.first(), Some(Event::Reset { .. })),
+        "{resumed:?}"
+    );
+    assert_eq!(model.keys, BTreeMap::from([("a.y".to_owned(), json!(2))]));
+}
+
+#[test]
+fn an_interrupted_watch_ends_even_while_reconnecting() {
+    let mut server = Server::start();
+    let mut watch = server.client().watch("a").unwrap();
+    assert!(matches!(next(&mut watch), Event::Ready { .. }));
+    server.kill();
+    let interrupter = watch.interrupter();
+    let reader = std::thread::spawn(move || {
+        let end = watch.next_delivery(None).map(|d| d.is_none());
+        (end, watch)
+    });
+    // The reader is in its backoff loop (no server): interrupting ends it.
+    interrupter.interrupt();
+    let (end, watch) = reader.join().unwrap();
+    assert!(end.unwrap(), "ended");
+    assert!(watch.interrupted());
+}
