@@ -8,6 +8,7 @@ mod cas;
 mod chaos;
 mod classes;
 mod cli;
+mod cli_resume;
 mod client_resume;
 mod client_retry;
 mod core;
