@@ -203,7 +203,13 @@ fn bash_completes_subcommands_and_their_options() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines,
-        ["wait watch", "--equals", "--no-init", "--timeout", "zsh"],
+        [
+            "wait watch",
+            "--equals",
+            "--no-reconnect --no-init",
+            "--timeout",
+            "zsh"
+        ],
         "{text}"
     );
 }

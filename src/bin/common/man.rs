@@ -22,15 +22,27 @@ pub const CLIENT: Page = Page {
         "Has no effect: nkv-client prints no colour.",
     )],
     exit_status: &[
-        ("0", "Success; for subscribe, the server stopped (it sent a shutdown event)."),
-        ("1", "The key (or, for a session, some key) was not found; wait timed out (the key did not come, or the server accepted but did not answer, within --timeout)."),
-        ("2", "Any other error: the server could not be reached or refused the request, the connection was lost, bad usage. A session exits with the worst status of its commands."),
+        ("0", "Success; put --session ended by SIGINT or SIGTERM; with --no-reconnect, subscribe or watch ended because the server stopped (it sent a shutdown event)."),
+        ("1", "The key (or, for a session, some key) was not found; wait timed out (the key did not come, or the server accepted but did not answer, or did not come back, within --timeout)."),
+        ("2", "Any other error: the server could not be reached or refused the request, bad usage; with --no-reconnect, the connection was lost (for wait: or the server stopped). A session exits with the worst status of its commands."),
+        ("3", "A compare-and-set (put --if-rev, delete --if-rev) found the key at another revision; nothing changed. The message on stderr names the key's current revision (0: it does not exist)."),
         ("130", "Interrupted by Ctrl-C (SIGINT) while following events (subscribe, wait, watch); 143 for SIGTERM."),
     ],
     sections: &[(
         "SESSIONS",
         &[
             "With no command, nkv-client reads commands from standard input, one per line, written as on the command line (get KEY, put KEY VALUE, ...), plus help and quit. At a terminal it prompts and offers line editing; Ctrl-C during subscribe, wait or watch returns to the prompt. A put value is the rest of the line as typed: everything after the one space that follows the key, leading and trailing spaces kept (a -- right after that space only ends the flags when something follows it). When the server restarts, the session reconnects; a request that cannot have reached the server is sent again, a put or delete that may have been applied is reported as failed instead.",
+        ],
+    ), (
+        "RESUMING",
+        &[
+            "subscribe, wait and watch survive the server: when the connection is lost (a restart, the socket file replaced, the server's shutdown event) they reconnect, backing off from 10 ms to 1 s between attempts for as long as it takes (wait: until --timeout), and resume after the last revision they had. subscribe then prints only the changes it missed, deleted keys as del, and ready. When the server's history does not reach back (a crash, more deletes than --tombstones) it prints reset SUB, every key again as init (even one it printed at the same revision: revisions may have started again), del for each key it had printed that is gone (with --json, {\"event\":\"del\",\"key\":K,\"rev\":0}: the delete's revision is unknown), then ready. The shutdown event is not printed. Losing and regaining the connection is told on stderr. --no-reconnect keeps the behaviour from before resuming: subscribe prints shutdown and exits 0 when the server stops and exits 2 when the connection is lost; wait exits 2 in both cases; watch exits 0 and 2.",
+        ],
+    ), (
+        "COMPARE-AND-SET AND SESSION KEYS",
+        &[
+            "put --if-rev N KEY VALUE stores only if KEY is at revision N (0: only if KEY does not exist); delete --if-rev N KEY deletes only at revision N (--if-rev 0 of a missing key is not found, exit 1). A conflict changes nothing and exits 3 with a message naming the current revision; --json prints the server's conflict line. get --json shows a key's rev.",
+            "put --session KEY VALUE stores a session key, kept in memory and owned by the command's connection, and keeps that connection open, printing nothing, until SIGINT or SIGTERM: it then exits 0, and the server deletes the key (subscribers get a del); a killed nkv-client loses it the same way. When the server restarts (the key is gone with the connection) it reconnects and puts the key again, saying so on stderr. In a session, put --session does not block: the key lives as long as the session's connection.",
         ],
     ), (
         "VALUES",
