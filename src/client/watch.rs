@@ -494,3 +494,6 @@ impl Iterator for Watch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -390,3 +390,103 @@ fn an_interrupted_watch_ends_even_while_reconnecting() {
     assert!(end.unwrap(), "ended");
     assert!(watch.interrupted());
 }
+
+/// Writes, deletes and restarts (clean and crash) while the watch reads little: per-key
+/// revisions only go forward between resets, and once the writes stop the consumer's model
+/// equals the server's state. (The resume point's `skipped` rule is checked offline, in
+/// `src/client/watch/tests.rs`: a queue that coalesces takes more writes than this test's
+/// budget.)
+#[test]
+fn a_watch_converges_through_restarts_coalescing_and_deletes() {
+    let mut server = Server::start_with(&["--tombstones", "50"]);
+    let mut watch = server.client().watch("c").unwrap();
+    let mut model = Model::default();
+    model.until_ready(&mut watch);
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut violations = Vec::new();
+    let mut skipped = 0;
+    // Reads up to `n` events (stopping early when none comes for a while).
+    let mut read = |watch: &mut Watch, model: &mut Model, n: usize| {
+        for _ in 0..n {
+            let deadline = Instant::now() + std::time::Duration::from_millis(300);
+            let delivery = match watch.next_delivery(Some(deadline)) {
+                Ok(Some(d)) => d,
+                Ok(None) => panic!("the watch ended"),
+                Err(nkv::Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => return,
+                Err(e) => panic!("{e}"),
+            };
+            skipped += delivery.skipped;
+            let event = delivery.event.into_event().unwrap();
+            match &event {
+                Event::Reset { .. } => {
+                    last.clear();
+                    model.resets += 1;
+                }
+                Event::Init { key, value, rev } | Event::Put { key, value, rev } => {
+                    if last.get(key).is_some_and(|r| r >= rev) {
+                        violations.push(format!("{key} went back to {rev}: {event:?}"));
+                    }
+                    last.insert(key.clone(), *rev);
+                    model.keys.insert(key.clone(), value.clone());
+                }
+                Event::Del { key, rev } => {
+                    if *rev != 0 && last.get(key).is_some_and(|r| r >= rev) {
+                        violations.push(format!("{key} deleted at an old {rev}"));
+                    }
+                    last.insert(key.clone(), *rev);
+                    model.keys.remove(key);
+                }
+                Event::Ready { .. } => {}
+                Event::Shutdown => panic!("shutdown passed on"),
+            }
+        }
+    };
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut writes = |server: &Server, n: usize| {
+        let mut client = server.client();
+        for _ in 0..n {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let key = format!("c.k{}", seed % 40);
+            if seed % 5 == 0 {
+                client.delete(&key).unwrap();
+            } else {
+                client.put(&key, &(seed % 1000)).unwrap();
+            }
+        }
+    };
+    for phase in 0..3 {
+        writes(&server, 1200);
+        read(&mut watch, &mut model, 100);
+        writes(&server, 300);
+        match phase {
+            0 => {
+                assert!(server.stop().success());
+                server.spawn_and_wait();
+            }
+            1 => server.restart(),
+            _ => {}
+        }
+    }
+    writes(&server, 300);
+    let expected = state(&server, "c");
+    let end = Instant::now() + DEADLINE;
+    while model.keys != expected {
+        assert!(
+            Instant::now() < end,
+            "no convergence: {} vs {} keys",
+            model.keys.len(),
+            expected.len()
+        );
+        read(&mut watch, &mut model, 1000);
+    }
+    assert!(violations.is_empty(), "{violations:#?}");
+    // Both restarts may fall in one disconnected stretch.
+    assert!(watch.reconnects() >= 1, "{}", watch.reconnects());
+    println!(
+        "converged after {} reconnects, {} resets, {skipped} skipped changes",
+        watch.reconnects(),
+        watch.resets()
+    );
+}
