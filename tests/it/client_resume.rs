@@ -449,7 +449,7 @@ fn a_watch_converges_through_restarts_coalescing_and_deletes() {
             seed ^= seed >> 7;
             seed ^= seed << 17;
             let key = format!("c.k{}", seed % 40);
-            if seed % 5 == 0 {
+            if seed.is_multiple_of(5) {
                 client.delete(&key).unwrap();
             } else {
                 client.put(&key, &(seed % 1000)).unwrap();
