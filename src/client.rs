@@ -21,6 +21,15 @@
 //! # }
 //! ```
 //!
+//! # Compare-and-set, session keys, resuming
+//!
+//! [`Client::put_if`] and [`Client::delete_if`] change a key only at an expected revision and
+//! return a [`Cas`]: done, or a conflict carrying the current revision. [`Client::put_session`]
+//! ties a key to the client's connection (the server deletes it when the connection closes).
+//! [`Client::watch`] is a subscription that reconnects and resumes on its own, surfacing
+//! `reset` and never leaving a stale key ([`Watch`]); [`Client::subscribe`] stays one
+//! connection that ends with it, and [`Client::subscribe_from`] resumes by hand.
+//!
 //! # Retries and timeouts
 //!
 //! A request is sent again on a new connection only when it cannot have been applied: its

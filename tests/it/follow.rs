@@ -297,3 +297,64 @@ fn wait_times_out_with_1_when_the_server_never_answers() {
     );
     held.join().unwrap();
 }
+
+/// Stops (SIGSTOP) or continues (SIGCONT) a background client: while stopped it reads nothing,
+/// so a restart meanwhile is certain to be a gap it must resume over.
+fn pause(running: &Running, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(running.0.as_ref().expect("running").id() as i32);
+    nix::sys::signal::kill(pid, signal).expect("kill");
+}
+
+#[test]
+fn watch_resumes_across_restarts_and_runs_for_what_changed_meanwhile() {
+    use nix::sys::signal::Signal;
+    let mut server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gate"), "").unwrap();
+    let mut client = server.client();
+    client.put("w.a", &1).unwrap();
+    client.put("w.b", &1).unwrap();
+    let command = logging_command(dir.path());
+    let mut args = vec!["watch", "w", "--no-init", "--"];
+    args.extend(command.iter().map(String::as_str));
+    let mut watch = Running::spawn(&server, &args);
+    wait_subscribers(&server, 1);
+
+    // A clean restart: the server's history answers, only the missed changes run.
+    pause(&watch, Signal::SIGSTOP);
+    assert!(server.stop().success());
+    server.spawn_and_wait();
+    let mut client = server.client();
+    let a = client.put("w.a", &2).unwrap();
+    let c = client.put("w.c", &3).unwrap();
+    pause(&watch, Signal::SIGCONT);
+    wait_until("the missed changes' runs", || {
+        log_lines(dir.path()).len() >= 2
+    });
+    let mut runs = log_lines(dir.path());
+    runs.sort();
+    assert_eq!(runs, [format!("put w.a 2 {a}"), format!("put w.c 3 {c}")]);
+
+    // A crash: reset; every key runs as init (any may have changed), the deleted one as del.
+    pause(&watch, Signal::SIGSTOP);
+    server.restart();
+    let mut client = server.client();
+    let b = client.delete("w.b").unwrap().unwrap();
+    pause(&watch, Signal::SIGCONT);
+    wait_until("the reset's runs", || log_lines(dir.path()).len() >= 5);
+    let mut runs = log_lines(dir.path())[2..].to_vec();
+    runs.sort();
+    assert_eq!(
+        runs,
+        [
+            "del w.b unset 0".to_owned(),
+            format!("init w.a 2 {a}"),
+            format!("init w.c 3 {c}"),
+        ],
+        "(w.b deleted at {b})"
+    );
+    assert!(!watch.exited(), "the watch goes on");
+    let live = client.put("w.d", &4).unwrap();
+    wait_until("the live run", || log_lines(dir.path()).len() >= 6);
+    assert_eq!(log_lines(dir.path())[5], format!("put w.d 4 {live}"));
+}

@@ -272,13 +272,19 @@ pub fn watch(
     // coalesces: a key that changes again before its run replaces its pending event.
     let reader = {
         let pending = pending.clone();
+        // --no-init skips the first snapshot only: after a reset, an `init` may be a change
+        // made while the watch was away (the server can no longer tell which), so each runs.
+        let mut started = false;
         std::thread::spawn(move || loop {
             let next = next_event(&mut watch, None);
             let (lock, ready) = &*pending;
             let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
             match next {
-                Ok((Event::Ready { .. }, _)) => continue,
-                Ok((Event::Init { .. }, _)) if no_init => continue,
+                Ok((Event::Ready { .. }, _)) => {
+                    started = true;
+                    continue;
+                }
+                Ok((Event::Init { .. }, _)) if no_init && !started => continue,
                 Ok((event, _)) => {
                     let Some(key) = event.key().cloned() else {
                         continue;
