@@ -561,6 +561,26 @@ impl Client {
             self.timeouts,
             target,
             Conn::open(&self.path, self.timeouts)?,
+            None,
+        )
+    }
+
+    /// [`Client::watch`] resuming after `from_rev`, a resume point kept from an earlier watch
+    /// ([`Watch::resume_rev`], saved across a restart of this program, say): the first events
+    /// are what changed after it (deletes included), or [`Event::Reset`] and the full snapshot.
+    /// The watch does not know which keys the consumer already holds, so on that `Reset` the
+    /// consumer itself drops every key the snapshot does not restate (the watch reports as
+    /// deleted only the keys it delivered itself).
+    ///
+    /// # Errors
+    /// An invalid target, or a connection or server failure on the first connection.
+    pub fn watch_from(&self, target: &str, from_rev: u64) -> Result<Watch, Error> {
+        Watch::open(
+            &self.path,
+            self.timeouts,
+            target,
+            Conn::open(&self.path, self.timeouts)?,
+            Some(from_rev),
         )
     }
 
@@ -574,7 +594,7 @@ impl Client {
             Some(conn) => conn,
             None => Conn::open(&self.path, self.timeouts)?,
         };
-        Watch::open(&self.path, self.timeouts, target, conn)
+        Watch::open(&self.path, self.timeouts, target, conn, None)
     }
 
     /// Turns this client's connection into a subscription to `target`, so that no idle

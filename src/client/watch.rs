@@ -128,6 +128,10 @@ pub struct Watch {
     resuming: Option<Resuming>,
     /// Every key delivered and not deleted since, with its revision.
     seen: HashMap<String, u64>,
+    /// Started from a revision the caller kept ([`crate::Client::watch_from`]): the consumer
+    /// holds keys `seen` does not know, until a full snapshot (after a `reset`) is complete.
+    /// Meanwhile a resumption's `del` is passed on even for a key `seen` lacks.
+    blind: bool,
     pending: VecDeque<Delivery>,
     stop: Arc<Stop>,
     on_connection: Option<OnConnection>,
@@ -145,8 +149,9 @@ impl Watch {
         timeouts: Timeouts,
         target: &str,
         mut conn: Conn,
+        from_rev: Option<u64>,
     ) -> Result<Watch, Error> {
-        subscribe_on(&mut conn, target, None)?;
+        subscribe_on(&mut conn, target, from_rev)?;
         let stop = Arc::new(Stop {
             stopped: AtomicBool::new(false),
             stream: Mutex::new(None),
@@ -160,12 +165,13 @@ impl Watch {
             conn: Some(conn),
             reconnect: true,
             ended: false,
-            resume_rev: None,
+            resume_rev: from_rev,
             resuming: Some(Resuming {
                 reset: false,
                 present: HashSet::new(),
             }),
             seen: HashMap::new(),
+            blind: from_rev.is_some(),
             pending: VecDeque::new(),
             stop,
             on_connection: None,
@@ -326,7 +332,7 @@ impl Watch {
                 }
             }
             wire::Event::Del { key, rev } => {
-                if resuming && !self.seen.contains_key(key) {
+                if resuming && !self.blind && !self.seen.contains_key(key) {
                     return;
                 }
                 self.seen.remove(key);
@@ -338,6 +344,7 @@ impl Watch {
                 if let Some(r) = self.resuming.take() {
                     if r.reset {
                         self.forget_missing(&r.present);
+                        self.blind = false;
                     }
                 }
                 self.resume_rev = Some(*rev);

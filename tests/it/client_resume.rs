@@ -490,3 +490,43 @@ fn a_watch_converges_through_restarts_coalescing_and_deletes() {
         watch.resets()
     );
 }
+
+#[test]
+fn watch_from_a_kept_resume_point_gets_the_changes_since_or_a_reset() {
+    let server = Server::start_with(&["--tombstones", "2"]);
+    fill(&server);
+    let mut model = Model::default();
+    let kept = {
+        let mut watch = server.client().watch("a").unwrap();
+        model.until_ready(&mut watch);
+        watch.resume_rev().unwrap()
+    };
+    // The program is gone; the world changes; it comes back with its model and `kept`.
+    change_while_away(&server);
+    let mut watch = server.client().watch_from("a", kept).unwrap();
+    let resumed = model.until_ready(&mut watch);
+    assert_eq!(model.resets, 0, "{resumed:?}");
+    assert_eq!(model.keys, state(&server, "a"), "{resumed:?}");
+    assert!(
+        resumed
+            .iter()
+            .any(|e| matches!(e, Event::Del { key, .. } if key == "a.gone")),
+        "a delete of a key this watch never delivered is passed on: {resumed:?}"
+    );
+    let kept = watch.resume_rev().unwrap();
+    drop(watch);
+    // More deletes than the history keeps: the resume gets a reset, which the consumer
+    // applies itself (the watch does not know its keys).
+    let mut client = server.client();
+    for key in ["a.k0", "a.k1", "a.k2"] {
+        client.delete(key).unwrap();
+    }
+    let mut watch = server.client().watch_from("a", kept).unwrap();
+    let mut snapshot = Model::default();
+    let resumed = snapshot.until_ready(&mut watch);
+    assert!(
+        matches!(resumed.first(), Some(Event::Reset { .. })),
+        "{resumed:?}"
+    );
+    assert_eq!(snapshot.keys, state(&server, "a"));
+}

@@ -24,6 +24,7 @@ fn detached() -> Watch {
             present: HashSet::new(),
         }),
         seen: HashMap::new(),
+        blind: false,
         pending: VecDeque::new(),
         stop: Arc::new(Stop {
             stopped: AtomicBool::new(false),
@@ -189,4 +190,32 @@ fn lost_before_the_first_ready_the_whole_snapshot_again_replaces_the_partial_one
     reconnected(&mut watch);
     let got = feed(&mut watch, vec![(init("a.y", 2), 0), (ready(2), 0)]);
     assert_eq!(got, ["init a.y 2", "del a.x 0", "ready 2"]);
+}
+
+#[test]
+fn started_from_a_kept_revision_deletes_of_unknown_keys_pass_until_a_full_snapshot() {
+    let mut watch = detached();
+    watch.blind = true;
+    watch.resume_rev = Some(5);
+    let got = feed(&mut watch, vec![(del("a.old", 6), 0), (ready(6), 0)]);
+    assert_eq!(
+        got,
+        ["del a.old 6", "ready 6"],
+        "the consumer may hold a.old"
+    );
+    reconnected(&mut watch);
+    let reset = wire::Event::Reset { sub: "a".into() };
+    feed(
+        &mut watch,
+        vec![(reset, 0), (init("a.x", 1), 0), (ready(1), 0)],
+    );
+    assert!(
+        !watch.blind,
+        "a full snapshot: the watch knows the consumer's keys"
+    );
+    reconnected(&mut watch);
+    assert_eq!(
+        feed(&mut watch, vec![(del("a.never", 2), 0), (ready(2), 0)]),
+        ["ready 2"]
+    );
 }
