@@ -35,9 +35,13 @@ pub struct Saved {
     pub fingerprint: u64,
     pub horizon: u64,
     pub tombstones: Vec<(Key, u64)>,
-    /// Keys that existed at the stop but not on disk (memory, session) or only in the volatile
-    /// directory: the start tells resuming subscribers they are gone unless they are back.
+    /// Keys that existed at the stop but not on disk (memory, session): the start tells
+    /// resuming subscribers they are gone.
     pub transient: Vec<Key>,
+    /// The volatile keys at the stop, with their revisions: the start tells resuming
+    /// subscribers of those it does not find (a reboot), and trusts the history only if it
+    /// finds no other volatile key.
+    pub volatile: Vec<(Key, u64)>,
 }
 
 const MAGIC: &str = "nkv-tombstones 1";
@@ -108,14 +112,24 @@ impl History {
     }
 
     /// The history as `.tombstones` holds it: a header line `nkv-tombstones 1 <at> <horizon>`,
-    /// then `d <rev> <key>` per tombstone and `t <key>` per transient key.
-    pub fn encode(&self, at: u64, fingerprint: u64, transient: &[Key]) -> String {
+    /// then `d <rev> <key>` per tombstone, `t <key>` per memory key and `v <rev> <key>` per
+    /// volatile key.
+    pub fn encode(
+        &self,
+        at: u64,
+        fingerprint: u64,
+        transient: &[Key],
+        volatile: &[(Key, u64)],
+    ) -> String {
         let mut out = format!("{MAGIC} {at} {} {fingerprint}\n", self.horizon);
         for (rev, key) in &self.by_rev {
             let _ = writeln!(out, "d {rev} {key}");
         }
         for key in transient {
             let _ = writeln!(out, "t {key}");
+        }
+        for (key, rev) in volatile {
+            let _ = writeln!(out, "v {rev} {key}");
         }
         out
     }
@@ -145,6 +159,12 @@ impl History {
                         .push((Key::parse(key).ok()?, rev.parse().ok()?));
                 }
                 ("t", key) => saved.transient.push(Key::parse(key).ok()?),
+                ("v", rest) => {
+                    let (rev, key) = rest.split_once(' ')?;
+                    saved
+                        .volatile
+                        .push((Key::parse(key).ok()?, rev.parse().ok()?));
+                }
                 _ => return None,
             }
         }
@@ -201,7 +221,7 @@ mod tests {
     fn the_saved_form_round_trips_and_refuses_anything_else() {
         let mut h = History::new(10, 3);
         h.record(key("a.b"), 4);
-        let text = h.encode(9, 77, &[key("runtime.x")]);
+        let text = h.encode(9, 77, &[key("runtime.x")], &[(key("run.y"), 2)]);
         let saved = History::decode(text.as_bytes()).unwrap();
         assert_eq!(
             saved,
@@ -211,6 +231,7 @@ mod tests {
                 horizon: 3,
                 tombstones: vec![(key("a.b"), 4)],
                 transient: vec![key("runtime.x")],
+                volatile: vec![(key("run.y"), 2)],
             }
         );
         assert!(History::decode(b"garbage").is_none());

@@ -134,39 +134,47 @@ impl Store {
     /// See [`Disk::open`], for either directory.
     pub fn open_with(config: &Config) -> Result<Store, OpenError> {
         let (disk, contents) = Disk::open(&config.data_dir, &config.options)?;
-        let mut map = BTreeMap::new();
         let mut max_rev = contents.max_rev;
         let data_rev = contents.max_rev;
-        for l in contents.entries {
+        // What the stop's history must match: the data directory as found, and the volatile
+        // keys as found (before any key is moved home).
+        let found = crate::history::fingerprint(
+            contents.entries.iter().map(|l| (&l.key, l.rev, &*l.value)),
+        );
+        let home = std::fs::canonicalize(&config.data_dir).unwrap_or(config.data_dir.clone());
+        let (volatile, vcontents) = open_volatile(config, &home)?;
+        let mut found_volatile: Vec<(Key, u64)> = Vec::new();
+        if let Some(v) = &vcontents {
+            max_rev = max_rev.max(v.max_rev);
+            found_volatile = v.entries.iter().map(|l| (l.key.clone(), l.rev)).collect();
+        }
+        // The floor counts every revision found, in either directory: keys moved home keep
+        // their revisions, and the next start must count from beyond them.
+        disk.raise_floor(max_rev).map_err(|e| {
+            OpenError::Disk(crate::error::DiskError::new(
+                "write",
+                disk.dir().join(crate::disk::layout::REV_FILE),
+                std::io::Error::other(e.to_string()),
+            ))
+        })?;
+        let (placed, settled) = crate::disk::place(
+            &disk,
+            contents.entries,
+            volatile.as_ref().zip(vcontents.map(|v| v.entries)),
+            &config.classes,
+        );
+        // Read only to move its keys home: released again unless a key is still there.
+        let volatile = volatile.filter(|_| config.classes.uses(Class::Volatile) || !settled);
+        let mut map = BTreeMap::new();
+        for p in placed {
             let entry = Entry {
-                value: l.value,
-                rev: l.rev,
-                class: Class::Persistent,
+                value: p.value,
+                rev: p.rev,
+                class: p.class,
                 owner: None,
             };
-            map.insert(l.key, entry);
+            map.insert(p.key, entry);
         }
-        let volatile = if config.classes.uses(Class::Volatile) {
-            let (vdisk, vcontents) = Disk::open(&config.volatile_dir, &config.options)?;
-            max_rev = max_rev.max(vcontents.max_rev);
-            for l in vcontents.entries {
-                // A key in both directories (a class change whose old file could not be
-                // removed) is the later of the two.
-                if map.get(&l.key).is_some_and(|e: &Entry| e.rev >= l.rev) {
-                    continue;
-                }
-                let entry = Entry {
-                    value: l.value,
-                    rev: l.rev,
-                    class: Class::Volatile,
-                    owner: None,
-                };
-                map.insert(l.key, entry);
-            }
-            Some(vdisk)
-        } else {
-            None
-        };
         let seq = RevSeq::new(max_rev);
         let mut history = History::new(config.tombstones, max_rev);
         let saved = disk.take_tombstones().as_deref().and_then(History::decode);
@@ -178,12 +186,14 @@ impl Store {
             history = History::new(config.tombstones, max_rev + 1);
         }
         if let Some(saved) = saved {
-            let found = crate::history::fingerprint(
-                map.iter()
-                    .filter(|(_, e)| e.class == Class::Persistent)
-                    .map(|(k, e)| (k, e.rev, &*e.value)),
-            );
-            if saved.at == data_rev && saved.fingerprint == found {
+            // A volatile key the stop did not have (its directory was not read then, or was
+            // edited since) appeared with a revision a resume may already be past: the
+            // history cannot tell it, so no resume from before this start is answered.
+            let appeared = found_volatile
+                .iter()
+                .filter(|kr| !saved.volatile.contains(kr))
+                .count();
+            if saved.at == data_rev && saved.fingerprint == found && appeared == 0 {
                 history = History::new(config.tombstones, saved.horizon);
                 for (key, rev) in saved.tombstones {
                     if !map.contains_key(&key) {
@@ -193,6 +203,7 @@ impl Store {
                 let lost: Vec<Key> = saved
                     .transient
                     .into_iter()
+                    .chain(saved.volatile.into_iter().map(|(k, _)| k))
                     .filter(|k| !map.contains_key(k))
                     .collect();
                 if !lost.is_empty() {
@@ -218,7 +229,7 @@ impl Store {
                 );
             } else {
                 log::info!(
-                    "delete history of rev {} ignored: the data directory changed since (rev {data_rev})",
+                    "delete history of rev {} ignored: the data directory changed since (rev {data_rev}), or {appeared} volatile keys appeared",
                     saved.at
                 );
                 history = History::new(config.tombstones, max_rev + 1);
@@ -253,15 +264,23 @@ impl Store {
         }
         let transient: Vec<Key> = map
             .iter()
-            .filter(|(_, e)| e.class != Class::Persistent)
+            .filter(|(_, e)| e.class == Class::Memory)
             .map(|(k, _)| k.clone())
+            .collect();
+        let volatile: Vec<(Key, u64)> = map
+            .iter()
+            .filter(|(_, e)| e.class == Class::Volatile)
+            .map(|(k, e)| (k.clone(), e.rev))
             .collect();
         let fingerprint = crate::history::fingerprint(
             map.iter()
                 .filter(|(_, e)| e.class == Class::Persistent)
                 .map(|(k, e)| (k, e.rev, &*e.value)),
         );
-        let text = self.history.lock().encode(at, fingerprint, &transient);
+        let text = self
+            .history
+            .lock()
+            .encode(at, fingerprint, &transient, &volatile);
         drop(map);
         match self.disk.save_tombstones(text.as_bytes()) {
             Ok(()) => log::info!("delete history saved at rev {at}"),
@@ -680,6 +699,53 @@ impl Store {
         drop(map);
         Ok(count)
     }
+}
+
+/// The volatile directory, when a rule uses it (created if missing), or when it exists and
+/// its `.home` names this data directory (read so that keys left there from a start with
+/// other rules move home instead of coming back later). Marked as this data directory's.
+///
+/// # Errors
+/// The directory cannot be opened while a rule uses it (see [`Disk::open`]).
+fn open_volatile(
+    config: &Config,
+    home: &Path,
+) -> Result<(Option<Disk>, Option<crate::disk::Contents>), OpenError> {
+    let path = &config.volatile_dir;
+    let used = config.classes.uses(Class::Volatile);
+    if !used {
+        if crate::disk::home_of(path).as_deref() != Some(home) {
+            return Ok((None, None));
+        }
+        return match Disk::open(path, &config.options) {
+            Ok((disk, contents)) => Ok((Some(disk), Some(contents))),
+            Err(e) => {
+                log::warn!(
+                    "volatile directory {} not read (no rule uses it): {e}",
+                    path.display()
+                );
+                Ok((None, None))
+            }
+        };
+    }
+    let (disk, contents) = Disk::open(path, &config.options)?;
+    match crate::disk::home_of(path) {
+        Some(other) if other != home => log::warn!(
+            "volatile directory {} belonged to data directory {}; it is now {}'s",
+            path.display(),
+            other.display(),
+            home.display()
+        ),
+        _ => {}
+    }
+    if let Err(e) = disk.mark_home(home) {
+        log::warn!(
+            "cannot mark {} as {}'s: {e}",
+            path.display(),
+            home.display()
+        );
+    }
+    Ok((Some(disk), Some(contents)))
 }
 
 /// The entries a target covers, in key order, using the map's order: every key strictly

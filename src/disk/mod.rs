@@ -14,7 +14,10 @@
 //!   the next start;
 //! - `.rev` — the highest revision handed out by a delete, 20 digits, rewritten in place;
 //! - `.reserve` — space held back so deletes and same-size overwrites work on a full disk;
-//! - `.quarantine/` — files found at start that are not valid records or not ours.
+//! - `.quarantine/` — files found at start that are not valid records or not ours;
+//! - `.tombstone-log` — the persistent deletes since the last compaction (written by `Store::delete`);
+//! - `.tombstones` — the delete history saved at a clean stop;
+//! - `.home` — in a volatile directory only: the data directory it belongs to.
 //!
 //! The directory itself carries the `flock` that keeps a second server out.
 
@@ -22,6 +25,7 @@ pub mod dir;
 pub mod fault;
 #[cfg(test)]
 mod fault_tests;
+mod homes;
 pub mod layout;
 pub mod load;
 pub mod owner;
@@ -43,9 +47,11 @@ use parking_lot::Mutex;
 
 use crate::error::{is_no_space, DiskError};
 use dir::{Access, Dir};
+pub use homes::{place, Placed};
 pub use layout::{file_name, key_of};
 pub use load::{Contents, Loaded};
 use owner::{DirError, Policy};
+pub use server_file::home_of;
 
 /// The largest revision: fits every signed 64-bit integer, and a record's revision above it
 /// is refused at load instead of wrapping.

@@ -319,3 +319,141 @@ fn a_data_directory_edited_while_stopped_is_not_resumed_from() {
     );
     assert_eq!(resumed.events, pairs(&[("init", "p.a")]));
 }
+
+/// A server in `dir` whose volatile directory is `dir/vol`, with `classes` (NKV_CLASSES).
+fn with_classes(dir: &std::path::Path, classes: &str) -> Server {
+    let mut server = Server::new_in(dir, &[]);
+    set_classes(&mut server, classes);
+    server
+}
+
+fn set_classes(server: &mut Server, classes: &str) {
+    let vol = server.dir.join("vol");
+    server.env = vec![
+        ("NKV_VOLATILE_DIR".into(), vol.to_str().unwrap().into()),
+        ("NKV_CLASSES".into(), classes.into()),
+    ];
+}
+
+fn get(raw: &mut Raw, key: &str) -> Value {
+    raw.request(&format!("GET {key}"))
+}
+
+#[test]
+fn a_volatile_key_has_one_home_whatever_the_rules_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, vol) = (tmp.path().join("data"), tmp.path().join("vol"));
+    let mut server = with_classes(tmp.path(), "v=volatile");
+    server.spawn_and_wait();
+    let mut w = server.raw();
+    let first = w.request("PUT v.a 1")["rev"].as_u64().unwrap();
+    w.request("PUT v.b 1");
+    assert!(vol.join("v.a.json").is_file());
+    drop(w);
+    assert!(server.stop().success());
+
+    // Without the rule: the keys are persistent now, moved home, visible and deletable.
+    set_classes(&mut server, "runtime=memory");
+    server.spawn_and_wait();
+    let mut w = server.raw();
+    let a = get(&mut w, "v.a");
+    assert_eq!(
+        (a["value"].clone(), a["class"].clone()),
+        (json!(1), json!("persistent")),
+        "{a}"
+    );
+    assert_eq!(a["rev"], first, "a move keeps the revision");
+    assert!(data.join("v.a.json").is_file() && !vol.join("v.a.json").exists());
+    let from = ready_rev(&sub(&mut server.raw(), "SUB v"));
+    assert_eq!(w.request("DEL v.a")["ok"], true);
+    assert_eq!(get(&mut w, "v.a")["error"], "not_found");
+    assert!(!data.join("v.a.json").exists() && !vol.join("v.a.json").exists());
+    w.request("PUT v.c 3");
+    drop(w);
+    assert!(server.stop().success());
+
+    // With the rule again: nothing stale comes back; v.b and v.c move to the volatile
+    // directory; the resume gets exactly the missed changes.
+    set_classes(&mut server, "v=volatile");
+    server.spawn_and_wait();
+    let mut w = server.raw();
+    assert_eq!(get(&mut w, "v.a")["error"], "not_found");
+    assert_eq!(get(&mut w, "v.b")["class"], "volatile");
+    assert_eq!(get(&mut w, "v.c")["class"], "volatile");
+    for key in ["v.b", "v.c"] {
+        assert!(vol.join(format!("{key}.json")).is_file(), "{key} in vol");
+        assert!(
+            !data.join(format!("{key}.json")).exists(),
+            "{key} not in data"
+        );
+    }
+    let resumed = sub(&mut server.raw(), &format!("SUB v FROM {from}"));
+    assert!(
+        !resumed.reset,
+        "the stop's history describes what was found"
+    );
+    assert_eq!(resumed.events, pairs(&[("del", "v.a"), ("put", "v.c")]));
+    assert_eq!(w.request("DEL v.b")["ok"], true);
+    assert!(!vol.join("v.b.json").exists());
+}
+
+#[test]
+fn a_key_in_both_class_directories_keeps_its_latest_record_and_a_resume_is_reset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, vol) = (tmp.path().join("data"), tmp.path().join("vol"));
+    let mut server = with_classes(tmp.path(), "v=volatile");
+    server.spawn_and_wait();
+    let mut w = server.raw();
+    w.request("PUT v.a 1");
+    w.request("PUT v.a 2");
+    // What an older server (or an operator) may leave: a stale copy in the data directory,
+    // and a volatile key the stop never had, at a revision below the resume point.
+    let stale = std::fs::read_to_string(vol.join("v.a.json")).unwrap();
+    w.request("PUT v.a 3");
+    let from = ready_rev(&sub(&mut server.raw(), "SUB v"));
+    drop(w);
+    assert!(server.stop().success());
+    std::fs::write(data.join("v.a.json"), &stale).unwrap();
+    std::fs::write(vol.join("v.hidden.json"), "{\"rev\":1,\"value\":7}\n").unwrap();
+    server.spawn_and_wait();
+    let mut w = server.raw();
+    let a = get(&mut w, "v.a");
+    assert_eq!(
+        (a["value"].clone(), a["class"].clone()),
+        (json!(3), json!("volatile")),
+        "{a}"
+    );
+    assert!(
+        !data.join("v.a.json").exists(),
+        "the losing record is removed"
+    );
+    assert_eq!(get(&mut w, "v.hidden")["value"], 7);
+    let resumed = sub(&mut server.raw(), &format!("SUB v FROM {from}"));
+    assert!(
+        resumed.reset,
+        "a key appeared at start below the resume point"
+    );
+    assert_eq!(
+        resumed.events,
+        pairs(&[("init", "v.a"), ("init", "v.hidden")])
+    );
+}
+
+#[test]
+fn a_volatile_directory_of_another_data_directory_is_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("vol");
+    let mut first = with_classes(tmp.path(), "v=volatile");
+    first.spawn_and_wait();
+    first.raw().request("PUT v.a 1");
+    assert!(first.stop().success());
+    let other = tempfile::tempdir().unwrap();
+    let mut second = Server::new_in(other.path(), &[]);
+    second.env = vec![("NKV_VOLATILE_DIR".into(), vol.to_str().unwrap().into())];
+    second.spawn_and_wait();
+    assert_eq!(get(&mut second.raw(), "v.a")["error"], "not_found");
+    assert!(
+        vol.join("v.a.json").is_file(),
+        "not taken by another data directory"
+    );
+}
