@@ -22,6 +22,10 @@ pub struct History {
     by_rev: BTreeMap<u64, Key>,
     cap: usize,
     horizon: u64,
+    /// The horizon for a target that may cover a key that is not persistent by its rule: above
+    /// `horizon` after a crash, which loses `memory` and `volatile` deletes (only persistent
+    /// ones are in the delete log).
+    transient_horizon: u64,
 }
 
 /// A history read back from `.tombstones`.
@@ -54,7 +58,24 @@ impl History {
             by_rev: BTreeMap::new(),
             cap,
             horizon,
+            transient_horizon: horizon,
         }
+    }
+
+    /// Resumes of targets that may cover non-persistent keys are answered only from `rev`.
+    pub fn set_transient_horizon(&mut self, rev: u64) {
+        self.transient_horizon = rev;
+    }
+
+    /// Whether every delete after `rev` of the keys a target covers is still known;
+    /// `transient`: the target may cover a key that is not persistent by its rule.
+    pub fn reaches_for(&self, rev: u64, transient: bool) -> bool {
+        self.reaches(rev) && (!transient || rev >= self.transient_horizon)
+    }
+
+    /// Every tombstone, in revision order.
+    pub fn tombstones(&self) -> impl Iterator<Item = (&Key, u64)> + '_ {
+        self.by_rev.iter().map(|(rev, key)| (key, *rev))
     }
 
     /// `key` was deleted at `rev`.

@@ -178,12 +178,17 @@ impl Store {
         let seq = RevSeq::new(max_rev);
         let mut history = History::new(config.tombstones, max_rev);
         let saved = disk.take_tombstones().as_deref().and_then(History::decode);
+        let rules = config.classes.describe();
         if saved.is_none() {
-            // No history to trust (a crash, a first start): no resume from before this start
-            // can be answered — the directory may even have been edited meanwhile — so the
-            // horizon is past every revision found. (A resume from a `ready` of this server
-            // taken before its first change is then a reset too: spurious, never wrong.)
+            // No saved history (a crash, a first start): the delete log, if it can be trusted,
+            // answers resumes of persistent keys; otherwise no resume from before this start
+            // can be answered, so the horizon is past every revision found. (A resume from a
+            // `ready` of this server taken before its first change is then a reset too:
+            // spurious, never wrong.)
             history = History::new(config.tombstones, max_rev + 1);
+            if let Some(restored) = from_log(&disk, &map, &seq, config, data_rev, &rules) {
+                history = restored;
+            }
         }
         if let Some(saved) = saved {
             // A volatile key the stop did not have (its directory was not read then, or was
@@ -235,6 +240,16 @@ impl Store {
                 history = History::new(config.tombstones, max_rev + 1);
             }
         }
+        // The log starts again from the history this start trusts.
+        disk.start_tomb_log(
+            crate::disk::LogRecords {
+                horizon: history.horizon(),
+                rules,
+                deletes: history.tombstones().map(|(k, r)| (k.clone(), r)).collect(),
+                sessions: Vec::new(),
+            },
+            config.tombstones,
+        );
         Ok(Store {
             map: RwLock::new(map),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -454,7 +469,10 @@ impl Store {
     ) -> Result<u64, WriteError> {
         let order = self.stripe(&key).lock();
         self.debug_panic(&key);
-        let old = self.map.read().get(&key).map(|e| (e.rev, e.class));
+        let (old, was_session) = match self.map.read().get(&key) {
+            Some(e) => (Some((e.rev, e.class)), e.owner.is_some()),
+            None => (None, false),
+        };
         if let Some(expected) = options.if_rev {
             let current = old.map_or(0, |(rev, _)| rev);
             if current != expected {
@@ -469,6 +487,13 @@ impl Store {
         let rev = ticket.rev();
         if class != Class::Persistent {
             self.lease(rev)?;
+        }
+        if options.session.is_some()
+            && !was_session
+            && self.classes.class_of(&key) == Class::Persistent
+        {
+            // A crash loses it: the next start must be able to tell resuming subscribers.
+            self.disk.log_session(&key, rev)?;
         }
         let late = match self.disk_of(class) {
             Some(disk) => self.in_place(disk.write(&key, rev, &value))?,
@@ -554,6 +579,10 @@ impl Store {
         let rev = ticket.rev();
         if class != Class::Persistent {
             self.lease(rev)?;
+        }
+        if self.classes.class_of(key) == Class::Persistent {
+            // Before the file goes: a crash then still knows of the delete.
+            self.disk.log_delete(key, rev)?;
         }
         let late = match self.disk_of(class) {
             Some(disk) => self.in_place(disk.remove(key, rev))?,
@@ -653,7 +682,8 @@ impl Store {
         self.notifier.push(mailbox, Item::Reply(ack.into()));
         let settled = self.seq.settled();
         let history = self.history.lock();
-        let resume = from.filter(|&f| f <= settled && history.reaches(f));
+        let transient = from.is_some() && self.classes.may_cover_transient(target);
+        let resume = from.filter(|&f| f <= settled && history.reaches_for(f, transient));
         if from.is_some() && resume.is_none() {
             self.notifier.push(mailbox, Item::Reset(target.clone()));
         }
@@ -699,6 +729,70 @@ impl Store {
         drop(map);
         Ok(count)
     }
+}
+
+/// The delete history after a crash, from the delete log (see `disk::tomblog`): its
+/// tombstones of keys still absent, a `del` at one new revision for each session key it names
+/// that the crash lost, and a horizon past every revision found for targets that may cover a
+/// `memory` or `volatile` key (their deletes are not logged). `None` when the log is missing,
+/// was written under other class rules, or has a bad record.
+fn from_log(
+    disk: &Disk,
+    map: &BTreeMap<Key, Entry>,
+    seq: &RevSeq,
+    config: &Config,
+    floor: u64,
+    rules: &str,
+) -> Option<History> {
+    let bytes = disk.read_tomb_log()?;
+    let records = match crate::disk::LogRecords::parse(&bytes, floor) {
+        Ok(records) if records.rules == rules => records,
+        Ok(records) => {
+            log::info!(
+                "delete log ignored: written under class rules {}, now {rules}",
+                records.rules
+            );
+            return None;
+        }
+        Err(e) => {
+            log::warn!("delete log ignored (every older resume gets a reset): {e}");
+            return None;
+        }
+    }
+    .compact(config.tombstones);
+    let last = seq.last();
+    let mut history = History::new(config.tombstones, records.horizon);
+    for (key, rev) in records.deletes {
+        if !map.contains_key(&key) {
+            history.record(key, rev);
+        }
+    }
+    let lost: Vec<Key> = records
+        .sessions
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| !map.contains_key(k))
+        .collect();
+    let mut transient_horizon = last + 1;
+    if !lost.is_empty() {
+        let gone = last + 1;
+        if let Err(e) = disk.raise_floor(gone) {
+            log::warn!("delete log not restored: {e}");
+            return None;
+        }
+        seq.raise(gone);
+        for key in lost {
+            history.record(key, gone);
+        }
+        transient_horizon = gone + 1;
+    }
+    history.set_transient_horizon(transient_horizon);
+    log::info!(
+        "delete history restored from the delete log after a crash: {} tombstones, horizon rev {} (rev {transient_horizon} for targets that may cover memory or volatile keys)",
+        history.len(),
+        history.horizon()
+    );
+    Some(history)
 }
 
 /// The volatile directory, when a rule uses it (created if missing), or when it exists and

@@ -149,7 +149,7 @@ fn a_resume_past_the_tombstone_horizon_gets_a_reset() {
 }
 
 #[test]
-fn the_delete_history_survives_a_clean_restart_and_not_a_crash() {
+fn the_delete_history_survives_a_clean_restart_and_a_crash() {
     let mut server = Server::start();
     let mut w = server.raw();
     w.request("PUT p.a 1");
@@ -174,12 +174,132 @@ fn the_delete_history_survives_a_clean_restart_and_not_a_crash() {
     let from = ready_rev(&resumed);
     server.raw().request("DEL p.b");
     server.restart();
+    // The delete log keeps persistent deletes across a crash.
     let after_crash = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
-    assert!(
-        after_crash.reset,
-        "after a crash the history cannot be trusted"
+    assert!(!after_crash.reset, "the delete log survives a crash");
+    assert_eq!(after_crash.events, pairs(&[("del", "p.b")]));
+    // What a crash did to memory keys is not known: a target that may cover them is reset.
+    let everything = sub(&mut server.raw(), &format!("SUB * FROM {from}"));
+    assert!(everything.reset, "memory deletes are not logged");
+}
+
+/// Puts `p.a`..`p.e`, subscribes to `p`, then deletes `p.a` and `p.b` and puts `p.f`; the
+/// revision the resume starts from.
+fn deletes_after(server: &Server) -> u64 {
+    let mut w = server.raw();
+    for k in ["a", "b", "c", "d", "e"] {
+        assert_eq!(w.request(&format!("PUT p.{k} 1"))["ok"], true);
+    }
+    let from = ready_rev(&sub(&mut server.raw(), "SUB p"));
+    assert_eq!(w.request("DEL p.a")["ok"], true);
+    assert_eq!(w.request("DEL p.b")["ok"], true);
+    assert_eq!(w.request("PUT p.f 1")["ok"], true);
+    from
+}
+
+#[test]
+fn a_resume_after_sigkill_gets_exactly_the_missed_deletes() {
+    for flags in [&[][..], &["--fsync"][..]] {
+        let mut server = Server::start_with(flags);
+        let from = deletes_after(&server);
+        server.restart();
+        let resumed = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+        assert!(
+            !resumed.reset,
+            "{flags:?}: the delete log answers the resume"
+        );
+        assert_eq!(
+            resumed.events,
+            pairs(&[("del", "p.a"), ("del", "p.b"), ("put", "p.f")]),
+            "{flags:?}"
+        );
+        // Twice: the start compacted the log, and a second crash still finds it whole.
+        server.raw().request("DEL p.c");
+        server.restart();
+        let again = sub(&mut server.raw(), &format!("SUB p.c FROM {from}"));
+        assert!(!again.reset, "{flags:?}");
+        assert_eq!(again.events, pairs(&[("del", "p.c")]), "{flags:?}");
+    }
+}
+
+#[test]
+fn a_session_key_lost_in_a_crash_is_told_as_a_del() {
+    let mut server = Server::start();
+    let mut owner = server.raw();
+    let reply = owner.request(r#"{"op":"put","key":"svc.s","value":1,"session":true}"#);
+    assert_eq!(reply["ok"], true, "{reply}");
+    let from = ready_rev(&sub(&mut server.raw(), "SUB svc"));
+    server.restart();
+    assert_eq!(get(&mut server.raw(), "svc.s")["error"], "not_found");
+    let resumed = sub(&mut server.raw(), &format!("SUB svc FROM {from}"));
+    assert!(!resumed.reset);
+    assert_eq!(resumed.events, pairs(&[("del", "svc.s")]));
+}
+
+#[test]
+fn a_delete_log_that_cannot_be_trusted_forces_a_reset() {
+    let log = |server: &Server| server.data.join(".tombstone-log");
+    // Lost, damaged, holding a revision above the floor, or written under other rules: reset.
+    let damage: [(&str, Harm); 4] = [
+        ("removed", |p| std::fs::remove_file(p).unwrap()),
+        ("a bad record", |p| append(p, b"d x p.z\n")),
+        ("above the floor", |p| append(p, b"d 999999 p.z\n")),
+        ("truncated into its header", |p| {
+            let text = std::fs::read(p).unwrap();
+            std::fs::write(p, &text[..5]).unwrap();
+        }),
+    ];
+    for (what, harm) in damage {
+        let mut server = Server::start();
+        let from = deletes_after(&server);
+        server.kill();
+        harm(&log(&server));
+        server.spawn_and_wait();
+        let resumed = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+        assert!(resumed.reset, "a log {what} must not be trusted");
+        assert_eq!(
+            resumed.events,
+            pairs(&[
+                ("init", "p.c"),
+                ("init", "p.d"),
+                ("init", "p.e"),
+                ("init", "p.f")
+            ]),
+            "{what}"
+        );
+        assert!(server.raw().healthy(), "{what}");
+    }
+    // A torn last record is an append that never finished: ignored, the rest trusted.
+    let mut server = Server::start();
+    let from = deletes_after(&server);
+    server.kill();
+    append(&log(&server), b"d 7 p.gone");
+    server.spawn_and_wait();
+    let resumed = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+    assert!(!resumed.reset);
+    assert_eq!(
+        resumed.events,
+        pairs(&[("del", "p.a"), ("del", "p.b"), ("put", "p.f")])
     );
-    assert!(after_crash.events.is_empty());
+    // Other class rules after the crash: deletes of keys that were not persistent are not
+    // in the log.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = with_classes(tmp.path(), "q=memory");
+    server.spawn_and_wait();
+    let from = deletes_after(&server);
+    server.kill();
+    set_classes(&mut server, "q=volatile");
+    server.spawn_and_wait();
+    assert!(sub(&mut server.raw(), &format!("SUB p FROM {from}")).reset);
+}
+
+/// Something done to the delete log while the server is down.
+type Harm = fn(&std::path::Path);
+
+fn append(path: &std::path::Path, bytes: &[u8]) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    file.write_all(bytes).unwrap();
 }
 
 #[test]
