@@ -386,3 +386,119 @@ mod tests {
         assert_eq!(LogRecords::parse(&text, 7).unwrap(), c);
     }
 }
+
+/// Fault injection on the log through the real store: a failing append or fsync never fails
+/// the delete, and the next start after a crash (the store dropped without `save`) then
+/// answers older resumes with a reset instead of trusting a log that misses a delete.
+#[cfg(test)]
+mod fault_tests {
+    use std::path::Path;
+
+    use super::super::fault::{plan_for, Fault, Op};
+    use crate::key::Key;
+    use crate::mailbox::Kicks;
+    use crate::store::{Config, Store, Value};
+
+    fn open(data: &Path, fsync: bool) -> Store {
+        open_capped(data, fsync, crate::store::DEFAULT_TOMBSTONES)
+    }
+
+    fn open_capped(data: &Path, fsync: bool, tombstones: usize) -> Store {
+        let mut config = Config::new(data, &crate::disk::Options::new(fsync));
+        config.tombstones = tombstones;
+        Store::open_with(&config).unwrap()
+    }
+
+    fn key(k: &str) -> Key {
+        Key::parse(k).unwrap()
+    }
+
+    /// Puts `a`, `b`, `c`, deletes `a` (logged), then deletes `b` with `fault` planned.
+    /// Returns the revision after `a`'s delete and the revision of `b`'s.
+    fn workload(data: &Path, fault: Option<Fault>) -> (u64, u64) {
+        let store = open(data, true);
+        let mut kicks = Kicks::default();
+        for k in ["a", "b", "c"] {
+            store.put(key(k), Value::from("1"), &mut kicks).unwrap();
+        }
+        let after_a = store.delete(&key("a"), &mut kicks).unwrap().unwrap();
+        plan_for(data).set(fault);
+        let b = store.delete(&key("b"), &mut kicks);
+        plan_for(data).set(None);
+        let b = b
+            .expect("a delete log failure never fails the delete")
+            .unwrap();
+        assert_eq!(store.get(&key("b")), None);
+        assert!(!data.join("b.json").exists());
+        // Later deletes are not logged any more, and still work.
+        store.delete(&key("c"), &mut kicks).unwrap();
+        (after_a, b)
+        // Dropped without `save`: a crash.
+    }
+
+    #[test]
+    fn a_failing_append_or_fsync_costs_a_reset_never_a_missed_delete() {
+        for op in [Op::AppendLog, Op::SyncLog] {
+            for errno in [nix::libc::ENOSPC, nix::libc::EIO] {
+                let tmp = tempfile::tempdir().unwrap();
+                let data = tmp.path().join("data");
+                let fault = Fault {
+                    op,
+                    errno,
+                    times: 1,
+                };
+                let (after_a, b) = workload(&data, Some(fault));
+                assert!(plan_for(&data).injected() > 0, "{op:?}: the fault was hit");
+                assert!(
+                    !data.join(super::TOMBSTONE_LOG).exists(),
+                    "{op:?}/{errno}: the incomplete log is removed"
+                );
+                let store = open(&data, true);
+                let (_, horizon) = store.history_stats();
+                assert!(
+                    horizon > b,
+                    "{op:?}/{errno}: a resume from {after_a} must be reset (horizon {horizon})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn without_faults_the_log_answers_after_a_crash() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let (after_a, _) = workload(&data, None);
+        let store = open(&data, true);
+        let (tombstones, horizon) = store.history_stats();
+        assert_eq!(tombstones, 3);
+        assert!(
+            horizon <= after_a,
+            "horizon {horizon}, resume from {after_a}"
+        );
+    }
+
+    #[test]
+    fn the_log_is_compacted_as_it_grows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let store = open_capped(&data, false, 10);
+        let mut kicks = Kicks::default();
+        for _ in 0..6000 {
+            store.put(key("k"), Value::from("1"), &mut kicks).unwrap();
+            store.delete(&key("k"), &mut kicks).unwrap();
+        }
+        let len = std::fs::metadata(data.join(super::TOMBSTONE_LOG))
+            .unwrap()
+            .len();
+        assert!(
+            len < 40_000,
+            "the log holds {len} bytes for one key's deletes"
+        );
+        let last = store.rev();
+        drop(store);
+        let store = open_capped(&data, false, 10);
+        let (tombstones, horizon) = store.history_stats();
+        assert_eq!(tombstones, 1);
+        assert!(horizon < last, "the last delete is still answerable");
+    }
+}
