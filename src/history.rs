@@ -8,8 +8,10 @@
 //!
 //! Kept across a clean stop in the data directory's `.tombstones` (see [`History::encode`]):
 //! written by `Store::save`, read and removed at the next start, and trusted only if the
-//! directory's revision is still the one the file was written at (so a crash or a change after
-//! it makes the next start begin a new horizon instead of trusting stale history).
+//! directory's revision is still the one the file was written at (so a change after it makes
+//! the next start begin a new horizon instead of trusting stale history). After a crash the
+//! history of persistent keys comes from the delete log (`disk::tomblog`); targets that may
+//! cover other keys then reach back only to the start (`transient_horizon`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
