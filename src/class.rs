@@ -76,6 +76,23 @@ impl ClassRules {
         ClassRules { rules: all }
     }
 
+    /// [`new`](ClassRules::new), refusing two rules that give one prefix different classes
+    /// (`--class a=memory --class a=volatile`): which one was meant cannot be told, so the
+    /// server does not guess. The same rule given twice is accepted.
+    ///
+    /// # Errors
+    /// Two rules for one prefix name different classes; the message names both.
+    pub fn checked(rules: Vec<(Key, Class)>) -> Result<ClassRules, String> {
+        for (i, (prefix, class)) in rules.iter().enumerate() {
+            if let Some((_, other)) = rules[..i].iter().find(|(p, c)| p == prefix && c != class) {
+                return Err(format!(
+                    "conflicting rules for prefix {prefix:?}: {prefix}={other} and {prefix}={class}; give each prefix one class"
+                ));
+            }
+        }
+        Ok(ClassRules::new(rules))
+    }
+
     /// Parses one `PREFIX=CLASS` rule.
     ///
     /// # Errors
@@ -152,6 +169,22 @@ mod tests {
         assert!(ClassRules::parse_rule("a..b=memory").is_err());
         assert!(ClassRules::parse_rule("a=disk").is_err());
         assert!(ClassRules::parse_rule("a=").is_err());
+    }
+
+    #[test]
+    fn conflicting_duplicates_are_refused_identical_ones_accepted() {
+        let rule = |t: &str| ClassRules::parse_rule(t).unwrap();
+        let err = ClassRules::checked(vec![rule("a=memory"), rule("a=volatile")]).unwrap_err();
+        assert!(
+            err.contains("a=memory") && err.contains("a=volatile"),
+            "{err}"
+        );
+        let same =
+            ClassRules::checked(vec![rule("a=memory"), rule("b=volatile"), rule("a=memory")]);
+        assert_eq!(same.unwrap().class_of(&key("a.x")), Class::Memory);
+        // Overriding the default `runtime=memory` is not a conflict.
+        let off = ClassRules::checked(vec![rule("runtime=persistent")]).unwrap();
+        assert_eq!(off.class_of(&key("runtime.a")), Class::Persistent);
     }
 
     #[test]

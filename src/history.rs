@@ -8,8 +8,10 @@
 //!
 //! Kept across a clean stop in the data directory's `.tombstones` (see [`History::encode`]):
 //! written by `Store::save`, read and removed at the next start, and trusted only if the
-//! directory's revision is still the one the file was written at (so a crash or a change after
-//! it makes the next start begin a new horizon instead of trusting stale history).
+//! directory's revision is still the one the file was written at (so a change after it makes
+//! the next start begin a new horizon instead of trusting stale history). After a crash the
+//! history of persistent keys comes from the delete log (`disk::tomblog`); targets that may
+//! cover other keys then reach back only to the start (`transient_horizon`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -22,6 +24,10 @@ pub struct History {
     by_rev: BTreeMap<u64, Key>,
     cap: usize,
     horizon: u64,
+    /// The horizon for a target that may cover a key that is not persistent by its rule: above
+    /// `horizon` after a crash, which loses `memory` and `volatile` deletes (only persistent
+    /// ones are in the delete log).
+    transient_horizon: u64,
 }
 
 /// A history read back from `.tombstones`.
@@ -35,9 +41,13 @@ pub struct Saved {
     pub fingerprint: u64,
     pub horizon: u64,
     pub tombstones: Vec<(Key, u64)>,
-    /// Keys that existed at the stop but not on disk (memory, session) or only in the volatile
-    /// directory: the start tells resuming subscribers they are gone unless they are back.
+    /// Keys that existed at the stop but not on disk (memory, session): the start tells
+    /// resuming subscribers they are gone.
     pub transient: Vec<Key>,
+    /// The volatile keys at the stop, with their revisions: the start tells resuming
+    /// subscribers of those it does not find (a reboot), and trusts the history only if it
+    /// finds no other volatile key.
+    pub volatile: Vec<(Key, u64)>,
 }
 
 const MAGIC: &str = "nkv-tombstones 1";
@@ -50,7 +60,24 @@ impl History {
             by_rev: BTreeMap::new(),
             cap,
             horizon,
+            transient_horizon: horizon,
         }
+    }
+
+    /// Resumes of targets that may cover non-persistent keys are answered only from `rev`.
+    pub fn set_transient_horizon(&mut self, rev: u64) {
+        self.transient_horizon = rev;
+    }
+
+    /// Whether every delete after `rev` of the keys a target covers is still known;
+    /// `transient`: the target may cover a key that is not persistent by its rule.
+    pub fn reaches_for(&self, rev: u64, transient: bool) -> bool {
+        self.reaches(rev) && (!transient || rev >= self.transient_horizon)
+    }
+
+    /// Every tombstone, in revision order.
+    pub fn tombstones(&self) -> impl Iterator<Item = (&Key, u64)> + '_ {
+        self.by_rev.iter().map(|(rev, key)| (key, *rev))
     }
 
     /// `key` was deleted at `rev`.
@@ -108,14 +135,24 @@ impl History {
     }
 
     /// The history as `.tombstones` holds it: a header line `nkv-tombstones 1 <at> <horizon>`,
-    /// then `d <rev> <key>` per tombstone and `t <key>` per transient key.
-    pub fn encode(&self, at: u64, fingerprint: u64, transient: &[Key]) -> String {
+    /// then `d <rev> <key>` per tombstone, `t <key>` per memory key and `v <rev> <key>` per
+    /// volatile key.
+    pub fn encode(
+        &self,
+        at: u64,
+        fingerprint: u64,
+        transient: &[Key],
+        volatile: &[(Key, u64)],
+    ) -> String {
         let mut out = format!("{MAGIC} {at} {} {fingerprint}\n", self.horizon);
         for (rev, key) in &self.by_rev {
             let _ = writeln!(out, "d {rev} {key}");
         }
         for key in transient {
             let _ = writeln!(out, "t {key}");
+        }
+        for (key, rev) in volatile {
+            let _ = writeln!(out, "v {rev} {key}");
         }
         out
     }
@@ -145,6 +182,12 @@ impl History {
                         .push((Key::parse(key).ok()?, rev.parse().ok()?));
                 }
                 ("t", key) => saved.transient.push(Key::parse(key).ok()?),
+                ("v", rest) => {
+                    let (rev, key) = rest.split_once(' ')?;
+                    saved
+                        .volatile
+                        .push((Key::parse(key).ok()?, rev.parse().ok()?));
+                }
                 _ => return None,
             }
         }
@@ -201,7 +244,7 @@ mod tests {
     fn the_saved_form_round_trips_and_refuses_anything_else() {
         let mut h = History::new(10, 3);
         h.record(key("a.b"), 4);
-        let text = h.encode(9, 77, &[key("runtime.x")]);
+        let text = h.encode(9, 77, &[key("runtime.x")], &[(key("run.y"), 2)]);
         let saved = History::decode(text.as_bytes()).unwrap();
         assert_eq!(
             saved,
@@ -211,6 +254,7 @@ mod tests {
                 horizon: 3,
                 tombstones: vec![(key("a.b"), 4)],
                 transient: vec![key("runtime.x")],
+                volatile: vec![(key("run.y"), 2)],
             }
         );
         assert!(History::decode(b"garbage").is_none());

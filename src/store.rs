@@ -134,56 +134,71 @@ impl Store {
     /// See [`Disk::open`], for either directory.
     pub fn open_with(config: &Config) -> Result<Store, OpenError> {
         let (disk, contents) = Disk::open(&config.data_dir, &config.options)?;
-        let mut map = BTreeMap::new();
         let mut max_rev = contents.max_rev;
         let data_rev = contents.max_rev;
-        for l in contents.entries {
+        // What the stop's history must match: the data directory as found, and the volatile
+        // keys as found (before any key is moved home).
+        let found = crate::history::fingerprint(
+            contents.entries.iter().map(|l| (&l.key, l.rev, &*l.value)),
+        );
+        let home = std::fs::canonicalize(&config.data_dir).unwrap_or(config.data_dir.clone());
+        let (volatile, vcontents) = open_volatile(config, &home)?;
+        let mut found_volatile: Vec<(Key, u64)> = Vec::new();
+        if let Some(v) = &vcontents {
+            max_rev = max_rev.max(v.max_rev);
+            found_volatile = v.entries.iter().map(|l| (l.key.clone(), l.rev)).collect();
+        }
+        // The floor counts every revision found, in either directory: keys moved home keep
+        // their revisions, and the next start must count from beyond them.
+        disk.raise_floor(max_rev).map_err(|e| {
+            OpenError::Disk(crate::error::DiskError::new(
+                "write",
+                disk.dir().join(crate::disk::layout::REV_FILE),
+                std::io::Error::other(e.to_string()),
+            ))
+        })?;
+        let (placed, settled) = crate::disk::place(
+            &disk,
+            contents.entries,
+            volatile.as_ref().zip(vcontents.map(|v| v.entries)),
+            &config.classes,
+        );
+        // Read only to move its keys home: released again unless a key is still there.
+        let volatile = volatile.filter(|_| config.classes.uses(Class::Volatile) || !settled);
+        let mut map = BTreeMap::new();
+        for p in placed {
             let entry = Entry {
-                value: l.value,
-                rev: l.rev,
-                class: Class::Persistent,
+                value: p.value,
+                rev: p.rev,
+                class: p.class,
                 owner: None,
             };
-            map.insert(l.key, entry);
+            map.insert(p.key, entry);
         }
-        let volatile = if config.classes.uses(Class::Volatile) {
-            let (vdisk, vcontents) = Disk::open(&config.volatile_dir, &config.options)?;
-            max_rev = max_rev.max(vcontents.max_rev);
-            for l in vcontents.entries {
-                // A key in both directories (a class change whose old file could not be
-                // removed) is the later of the two.
-                if map.get(&l.key).is_some_and(|e: &Entry| e.rev >= l.rev) {
-                    continue;
-                }
-                let entry = Entry {
-                    value: l.value,
-                    rev: l.rev,
-                    class: Class::Volatile,
-                    owner: None,
-                };
-                map.insert(l.key, entry);
-            }
-            Some(vdisk)
-        } else {
-            None
-        };
         let seq = RevSeq::new(max_rev);
         let mut history = History::new(config.tombstones, max_rev);
         let saved = disk.take_tombstones().as_deref().and_then(History::decode);
+        let rules = config.classes.describe();
         if saved.is_none() {
-            // No history to trust (a crash, a first start): no resume from before this start
-            // can be answered — the directory may even have been edited meanwhile — so the
-            // horizon is past every revision found. (A resume from a `ready` of this server
-            // taken before its first change is then a reset too: spurious, never wrong.)
+            // No saved history (a crash, a first start): the delete log, if it can be trusted,
+            // answers resumes of persistent keys; otherwise no resume from before this start
+            // can be answered, so the horizon is past every revision found. (A resume from a
+            // `ready` of this server taken before its first change is then a reset too:
+            // spurious, never wrong.)
             history = History::new(config.tombstones, max_rev + 1);
+            if let Some(restored) = from_log(&disk, &map, &seq, config, data_rev, &rules) {
+                history = restored;
+            }
         }
         if let Some(saved) = saved {
-            let found = crate::history::fingerprint(
-                map.iter()
-                    .filter(|(_, e)| e.class == Class::Persistent)
-                    .map(|(k, e)| (k, e.rev, &*e.value)),
-            );
-            if saved.at == data_rev && saved.fingerprint == found {
+            // A volatile key the stop did not have (its directory was not read then, or was
+            // edited since) appeared with a revision a resume may already be past: the
+            // history cannot tell it, so no resume from before this start is answered.
+            let appeared = found_volatile
+                .iter()
+                .filter(|kr| !saved.volatile.contains(kr))
+                .count();
+            if saved.at == data_rev && saved.fingerprint == found && appeared == 0 {
                 history = History::new(config.tombstones, saved.horizon);
                 for (key, rev) in saved.tombstones {
                     if !map.contains_key(&key) {
@@ -193,6 +208,7 @@ impl Store {
                 let lost: Vec<Key> = saved
                     .transient
                     .into_iter()
+                    .chain(saved.volatile.into_iter().map(|(k, _)| k))
                     .filter(|k| !map.contains_key(k))
                     .collect();
                 if !lost.is_empty() {
@@ -218,12 +234,22 @@ impl Store {
                 );
             } else {
                 log::info!(
-                    "delete history of rev {} ignored: the data directory changed since (rev {data_rev})",
+                    "delete history of rev {} ignored: the data directory changed since (rev {data_rev}), or {appeared} volatile keys appeared",
                     saved.at
                 );
                 history = History::new(config.tombstones, max_rev + 1);
             }
         }
+        // The log starts again from the history this start trusts.
+        disk.start_tomb_log(
+            crate::disk::LogRecords {
+                horizon: history.horizon(),
+                rules,
+                deletes: history.tombstones().map(|(k, r)| (k.clone(), r)).collect(),
+                sessions: Vec::new(),
+            },
+            config.tombstones,
+        );
         Ok(Store {
             map: RwLock::new(map),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -253,15 +279,23 @@ impl Store {
         }
         let transient: Vec<Key> = map
             .iter()
-            .filter(|(_, e)| e.class != Class::Persistent)
+            .filter(|(_, e)| e.class == Class::Memory)
             .map(|(k, _)| k.clone())
+            .collect();
+        let volatile: Vec<(Key, u64)> = map
+            .iter()
+            .filter(|(_, e)| e.class == Class::Volatile)
+            .map(|(k, e)| (k.clone(), e.rev))
             .collect();
         let fingerprint = crate::history::fingerprint(
             map.iter()
                 .filter(|(_, e)| e.class == Class::Persistent)
                 .map(|(k, e)| (k, e.rev, &*e.value)),
         );
-        let text = self.history.lock().encode(at, fingerprint, &transient);
+        let text = self
+            .history
+            .lock()
+            .encode(at, fingerprint, &transient, &volatile);
         drop(map);
         match self.disk.save_tombstones(text.as_bytes()) {
             Ok(()) => log::info!("delete history saved at rev {at}"),
@@ -435,7 +469,10 @@ impl Store {
     ) -> Result<u64, WriteError> {
         let order = self.stripe(&key).lock();
         self.debug_panic(&key);
-        let old = self.map.read().get(&key).map(|e| (e.rev, e.class));
+        let (old, was_session) = match self.map.read().get(&key) {
+            Some(e) => (Some((e.rev, e.class)), e.owner.is_some()),
+            None => (None, false),
+        };
         if let Some(expected) = options.if_rev {
             let current = old.map_or(0, |(rev, _)| rev);
             if current != expected {
@@ -450,6 +487,13 @@ impl Store {
         let rev = ticket.rev();
         if class != Class::Persistent {
             self.lease(rev)?;
+        }
+        if options.session.is_some()
+            && !was_session
+            && self.classes.class_of(&key) == Class::Persistent
+        {
+            // A crash loses it: the next start must be able to tell resuming subscribers.
+            self.disk.log_session(&key, rev)?;
         }
         let late = match self.disk_of(class) {
             Some(disk) => self.in_place(disk.write(&key, rev, &value))?,
@@ -535,6 +579,10 @@ impl Store {
         let rev = ticket.rev();
         if class != Class::Persistent {
             self.lease(rev)?;
+        }
+        if self.classes.class_of(key) == Class::Persistent {
+            // Before the file goes: a crash then still knows of the delete.
+            self.disk.log_delete(key, rev)?;
         }
         let late = match self.disk_of(class) {
             Some(disk) => self.in_place(disk.remove(key, rev))?,
@@ -634,7 +682,8 @@ impl Store {
         self.notifier.push(mailbox, Item::Reply(ack.into()));
         let settled = self.seq.settled();
         let history = self.history.lock();
-        let resume = from.filter(|&f| f <= settled && history.reaches(f));
+        let transient = from.is_some() && self.classes.may_cover_transient(target);
+        let resume = from.filter(|&f| f <= settled && history.reaches_for(f, transient));
         if from.is_some() && resume.is_none() {
             self.notifier.push(mailbox, Item::Reset(target.clone()));
         }
@@ -680,6 +729,117 @@ impl Store {
         drop(map);
         Ok(count)
     }
+}
+
+/// The delete history after a crash, from the delete log (see `disk::tomblog`): its
+/// tombstones of keys still absent, a `del` at one new revision for each session key it names
+/// that the crash lost, and a horizon past every revision found for targets that may cover a
+/// `memory` or `volatile` key (their deletes are not logged). `None` when the log is missing,
+/// was written under other class rules, or has a bad record.
+fn from_log(
+    disk: &Disk,
+    map: &BTreeMap<Key, Entry>,
+    seq: &RevSeq,
+    config: &Config,
+    floor: u64,
+    rules: &str,
+) -> Option<History> {
+    let bytes = disk.read_tomb_log()?;
+    let records = match crate::disk::LogRecords::parse(&bytes, floor) {
+        Ok(records) if records.rules == rules => records,
+        Ok(records) => {
+            log::info!(
+                "delete log ignored: written under class rules {}, now {rules}",
+                records.rules
+            );
+            return None;
+        }
+        Err(e) => {
+            log::warn!("delete log ignored (every older resume gets a reset): {e}");
+            return None;
+        }
+    }
+    .compact(config.tombstones);
+    let last = seq.last();
+    let mut history = History::new(config.tombstones, records.horizon);
+    for (key, rev) in records.deletes {
+        if !map.contains_key(&key) {
+            history.record(key, rev);
+        }
+    }
+    let lost: Vec<Key> = records
+        .sessions
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| !map.contains_key(k))
+        .collect();
+    let mut transient_horizon = last + 1;
+    if !lost.is_empty() {
+        let gone = last + 1;
+        if let Err(e) = disk.raise_floor(gone) {
+            log::warn!("delete log not restored: {e}");
+            return None;
+        }
+        seq.raise(gone);
+        for key in lost {
+            history.record(key, gone);
+        }
+        transient_horizon = gone + 1;
+    }
+    history.set_transient_horizon(transient_horizon);
+    log::info!(
+        "delete history restored from the delete log after a crash: {} tombstones, horizon rev {} (rev {transient_horizon} for targets that may cover memory or volatile keys)",
+        history.len(),
+        history.horizon()
+    );
+    Some(history)
+}
+
+/// The volatile directory, when a rule uses it (created if missing), or when it exists and
+/// its `.home` names this data directory (read so that keys left there from a start with
+/// other rules move home instead of coming back later). Marked as this data directory's.
+///
+/// # Errors
+/// The directory cannot be opened while a rule uses it (see [`Disk::open`]).
+fn open_volatile(
+    config: &Config,
+    home: &Path,
+) -> Result<(Option<Disk>, Option<crate::disk::Contents>), OpenError> {
+    let path = &config.volatile_dir;
+    let used = config.classes.uses(Class::Volatile);
+    if !used {
+        if crate::disk::home_of(path).as_deref() != Some(home) {
+            return Ok((None, None));
+        }
+        return match Disk::open(path, &config.options) {
+            Ok((disk, contents)) => Ok((Some(disk), Some(contents))),
+            Err(e) => {
+                log::warn!(
+                    "volatile directory {} not read (no rule uses it): {e}",
+                    path.display()
+                );
+                Ok((None, None))
+            }
+        };
+    }
+    let (disk, contents) = Disk::open(path, &config.options)?;
+    match crate::disk::home_of(path) {
+        Some(other) if other != home => log::warn!(
+            "volatile directory {} belonged to data directory {}; it is now {}'s",
+            path.display(),
+            other.display(),
+            home.display()
+        ),
+        _ => {}
+    }
+    if let Err(e) = disk.mark_home(home) {
+        log::warn!(
+            "cannot mark {} as {}'s: {e}",
+            path.display(),
+            home.display()
+        );
+    }
+    Ok((Some(disk), Some(contents)))
 }
 
 /// The entries a target covers, in key order, using the map's order: every key strictly

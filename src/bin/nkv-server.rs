@@ -286,6 +286,14 @@ fn main() -> ExitCode {
             }
         };
     }
+    // Two rules giving one prefix different classes: refused like any other bad flag.
+    let classes = match ClassRules::checked(args.classes.clone()) {
+        Ok(classes) => classes,
+        Err(e) => {
+            eprintln!("nkv-server: --class (or NKV_CLASSES): {e}");
+            return ExitCode::from(2);
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     raise_fd_limit();
     return_large_buffers_to_the_os();
@@ -307,7 +315,7 @@ fn main() -> ExitCode {
             idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
             send_timeout: (args.send_timeout > 0).then(|| Duration::from_secs(args.send_timeout)),
         },
-        classes: ClassRules::new(args.classes),
+        classes,
         volatile_dir: args.volatile_dir,
         tombstones: args.tombstones,
     };

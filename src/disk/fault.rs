@@ -26,10 +26,14 @@ pub enum Op {
     SyncRev,
     /// Growing or re-creating the reserve.
     Reserve,
+    /// Appending a record to the delete log.
+    AppendLog,
+    /// Fsync of the delete log.
+    SyncLog,
 }
 
 impl Op {
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 11] = [
         Op::CreateTemp,
         Op::WriteTemp,
         Op::SyncFile,
@@ -39,6 +43,8 @@ impl Op {
         Op::WriteRev,
         Op::SyncRev,
         Op::Reserve,
+        Op::AppendLog,
+        Op::SyncLog,
     ];
 }
 

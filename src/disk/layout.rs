@@ -24,6 +24,14 @@ pub const LEGACY_LOCK: &str = ".lock";
 pub const CASE_PROBE_PREFIX: &str = ".case-probe-";
 /// The delete history (tombstones) saved at a clean stop, read and removed at the next start.
 pub const TOMBSTONE_FILE: &str = ".tombstones";
+/// In a volatile directory: the data directory it belongs to (its absolute path, one line).
+/// A server whose rules use no `volatile` prefix still reads the volatile directory at start
+/// when it names its own data directory, so no key is left there to come back later; one
+/// that names another data directory is another server's and left alone.
+pub const HOME_FILE: &str = ".home";
+/// The append-only log of persistent deletes (`<rev> <key>` per line), so the delete history
+/// survives a crash; compacted at start and at a clean stop.
+pub const TOMBSTONE_LOG: &str = ".tombstone-log";
 /// Width of the revision in [`REV_FILE`]: `u64::MAX` has 20 digits.
 pub const REV_WIDTH: usize = 20;
 
@@ -36,6 +44,10 @@ pub enum Name {
     Reserve,
     /// [`TOMBSTONE_FILE`], read by the store, not by the key scan.
     Tombstones,
+    /// [`HOME_FILE`], read before the directory is opened.
+    Home,
+    /// [`TOMBSTONE_LOG`], read by the store.
+    TombstoneLog,
     Quarantine,
     /// `.lock` of layout 1.
     LegacyLock,
@@ -51,6 +63,8 @@ pub fn classify(name: &str) -> Name {
         REV_FILE => return Name::RevFloor,
         RESERVE_FILE => return Name::Reserve,
         TOMBSTONE_FILE => return Name::Tombstones,
+        HOME_FILE => return Name::Home,
+        TOMBSTONE_LOG => return Name::TombstoneLog,
         QUARANTINE_DIR => return Name::Quarantine,
         LEGACY_LOCK => return Name::LegacyLock,
         _ => {}
@@ -123,10 +137,19 @@ mod tests {
         assert_eq!(classify(".lock"), Name::LegacyLock);
         assert_eq!(classify(".quarantine"), Name::Quarantine);
         assert_eq!(classify(".reserve"), Name::Reserve);
+        assert_eq!(classify(".home"), Name::Home);
+        assert_eq!(classify(".tombstone-log"), Name::TombstoneLog);
         assert_eq!(classify("notes.txt"), Name::Foreign);
         assert_eq!(classify("a..json"), Name::Foreign);
         // Every name the server creates for itself starts with '.', which no key file does.
-        for name in [REV_FILE, RESERVE_FILE, QUARANTINE_DIR, &temp_name(0)] {
+        for name in [
+            REV_FILE,
+            RESERVE_FILE,
+            QUARANTINE_DIR,
+            HOME_FILE,
+            TOMBSTONE_LOG,
+            &temp_name(0),
+        ] {
             assert!(name.starts_with('.'));
             assert!(!matches!(classify(name), Name::Key(_) | Name::Foreign));
         }

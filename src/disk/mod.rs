@@ -14,7 +14,10 @@
 //!   the next start;
 //! - `.rev` — the highest revision handed out by a delete, 20 digits, rewritten in place;
 //! - `.reserve` — space held back so deletes and same-size overwrites work on a full disk;
-//! - `.quarantine/` — files found at start that are not valid records or not ours.
+//! - `.quarantine/` — files found at start that are not valid records or not ours;
+//! - `.tombstone-log` — the persistent deletes since the last compaction (see [`tomblog`]);
+//! - `.tombstones` — the delete history saved at a clean stop;
+//! - `.home` — in a volatile directory only: the data directory it belongs to.
 //!
 //! The directory itself carries the `flock` that keeps a second server out.
 
@@ -22,6 +25,7 @@ pub mod dir;
 pub mod fault;
 #[cfg(test)]
 mod fault_tests;
+mod homes;
 pub mod layout;
 pub mod load;
 pub mod owner;
@@ -29,6 +33,7 @@ pub mod owner;
 mod power_tests;
 mod reserve;
 mod server_file;
+mod tomblog;
 mod write;
 
 use std::fs::{self, File};
@@ -43,9 +48,12 @@ use parking_lot::Mutex;
 
 use crate::error::{is_no_space, DiskError};
 use dir::{Access, Dir};
+pub use homes::{place, Placed};
 pub use layout::{file_name, key_of};
 pub use load::{Contents, Loaded};
 use owner::{DirError, Policy};
+pub use server_file::home_of;
+pub use tomblog::LogRecords;
 
 /// The largest revision: fits every signed 64-bit integer, and a record's revision above it
 /// is refused at load instead of wrapping.
@@ -92,6 +100,9 @@ pub struct Disk {
     reserve_short: AtomicBool,
     /// The largest record a put may write (the value limit plus the record's frame).
     max_record: u64,
+    /// The delete log, once the store started it (see [`tomblog`]); `None` before, in a
+    /// volatile directory, and after an append failed. Taken by every append.
+    tomb_log: Mutex<Option<tomblog::TombLog>>,
 }
 
 /// Why the data directory could not be opened.
@@ -186,6 +197,7 @@ impl Disk {
             fsync: options.fsync,
             next_temp: AtomicU64::new(unpredictable()),
             max_record,
+            tomb_log: Mutex::new(None),
         };
         if options.fsync {
             disk.dir

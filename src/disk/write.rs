@@ -72,6 +72,11 @@ pub(super) fn open_or_create(dir: &Dir, name: &str, initial: &[u8]) -> io::Resul
 }
 
 impl Floor {
+    /// The revision the floor holds.
+    pub(super) fn value(&self) -> u64 {
+        self.value
+    }
+
     /// Opens `.rev` (creating it if missing or unusable) and writes the loaded maximum to it.
     pub fn open(dir: &Dir, contents: &Contents) -> Result<Floor, DiskError> {
         let bytes = floor_bytes(contents.max_rev);

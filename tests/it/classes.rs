@@ -173,3 +173,48 @@ fn classes_come_from_the_environment_too() {
     assert_eq!(class_of(&mut raw, "b.x"), "volatile");
     assert!(vol.join("b.x.json").is_file());
 }
+
+#[test]
+fn conflicting_class_rules_stop_the_server_with_status_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("vol");
+    let refused = |args: &[&str], env: Option<&str>| {
+        let mut server = Server::new_in(tmp.path(), args);
+        if let Some(classes) = env {
+            server.env = vec![("NKV_CLASSES".into(), classes.into())];
+        }
+        let out = server
+            .command()
+            .arg("--volatile-dir")
+            .arg(&vol)
+            .stderr(std::process::Stdio::piped())
+            .bounded_output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = refused(&["--class", "a=memory", "--class", "a=volatile"], None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--class") && err.contains("a=memory") && err.contains("a=volatile"),
+        "{err}"
+    );
+    let (code, err) = refused(&[], Some("a=memory,b=persistent,a=volatile"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("NKV_CLASSES") && err.contains("conflicting"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("data").exists(),
+        "refused before touching the disk"
+    );
+    // The same rule twice is no conflict.
+    let mut server = Server::new_in(tmp.path(), &["--class", "a=memory", "--class", "a=memory"]);
+    server.spawn_and_wait();
+    assert_eq!(class_of(&mut server.raw(), "a.x"), "not_found");
+    put(&mut server.raw(), "a.x", "1");
+    assert_eq!(class_of(&mut server.raw(), "a.x"), "memory");
+}

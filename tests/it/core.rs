@@ -853,6 +853,7 @@ fn hostile_keys_are_rejected_and_nothing_is_written_outside_the_data_dir() {
         "server.log",
         ".rev",
         ".reserve",
+        ".tombstone-log",
         "ok.x.json",
     ]
     .into();

@@ -339,7 +339,9 @@ fn malformed_requests_get_their_error_code_and_the_connection_stays_usable() {
         data.into_iter().partition(|n| n.starts_with('.'));
     assert_eq!(visible, expected, "key files in the data dir");
     assert!(
-        hidden.iter().all(|n| n == ".rev" || n == ".reserve"),
+        hidden
+            .iter()
+            .all(|n| n == ".rev" || n == ".reserve" || n == ".tombstone-log"),
         "unexpected bookkeeping files: {hidden:?}"
     );
     assert_eq!(names_in(tmp.path()), BTreeSet::from(["srv".to_string()]));

@@ -149,7 +149,7 @@ fn a_resume_past_the_tombstone_horizon_gets_a_reset() {
 }
 
 #[test]
-fn the_delete_history_survives_a_clean_restart_and_not_a_crash() {
+fn the_delete_history_survives_a_clean_restart_and_a_crash() {
     let mut server = Server::start();
     let mut w = server.raw();
     w.request("PUT p.a 1");
@@ -174,12 +174,132 @@ fn the_delete_history_survives_a_clean_restart_and_not_a_crash() {
     let from = ready_rev(&resumed);
     server.raw().request("DEL p.b");
     server.restart();
+    // The delete log keeps persistent deletes across a crash.
     let after_crash = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
-    assert!(
-        after_crash.reset,
-        "after a crash the history cannot be trusted"
+    assert!(!after_crash.reset, "the delete log survives a crash");
+    assert_eq!(after_crash.events, pairs(&[("del", "p.b")]));
+    // What a crash did to memory keys is not known: a target that may cover them is reset.
+    let everything = sub(&mut server.raw(), &format!("SUB * FROM {from}"));
+    assert!(everything.reset, "memory deletes are not logged");
+}
+
+/// Puts `p.a`..`p.e`, subscribes to `p`, then deletes `p.a` and `p.b` and puts `p.f`; the
+/// revision the resume starts from.
+fn deletes_after(server: &Server) -> u64 {
+    let mut w = server.raw();
+    for k in ["a", "b", "c", "d", "e"] {
+        assert_eq!(w.request(&format!("PUT p.{k} 1"))["ok"], true);
+    }
+    let from = ready_rev(&sub(&mut server.raw(), "SUB p"));
+    assert_eq!(w.request("DEL p.a")["ok"], true);
+    assert_eq!(w.request("DEL p.b")["ok"], true);
+    assert_eq!(w.request("PUT p.f 1")["ok"], true);
+    from
+}
+
+#[test]
+fn a_resume_after_sigkill_gets_exactly_the_missed_deletes() {
+    for flags in [&[][..], &["--fsync"][..]] {
+        let mut server = Server::start_with(flags);
+        let from = deletes_after(&server);
+        server.restart();
+        let resumed = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+        assert!(
+            !resumed.reset,
+            "{flags:?}: the delete log answers the resume"
+        );
+        assert_eq!(
+            resumed.events,
+            pairs(&[("del", "p.a"), ("del", "p.b"), ("put", "p.f")]),
+            "{flags:?}"
+        );
+        // Twice: the start compacted the log, and a second crash still finds it whole.
+        server.raw().request("DEL p.c");
+        server.restart();
+        let again = sub(&mut server.raw(), &format!("SUB p.c FROM {from}"));
+        assert!(!again.reset, "{flags:?}");
+        assert_eq!(again.events, pairs(&[("del", "p.c")]), "{flags:?}");
+    }
+}
+
+#[test]
+fn a_session_key_lost_in_a_crash_is_told_as_a_del() {
+    let mut server = Server::start();
+    let mut owner = server.raw();
+    let reply = owner.request(r#"{"op":"put","key":"svc.s","value":1,"session":true}"#);
+    assert_eq!(reply["ok"], true, "{reply}");
+    let from = ready_rev(&sub(&mut server.raw(), "SUB svc"));
+    server.restart();
+    assert_eq!(get(&mut server.raw(), "svc.s")["error"], "not_found");
+    let resumed = sub(&mut server.raw(), &format!("SUB svc FROM {from}"));
+    assert!(!resumed.reset);
+    assert_eq!(resumed.events, pairs(&[("del", "svc.s")]));
+}
+
+#[test]
+fn a_delete_log_that_cannot_be_trusted_forces_a_reset() {
+    let log = |server: &Server| server.data.join(".tombstone-log");
+    // Lost, damaged, holding a revision above the floor, or written under other rules: reset.
+    let damage: [(&str, Harm); 4] = [
+        ("removed", |p| std::fs::remove_file(p).unwrap()),
+        ("a bad record", |p| append(p, b"d x p.z\n")),
+        ("above the floor", |p| append(p, b"d 999999 p.z\n")),
+        ("truncated into its header", |p| {
+            let text = std::fs::read(p).unwrap();
+            std::fs::write(p, &text[..5]).unwrap();
+        }),
+    ];
+    for (what, harm) in damage {
+        let mut server = Server::start();
+        let from = deletes_after(&server);
+        server.kill();
+        harm(&log(&server));
+        server.spawn_and_wait();
+        let resumed = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+        assert!(resumed.reset, "a log {what} must not be trusted");
+        assert_eq!(
+            resumed.events,
+            pairs(&[
+                ("init", "p.c"),
+                ("init", "p.d"),
+                ("init", "p.e"),
+                ("init", "p.f")
+            ]),
+            "{what}"
+        );
+        assert!(server.raw().healthy(), "{what}");
+    }
+    // A torn last record is an append that never finished: ignored, the rest trusted.
+    let mut server = Server::start();
+    let from = deletes_after(&server);
+    server.kill();
+    append(&log(&server), b"d 7 p.gone");
+    server.spawn_and_wait();
+    let resumed = sub(&mut server.raw(), &format!("SUB p FROM {from}"));
+    assert!(!resumed.reset);
+    assert_eq!(
+        resumed.events,
+        pairs(&[("del", "p.a"), ("del", "p.b"), ("put", "p.f")])
     );
-    assert!(after_crash.events.is_empty());
+    // Other class rules after the crash: deletes of keys that were not persistent are not
+    // in the log.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = with_classes(tmp.path(), "q=memory");
+    server.spawn_and_wait();
+    let from = deletes_after(&server);
+    server.kill();
+    set_classes(&mut server, "q=volatile");
+    server.spawn_and_wait();
+    assert!(sub(&mut server.raw(), &format!("SUB p FROM {from}")).reset);
+}
+
+/// Something done to the delete log while the server is down.
+type Harm = fn(&std::path::Path);
+
+fn append(path: &std::path::Path, bytes: &[u8]) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    file.write_all(bytes).unwrap();
 }
 
 #[test]
@@ -318,4 +438,142 @@ fn a_data_directory_edited_while_stopped_is_not_resumed_from() {
         "the saved history no longer describes the directory"
     );
     assert_eq!(resumed.events, pairs(&[("init", "p.a")]));
+}
+
+/// A server in `dir` whose volatile directory is `dir/vol`, with `classes` (NKV_CLASSES).
+fn with_classes(dir: &std::path::Path, classes: &str) -> Server {
+    let mut server = Server::new_in(dir, &[]);
+    set_classes(&mut server, classes);
+    server
+}
+
+fn set_classes(server: &mut Server, classes: &str) {
+    let vol = server.dir.join("vol");
+    server.env = vec![
+        ("NKV_VOLATILE_DIR".into(), vol.to_str().unwrap().into()),
+        ("NKV_CLASSES".into(), classes.into()),
+    ];
+}
+
+fn get(raw: &mut Raw, key: &str) -> Value {
+    raw.request(&format!("GET {key}"))
+}
+
+#[test]
+fn a_volatile_key_has_one_home_whatever_the_rules_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, vol) = (tmp.path().join("data"), tmp.path().join("vol"));
+    let mut server = with_classes(tmp.path(), "v=volatile");
+    server.spawn_and_wait();
+    let mut w = server.raw();
+    let first = w.request("PUT v.a 1")["rev"].as_u64().unwrap();
+    w.request("PUT v.b 1");
+    assert!(vol.join("v.a.json").is_file());
+    drop(w);
+    assert!(server.stop().success());
+
+    // Without the rule: the keys are persistent now, moved home, visible and deletable.
+    set_classes(&mut server, "runtime=memory");
+    server.spawn_and_wait();
+    let mut w = server.raw();
+    let a = get(&mut w, "v.a");
+    assert_eq!(
+        (a["value"].clone(), a["class"].clone()),
+        (json!(1), json!("persistent")),
+        "{a}"
+    );
+    assert_eq!(a["rev"], first, "a move keeps the revision");
+    assert!(data.join("v.a.json").is_file() && !vol.join("v.a.json").exists());
+    let from = ready_rev(&sub(&mut server.raw(), "SUB v"));
+    assert_eq!(w.request("DEL v.a")["ok"], true);
+    assert_eq!(get(&mut w, "v.a")["error"], "not_found");
+    assert!(!data.join("v.a.json").exists() && !vol.join("v.a.json").exists());
+    w.request("PUT v.c 3");
+    drop(w);
+    assert!(server.stop().success());
+
+    // With the rule again: nothing stale comes back; v.b and v.c move to the volatile
+    // directory; the resume gets exactly the missed changes.
+    set_classes(&mut server, "v=volatile");
+    server.spawn_and_wait();
+    let mut w = server.raw();
+    assert_eq!(get(&mut w, "v.a")["error"], "not_found");
+    assert_eq!(get(&mut w, "v.b")["class"], "volatile");
+    assert_eq!(get(&mut w, "v.c")["class"], "volatile");
+    for key in ["v.b", "v.c"] {
+        assert!(vol.join(format!("{key}.json")).is_file(), "{key} in vol");
+        assert!(
+            !data.join(format!("{key}.json")).exists(),
+            "{key} not in data"
+        );
+    }
+    let resumed = sub(&mut server.raw(), &format!("SUB v FROM {from}"));
+    assert!(
+        !resumed.reset,
+        "the stop's history describes what was found"
+    );
+    assert_eq!(resumed.events, pairs(&[("del", "v.a"), ("put", "v.c")]));
+    assert_eq!(w.request("DEL v.b")["ok"], true);
+    assert!(!vol.join("v.b.json").exists());
+}
+
+#[test]
+fn a_key_in_both_class_directories_keeps_its_latest_record_and_a_resume_is_reset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, vol) = (tmp.path().join("data"), tmp.path().join("vol"));
+    let mut server = with_classes(tmp.path(), "v=volatile");
+    server.spawn_and_wait();
+    let mut w = server.raw();
+    w.request("PUT v.a 1");
+    w.request("PUT v.a 2");
+    // What an older server (or an operator) may leave: a stale copy in the data directory,
+    // and a volatile key the stop never had, at a revision below the resume point.
+    let stale = std::fs::read_to_string(vol.join("v.a.json")).unwrap();
+    w.request("PUT v.a 3");
+    let from = ready_rev(&sub(&mut server.raw(), "SUB v"));
+    drop(w);
+    assert!(server.stop().success());
+    std::fs::write(data.join("v.a.json"), &stale).unwrap();
+    std::fs::write(vol.join("v.hidden.json"), "{\"rev\":1,\"value\":7}\n").unwrap();
+    server.spawn_and_wait();
+    let mut w = server.raw();
+    let a = get(&mut w, "v.a");
+    assert_eq!(
+        (a["value"].clone(), a["class"].clone()),
+        (json!(3), json!("volatile")),
+        "{a}"
+    );
+    assert!(
+        !data.join("v.a.json").exists(),
+        "the losing record is removed"
+    );
+    assert_eq!(get(&mut w, "v.hidden")["value"], 7);
+    let resumed = sub(&mut server.raw(), &format!("SUB v FROM {from}"));
+    assert!(
+        resumed.reset,
+        "a key appeared at start below the resume point"
+    );
+    assert_eq!(
+        resumed.events,
+        pairs(&[("init", "v.a"), ("init", "v.hidden")])
+    );
+}
+
+#[test]
+fn a_volatile_directory_of_another_data_directory_is_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("vol");
+    let mut first = with_classes(tmp.path(), "v=volatile");
+    first.spawn_and_wait();
+    first.raw().request("PUT v.a 1");
+    assert!(first.stop().success());
+    let other = tempfile::tempdir().unwrap();
+    let mut second = Server::new_in(other.path(), &[]);
+    second.env = vec![("NKV_VOLATILE_DIR".into(), vol.to_str().unwrap().into())];
+    second.spawn_and_wait();
+    assert_eq!(get(&mut second.raw(), "v.a")["error"], "not_found");
+    assert!(
+        vol.join("v.a.json").is_file(),
+        "not taken by another data directory"
+    );
 }

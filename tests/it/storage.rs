@@ -732,7 +732,16 @@ fn every_server_file_is_tightened_at_start() {
         names.push(path.file_name().unwrap().to_string_lossy().into_owned());
     }
     names.sort();
-    assert_eq!(names, [".quarantine", ".reserve", ".rev", "b.json"]);
+    assert_eq!(
+        names,
+        [
+            ".quarantine",
+            ".reserve",
+            ".rev",
+            ".tombstone-log",
+            "b.json"
+        ]
+    );
     // With --socket-group the quarantine follows the data directory's rule.
     assert!(server.stop().success());
     let mut grouped = Server::new_in(tmp.path(), &["--socket-group", "65534"]);
