@@ -2,10 +2,16 @@
 //!
 //! Leader/followers: exactly one connection thread at a time, the *leader*, waits for the
 //! next connection (polling the listener beside the stop pipe). When no other connection is
-//! waiting behind the one it accepted, the leader passes the leadership to an idle thread —
-//! or starts one — and serves the connection itself, so the request does not wait for another
-//! thread to wake. When more are waiting, the leader hands the connection to an idle thread (or a
-//! new one) and goes on accepting, so that connections are not accepted one wake-up apart.
+//! waiting behind the one it accepted, the leader serves the connection itself while still
+//! holding the leadership (a [`Leadership`]): it runs the connection's first request if that
+//! arrives whole without a blocking read, and goes back to accepting when the client then
+//! closes — a one-shot client (`socat`, `nkv-client get`) costs no wake-up of another thread.
+//! Before anything that could wait on its client (a partial line, a second request, a reply the
+//! socket does not take at once, a subscription), and as soon as another connection or the
+//! stop signal arrives, it passes the leadership to an idle thread (or a new one). So accepting
+//! waits at most for one request's execution, never for a client. When more connections are
+//! waiting, the leader hands the one it accepted to an idle thread (or a new one) and goes on
+//! accepting, so that connections are not accepted one wake-up apart.
 //! A thread whose client has left waits [`LINGER`] for the leadership or a connection, then
 //! exits: a burst of one-shot clients (`socat`, `nkv-client get`) is served by a few reused
 //! threads instead of one thread start each.
@@ -15,6 +21,7 @@
 //! descriptor, and it does not touch the listening socket, which under socket activation is
 //! systemd's as well.
 
+use std::cell::Cell;
 use std::io::{PipeReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -36,7 +43,7 @@ use crate::protocol::Response;
 const LINGER: Duration = Duration::from_secs(2);
 
 /// An accepted connection: id, name, socket.
-type Accepted = (u64, String, UnixStream);
+type Accepted = (u64, String, Arc<UnixStream>);
 
 /// What an idle connection thread is given.
 enum Turn {
@@ -114,7 +121,7 @@ impl Acceptor {
     fn connection_thread(self: Arc<Self>, mut turn: Turn) {
         loop {
             match turn {
-                Turn::Serve((id, name, stream)) => serve(&self.shared, id, name, stream),
+                Turn::Serve((id, name, stream)) => serve(&self.shared, id, name, stream, None),
                 Turn::Lead => {
                     let Some(accepted) = self.accept_one() else {
                         return;
@@ -123,14 +130,17 @@ impl Acceptor {
                         self.hand_over(accepted);
                         continue;
                     }
-                    if !self.pass_lead() {
-                        // Nobody to take over accepting: keep leading, drop this connection.
-                        log::error!("conn {}: no thread to serve it; closed", accepted.0);
-                        self.shared.connections.lock().streams.remove(&accepted.0);
+                    let (id, name, stream) = accepted;
+                    let lead = Leadership {
+                        acceptor: &self,
+                        held: Cell::new(true),
+                        passed: Cell::new(false),
+                    };
+                    serve(&self.shared, id, name, stream, Some(&lead));
+                    if !lead.passed.get() {
+                        // Still ours (or nobody could take it): accept the next one.
                         continue;
                     }
-                    let (id, name, stream) = accepted;
-                    serve(&self.shared, id, name, stream);
                 }
             }
             turn = crossbeam_channel::select! {
@@ -219,13 +229,6 @@ impl Acceptor {
             Ok(cred) => (cred.pid(), cred.uid()),
             Err(_) => (0, u32::MAX),
         };
-        let handle = match stream.try_clone() {
-            Ok(handle) => handle,
-            Err(e) => {
-                log::error!("conn {id}: cannot clone socket: {e}");
-                return None;
-            }
-        };
         let limit = self.shared.limits.max_connections;
         {
             let mut connections = self.shared.connections.lock();
@@ -248,10 +251,71 @@ impl Acceptor {
                 let _ = stream.write_all(&line);
                 return None;
             }
-            connections.streams.insert(id, handle);
+            // One descriptor, shared with the connection's thread: no `dup` per connection.
+            let stream = Arc::new(stream);
+            connections.streams.insert(id, stream.clone());
+            drop(connections);
+            log::debug!("conn {id} opened (pid {pid}, uid {uid})");
+            Some((id, format!("pid:{pid}"), stream))
         }
-        log::debug!("conn {id} opened (pid {pid}, uid {uid})");
-        Some((id, format!("pid:{pid}"), stream))
+    }
+}
+
+/// The accepting role, held by a connection thread while it serves the connection it accepted
+/// (see the module doc). Given up at most once; a connection served by a follower has none.
+pub(super) struct Leadership<'a> {
+    acceptor: &'a Arc<Acceptor>,
+    held: Cell<bool>,
+    /// Another thread accepts now: this one goes back to the idle threads when done.
+    passed: Cell<bool>,
+}
+
+impl Leadership<'_> {
+    /// Whether this thread is still the one that accepts.
+    pub(super) fn held(&self) -> bool {
+        self.held.get()
+    }
+
+    /// Passes accepting on to an idle thread (or a new one) before this thread may wait on its
+    /// client. When no thread can be had, accepting resumes once this connection ends.
+    pub(super) fn give_up(&self) {
+        if self.held.replace(false) {
+            if self.acceptor.pass_lead() {
+                self.passed.set(true);
+            } else {
+                log::error!(
+                    "no thread to take over accepting: it resumes when this connection ends"
+                );
+            }
+        }
+    }
+
+    /// Waits, while still accepting's turn, for `stream` to be readable (or closed). Gives the
+    /// leadership up and returns false instead when a connection or the stop signal comes
+    /// while `stream` is not readable, or when `timeout` passes. A readable `stream` wins: its
+    /// client may just have closed, and then this thread goes on accepting with no hand-over.
+    pub(super) fn wait_readable(&self, stream: &UnixStream, timeout: PollTimeout) -> bool {
+        if !self.held() {
+            return false;
+        }
+        let mut fds = [
+            PollFd::new(stream.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.acceptor.listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.acceptor.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        let ready = loop {
+            match poll(&mut fds, timeout) {
+                Ok(n) => break n > 0,
+                Err(Errno::EINTR) => continue,
+                Err(_) => break false,
+            }
+        };
+        let set = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        if ready && set(&fds[0]) {
+            return true;
+        }
+        self.give_up();
+        false
     }
 }
 

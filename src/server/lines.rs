@@ -6,6 +6,7 @@
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recv, MsgFlags};
@@ -31,7 +32,8 @@ pub enum Line<'a> {
 }
 
 pub struct LineReader {
-    stream: UnixStream,
+    /// The connection's one descriptor, shared with its writer.
+    stream: Arc<UnixStream>,
     buf: Vec<u8>,
     /// Unconsumed bytes are `buf[start..end]`.
     start: usize,
@@ -41,7 +43,9 @@ pub struct LineReader {
     max_line: usize,
     idle: Option<Duration>,
     /// The read timeout currently set on the socket.
-    armed: Option<Duration>,
+    /// `None` until this reader first sets it: whoever had the socket before (protocol
+    /// detection) may have left a timeout on it.
+    armed: Option<Option<Duration>>,
     /// Since when the client has owed us the end of a line (or its first line): the idle
     /// timeout counts from here, however the bytes trickle in.
     waiting_since: Option<Instant>,
@@ -51,7 +55,7 @@ pub struct LineReader {
 }
 
 impl LineReader {
-    pub fn new(stream: UnixStream, max_line: usize, idle: Option<Duration>) -> LineReader {
+    pub fn new(stream: Arc<UnixStream>, max_line: usize, idle: Option<Duration>) -> LineReader {
         LineReader {
             stream,
             buf: vec![0; INITIAL_CAPACITY.min(max_line + 1)],
@@ -89,6 +93,16 @@ impl LineReader {
             || self.eof
             || self.scanned > self.max_line
             || self.idle_left().is_some_and(|left| left.is_zero())
+    }
+
+    /// Whether the client closed and nothing is left: the next line is [`Line::Eof`].
+    pub fn is_finished(&self) -> bool {
+        self.eof && self.start == self.end
+    }
+
+    /// Whether any unconsumed byte is buffered (a partial or complete line).
+    pub fn has_pending(&self) -> bool {
+        self.start < self.end
     }
 
     /// How long a partial line may still take to complete (`None`: no partial line, or no
@@ -164,7 +178,7 @@ impl LineReader {
             if !self.arm_timeout()? {
                 return Ok(Line::TimedOut);
             }
-            match self.stream.read(&mut self.buf[self.end..]) {
+            match (&*self.stream).read(&mut self.buf[self.end..]) {
                 Ok(0) => self.eof = true,
                 Ok(n) => self.end += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -242,9 +256,9 @@ impl LineReader {
             _ => None,
         };
         // Re-arm only when needed: a client sending whole lines costs no extra system call.
-        if want != self.armed {
+        if self.armed != Some(want) {
             self.stream.set_read_timeout(want)?;
-            self.armed = want;
+            self.armed = Some(want);
         }
         Ok(true)
     }
