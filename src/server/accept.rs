@@ -22,6 +22,7 @@
 //! systemd's as well.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::io::{PipeReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -30,10 +31,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use parking_lot::{Condvar, Mutex};
 
 use super::{serve, Shared, THREAD_STACK};
 use crate::error::ErrorCode;
@@ -51,6 +52,54 @@ enum Turn {
     Serve(Accepted),
 }
 
+/// The idle connection threads and the turns handed to them: one lock and one condition
+/// variable, so a hand-over costs one wake-up (no channel selection, no spinning).
+#[derive(Default)]
+struct Idle {
+    state: Mutex<IdleState>,
+    woken: Condvar,
+}
+
+#[derive(Default)]
+struct IdleState {
+    /// Threads waiting in [`Idle::wait`].
+    waiting: usize,
+    /// Turns given and not yet taken. Never more than `waiting`: each has a thread to take it,
+    /// as a waiting thread leaves only when no turn is left.
+    turns: VecDeque<Turn>,
+}
+
+impl Idle {
+    /// Gives `turn` to a waiting thread; gives it back when every waiting thread has one.
+    fn give(&self, turn: Turn) -> Result<(), Turn> {
+        let mut state = self.state.lock();
+        if state.waiting <= state.turns.len() {
+            return Err(turn);
+        }
+        state.turns.push_back(turn);
+        drop(state);
+        self.woken.notify_one();
+        Ok(())
+    }
+
+    /// Waits up to `linger` for a turn; `None` when none came.
+    fn wait(&self, linger: Duration) -> Option<Turn> {
+        let deadline = std::time::Instant::now() + linger;
+        let mut state = self.state.lock();
+        state.waiting += 1;
+        let turn = loop {
+            if let Some(turn) = state.turns.pop_front() {
+                break Some(turn);
+            }
+            if self.woken.wait_until(&mut state, deadline).timed_out() {
+                break state.turns.pop_front();
+            }
+        };
+        state.waiting -= 1;
+        turn
+    }
+}
+
 /// What every connection thread shares to take turns at accepting.
 pub(super) struct Acceptor {
     shared: Arc<Shared>,
@@ -60,10 +109,7 @@ pub(super) struct Acceptor {
     next_id: AtomicU64,
     /// The leadership, or a connection to serve, handed to an idle thread. Rendezvous
     /// channels: `try_send` succeeds only when a thread is waiting right now.
-    lead: Sender<()>,
-    lead_idle: Receiver<()>,
-    handoff: Sender<Accepted>,
-    handoff_idle: Receiver<Accepted>,
+    idle: Idle,
 }
 
 /// What woke a waiting thread.
@@ -74,17 +120,12 @@ enum Woken {
 
 impl Acceptor {
     pub(super) fn new(shared: Arc<Shared>, listener: UnixListener, wake: PipeReader) -> Acceptor {
-        let (lead, lead_idle) = crossbeam_channel::bounded(0);
-        let (handoff, handoff_idle) = crossbeam_channel::bounded(0);
         Acceptor {
             shared,
             listener,
             wake,
             next_id: AtomicU64::new(1),
-            lead,
-            lead_idle,
-            handoff,
-            handoff_idle,
+            idle: Idle::default(),
         }
     }
 
@@ -143,16 +184,9 @@ impl Acceptor {
                     }
                 }
             }
-            turn = crossbeam_channel::select! {
-                recv(self.lead_idle) -> lead => match lead {
-                    Ok(()) => Turn::Lead,
-                    Err(_) => return,
-                },
-                recv(self.handoff_idle) -> accepted => match accepted {
-                    Ok(accepted) => Turn::Serve(accepted),
-                    Err(_) => return,
-                },
-                default(LINGER) => return,
+            turn = match self.idle.wait(LINGER) {
+                Some(turn) => turn,
+                None => return,
             };
         }
     }
@@ -165,7 +199,7 @@ impl Acceptor {
 
     /// Hands the leadership to an idle thread, or to a new one. False when neither exists.
     fn pass_lead(self: &Arc<Self>) -> bool {
-        if self.lead.try_send(()).is_ok() {
+        if self.idle.give(Turn::Lead).is_ok() {
             return true;
         }
         match self.spawn(Turn::Lead) {
@@ -179,9 +213,10 @@ impl Acceptor {
 
     /// Gives a connection to an idle thread, or to a new one; closes it when neither exists.
     fn hand_over(self: &Arc<Self>, accepted: Accepted) {
-        let accepted = match self.handoff.try_send(accepted) {
+        let accepted = match self.idle.give(Turn::Serve(accepted)) {
             Ok(()) => return,
-            Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => a,
+            Err(Turn::Serve(accepted)) => accepted,
+            Err(Turn::Lead) => unreachable!("give returns the turn it was given"),
         };
         let id = accepted.0;
         if let Err(e) = self.spawn(Turn::Serve(accepted)) {

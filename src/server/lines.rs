@@ -43,9 +43,8 @@ pub struct LineReader {
     max_line: usize,
     idle: Option<Duration>,
     /// The read timeout currently set on the socket.
-    /// `None` until this reader first sets it: whoever had the socket before (protocol
-    /// detection) may have left a timeout on it.
-    armed: Option<Option<Duration>>,
+    /// The read timeout currently set on the socket (protocol detection sets none).
+    armed: Option<Duration>,
     /// Since when the client has owed us the end of a line (or its first line): the idle
     /// timeout counts from here, however the bytes trickle in.
     waiting_since: Option<Instant>,
@@ -175,6 +174,27 @@ impl LineReader {
                 return Ok(Line::Unterminated);
             }
             self.make_room();
+            if !self.seen_line {
+                // The first line is most likely there already (detection saw its start): take
+                // it without arming the socket's timeout, which would cost two system calls.
+                match recv(
+                    self.stream.as_raw_fd(),
+                    &mut self.buf[self.end..],
+                    MsgFlags::MSG_DONTWAIT,
+                ) {
+                    Ok(0) => {
+                        self.eof = true;
+                        continue;
+                    }
+                    Ok(n) => {
+                        self.end += n;
+                        continue;
+                    }
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::EAGAIN) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
             if !self.arm_timeout()? {
                 return Ok(Line::TimedOut);
             }
@@ -256,9 +276,9 @@ impl LineReader {
             _ => None,
         };
         // Re-arm only when needed: a client sending whole lines costs no extra system call.
-        if self.armed != Some(want) {
+        if want != self.armed {
             self.stream.set_read_timeout(want)?;
-            self.armed = Some(want);
+            self.armed = want;
         }
         Ok(true)
     }

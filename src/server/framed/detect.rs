@@ -65,33 +65,35 @@ pub fn detect(
     lead: Option<&Leadership<'_>>,
 ) -> Detected {
     let mut head = [0u8; 4];
-    let mut flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
     let mut pause = Duration::from_millis(1);
     loop {
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
         let n = match recv(stream.as_raw_fd(), &mut head, flags) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) if flags.contains(MsgFlags::MSG_DONTWAIT) => {
-                let left = || idle.map(|idle| idle.saturating_sub(started.elapsed()));
-                if let Some(lead) = lead {
-                    let timeout = left().map_or(PollTimeout::NONE, |left| {
-                        PollTimeout::try_from(left.max(Duration::from_millis(1)))
-                            .unwrap_or(PollTimeout::MAX)
-                    });
-                    if lead.wait_readable(stream, timeout) {
-                        continue;
-                    }
-                }
-                // Nothing yet: a blocking peek, bounded by what is left of the idle timeout.
-                let left = left();
+            Err(nix::errno::Errno::EAGAIN) => {
+                // Nothing yet: wait for it (a poll, not a socket timeout, so the line reader
+                // takes over a socket without one), bounded by what is left of the idle timeout.
+                let left = idle.map(|idle| idle.saturating_sub(started.elapsed()));
                 if left.is_some_and(|left| left.is_zero()) {
                     return Detected::TimedOut;
                 }
-                let _ = stream.set_read_timeout(left);
-                flags = MsgFlags::MSG_PEEK;
-                continue;
+                let timeout = left.map_or(PollTimeout::NONE, |left| {
+                    PollTimeout::try_from(left.max(Duration::from_millis(1)))
+                        .unwrap_or(PollTimeout::MAX)
+                });
+                if let Some(lead) = lead.filter(|lead| lead.held()) {
+                    // Readable, or the leadership was given up: look again either way.
+                    lead.wait_readable(stream, timeout);
+                    continue;
+                }
+                let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, timeout) {
+                    Ok(0) => return Detected::TimedOut,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return Detected::Line,
+                }
             }
-            Err(nix::errno::Errno::EAGAIN) => return Detected::TimedOut,
             // Any other error: the line reader reports it as it always does.
             Err(_) => return Detected::Line,
         };
