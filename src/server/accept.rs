@@ -2,10 +2,16 @@
 //!
 //! Leader/followers: exactly one connection thread at a time, the *leader*, waits for the
 //! next connection (polling the listener beside the stop pipe). When no other connection is
-//! waiting behind the one it accepted, the leader passes the leadership to an idle thread —
-//! or starts one — and serves the connection itself, so the request does not wait for another
-//! thread to wake. When more are waiting, the leader hands the connection to an idle thread (or a
-//! new one) and goes on accepting, so that connections are not accepted one wake-up apart.
+//! waiting behind the one it accepted, the leader serves the connection itself while still
+//! holding the leadership (a [`Leadership`]): it runs the connection's first request if that
+//! arrives whole without a blocking read, and goes back to accepting when the client then
+//! closes — a one-shot client (`socat`, `nkv-client get`) costs no wake-up of another thread.
+//! Before anything that could wait on its client (a partial line, a second request, a reply the
+//! socket does not take at once, a subscription), and as soon as another connection or the
+//! stop signal arrives, it passes the leadership to an idle thread (or a new one). So accepting
+//! waits at most for one request's execution, never for a client. When more connections are
+//! waiting, the leader hands the one it accepted to an idle thread (or a new one) and goes on
+//! accepting, so that connections are not accepted one wake-up apart.
 //! A thread whose client has left waits [`LINGER`] for the leadership or a connection, then
 //! exits: a burst of one-shot clients (`socat`, `nkv-client get`) is served by a few reused
 //! threads instead of one thread start each.
@@ -15,6 +21,8 @@
 //! descriptor, and it does not touch the listening socket, which under socket activation is
 //! systemd's as well.
 
+use std::cell::Cell;
+use std::collections::VecDeque;
 use std::io::{PipeReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -23,10 +31,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use parking_lot::{Condvar, Mutex};
 
 use super::{serve, Shared, THREAD_STACK};
 use crate::error::ErrorCode;
@@ -36,12 +44,60 @@ use crate::protocol::Response;
 const LINGER: Duration = Duration::from_secs(2);
 
 /// An accepted connection: id, name, socket.
-type Accepted = (u64, String, UnixStream);
+type Accepted = (u64, String, Arc<UnixStream>);
 
 /// What an idle connection thread is given.
 enum Turn {
     Lead,
     Serve(Accepted),
+}
+
+/// The idle connection threads and the turns handed to them: one lock and one condition
+/// variable, so a hand-over costs one wake-up (no channel selection, no spinning).
+#[derive(Default)]
+struct Idle {
+    state: Mutex<IdleState>,
+    woken: Condvar,
+}
+
+#[derive(Default)]
+struct IdleState {
+    /// Threads waiting in [`Idle::wait`].
+    waiting: usize,
+    /// Turns given and not yet taken. Never more than `waiting`: each has a thread to take it,
+    /// as a waiting thread leaves only when no turn is left.
+    turns: VecDeque<Turn>,
+}
+
+impl Idle {
+    /// Gives `turn` to a waiting thread; gives it back when every waiting thread has one.
+    fn give(&self, turn: Turn) -> Result<(), Turn> {
+        let mut state = self.state.lock();
+        if state.waiting <= state.turns.len() {
+            return Err(turn);
+        }
+        state.turns.push_back(turn);
+        drop(state);
+        self.woken.notify_one();
+        Ok(())
+    }
+
+    /// Waits up to `linger` for a turn; `None` when none came.
+    fn wait(&self, linger: Duration) -> Option<Turn> {
+        let deadline = std::time::Instant::now() + linger;
+        let mut state = self.state.lock();
+        state.waiting += 1;
+        let turn = loop {
+            if let Some(turn) = state.turns.pop_front() {
+                break Some(turn);
+            }
+            if self.woken.wait_until(&mut state, deadline).timed_out() {
+                break state.turns.pop_front();
+            }
+        };
+        state.waiting -= 1;
+        turn
+    }
 }
 
 /// What every connection thread shares to take turns at accepting.
@@ -53,10 +109,7 @@ pub(super) struct Acceptor {
     next_id: AtomicU64,
     /// The leadership, or a connection to serve, handed to an idle thread. Rendezvous
     /// channels: `try_send` succeeds only when a thread is waiting right now.
-    lead: Sender<()>,
-    lead_idle: Receiver<()>,
-    handoff: Sender<Accepted>,
-    handoff_idle: Receiver<Accepted>,
+    idle: Idle,
 }
 
 /// What woke a waiting thread.
@@ -67,17 +120,12 @@ enum Woken {
 
 impl Acceptor {
     pub(super) fn new(shared: Arc<Shared>, listener: UnixListener, wake: PipeReader) -> Acceptor {
-        let (lead, lead_idle) = crossbeam_channel::bounded(0);
-        let (handoff, handoff_idle) = crossbeam_channel::bounded(0);
         Acceptor {
             shared,
             listener,
             wake,
             next_id: AtomicU64::new(1),
-            lead,
-            lead_idle,
-            handoff,
-            handoff_idle,
+            idle: Idle::default(),
         }
     }
 
@@ -114,7 +162,7 @@ impl Acceptor {
     fn connection_thread(self: Arc<Self>, mut turn: Turn) {
         loop {
             match turn {
-                Turn::Serve((id, name, stream)) => serve(&self.shared, id, name, stream),
+                Turn::Serve((id, name, stream)) => serve(&self.shared, id, name, stream, None),
                 Turn::Lead => {
                     let Some(accepted) = self.accept_one() else {
                         return;
@@ -123,26 +171,22 @@ impl Acceptor {
                         self.hand_over(accepted);
                         continue;
                     }
-                    if !self.pass_lead() {
-                        // Nobody to take over accepting: keep leading, drop this connection.
-                        log::error!("conn {}: no thread to serve it; closed", accepted.0);
-                        self.shared.connections.lock().streams.remove(&accepted.0);
+                    let (id, name, stream) = accepted;
+                    let lead = Leadership {
+                        acceptor: &self,
+                        held: Cell::new(true),
+                        passed: Cell::new(false),
+                    };
+                    serve(&self.shared, id, name, stream, Some(&lead));
+                    if !lead.passed.get() {
+                        // Still ours (or nobody could take it): accept the next one.
                         continue;
                     }
-                    let (id, name, stream) = accepted;
-                    serve(&self.shared, id, name, stream);
                 }
             }
-            turn = crossbeam_channel::select! {
-                recv(self.lead_idle) -> lead => match lead {
-                    Ok(()) => Turn::Lead,
-                    Err(_) => return,
-                },
-                recv(self.handoff_idle) -> accepted => match accepted {
-                    Ok(accepted) => Turn::Serve(accepted),
-                    Err(_) => return,
-                },
-                default(LINGER) => return,
+            turn = match self.idle.wait(LINGER) {
+                Some(turn) => turn,
+                None => return,
             };
         }
     }
@@ -155,7 +199,7 @@ impl Acceptor {
 
     /// Hands the leadership to an idle thread, or to a new one. False when neither exists.
     fn pass_lead(self: &Arc<Self>) -> bool {
-        if self.lead.try_send(()).is_ok() {
+        if self.idle.give(Turn::Lead).is_ok() {
             return true;
         }
         match self.spawn(Turn::Lead) {
@@ -169,9 +213,10 @@ impl Acceptor {
 
     /// Gives a connection to an idle thread, or to a new one; closes it when neither exists.
     fn hand_over(self: &Arc<Self>, accepted: Accepted) {
-        let accepted = match self.handoff.try_send(accepted) {
+        let accepted = match self.idle.give(Turn::Serve(accepted)) {
             Ok(()) => return,
-            Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => a,
+            Err(Turn::Serve(accepted)) => accepted,
+            Err(Turn::Lead) => unreachable!("give returns the turn it was given"),
         };
         let id = accepted.0;
         if let Err(e) = self.spawn(Turn::Serve(accepted)) {
@@ -219,13 +264,6 @@ impl Acceptor {
             Ok(cred) => (cred.pid(), cred.uid()),
             Err(_) => (0, u32::MAX),
         };
-        let handle = match stream.try_clone() {
-            Ok(handle) => handle,
-            Err(e) => {
-                log::error!("conn {id}: cannot clone socket: {e}");
-                return None;
-            }
-        };
         let limit = self.shared.limits.max_connections;
         {
             let mut connections = self.shared.connections.lock();
@@ -248,10 +286,71 @@ impl Acceptor {
                 let _ = stream.write_all(&line);
                 return None;
             }
-            connections.streams.insert(id, handle);
+            // One descriptor, shared with the connection's thread: no `dup` per connection.
+            let stream = Arc::new(stream);
+            connections.streams.insert(id, stream.clone());
+            drop(connections);
+            log::debug!("conn {id} opened (pid {pid}, uid {uid})");
+            Some((id, format!("pid:{pid}"), stream))
         }
-        log::debug!("conn {id} opened (pid {pid}, uid {uid})");
-        Some((id, format!("pid:{pid}"), stream))
+    }
+}
+
+/// The accepting role, held by a connection thread while it serves the connection it accepted
+/// (see the module doc). Given up at most once; a connection served by a follower has none.
+pub(super) struct Leadership<'a> {
+    acceptor: &'a Arc<Acceptor>,
+    held: Cell<bool>,
+    /// Another thread accepts now: this one goes back to the idle threads when done.
+    passed: Cell<bool>,
+}
+
+impl Leadership<'_> {
+    /// Whether this thread is still the one that accepts.
+    pub(super) fn held(&self) -> bool {
+        self.held.get()
+    }
+
+    /// Passes accepting on to an idle thread (or a new one) before this thread may wait on its
+    /// client. When no thread can be had, accepting resumes once this connection ends.
+    pub(super) fn give_up(&self) {
+        if self.held.replace(false) {
+            if self.acceptor.pass_lead() {
+                self.passed.set(true);
+            } else {
+                log::error!(
+                    "no thread to take over accepting: it resumes when this connection ends"
+                );
+            }
+        }
+    }
+
+    /// Waits, while still accepting's turn, for `stream` to be readable (or closed). Gives the
+    /// leadership up and returns false instead when a connection or the stop signal comes
+    /// while `stream` is not readable, or when `timeout` passes. A readable `stream` wins: its
+    /// client may just have closed, and then this thread goes on accepting with no hand-over.
+    pub(super) fn wait_readable(&self, stream: &UnixStream, timeout: PollTimeout) -> bool {
+        if !self.held() {
+            return false;
+        }
+        let mut fds = [
+            PollFd::new(stream.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.acceptor.listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.acceptor.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        let ready = loop {
+            match poll(&mut fds, timeout) {
+                Ok(n) => break n > 0,
+                Err(Errno::EINTR) => continue,
+                Err(_) => break false,
+            }
+        };
+        let set = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        if ready && set(&fds[0]) {
+            return true;
+        }
+        self.give_up();
+        false
     }
 }
 

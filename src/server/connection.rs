@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -23,6 +23,7 @@ use crate::key::{Key, Target};
 use crate::mailbox::{send_some, Item, Kicks, Mailbox, Turn};
 use crate::notify::SubError;
 use crate::protocol::{parse_request, Envelope, Request, Response, Stats};
+use crate::server::accept::Leadership;
 use crate::server::lines::{Line, LineReader};
 use crate::server::{Limits, Shared, SHUTDOWN_STALL};
 use crate::store::{DelOptions, PutOptions};
@@ -47,7 +48,11 @@ pub struct Connection<'a> {
     shared: &'a Arc<Shared>,
     id: u64,
     name: String,
-    stream: UnixStream,
+    /// Shared with the line reader and the connection table (one descriptor).
+    stream: Arc<UnixStream>,
+    /// Set while this thread is also the one accepting connections (see `accept`): it is given
+    /// up before anything that may wait on this client.
+    lead: Option<&'a Leadership<'a>>,
     /// Responses not yet written (request mode).
     out: Vec<u8>,
     /// Set once the connection has subscribed.
@@ -68,13 +73,15 @@ impl<'a> Connection<'a> {
         shared: &'a Arc<Shared>,
         id: u64,
         name: String,
-        stream: UnixStream,
+        stream: Arc<UnixStream>,
+        lead: Option<&'a Leadership<'a>>,
     ) -> Connection<'a> {
         Connection {
             shared,
             id,
             name,
             stream,
+            lead,
             out: Vec::new(),
             mailbox: None,
             unsubscribed: false,
@@ -87,21 +94,24 @@ impl<'a> Connection<'a> {
     /// Serves the connection until the client leaves, quits, or the server stops.
     pub fn serve(&mut self) {
         let limits = &self.shared.limits;
+        let started = Instant::now();
         // The framed protocol of the system nkv replaces shares the socket (server/framed/).
-        if crate::server::framed::serve_unless_line(self.shared, self.id, &self.stream) {
+        if crate::server::framed::serve_unless_line(
+            self.shared,
+            self.id,
+            &self.stream,
+            started,
+            self.lead,
+        ) {
             return;
         }
-        let reader_stream = match self.stream.try_clone() {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("conn {}: cannot clone socket: {e}", self.id);
-                return;
-            }
-        };
-        let mut reader = LineReader::new(reader_stream, limits.max_line(), limits.idle_timeout);
+        let mut reader =
+            LineReader::new(self.stream.clone(), limits.max_line(), limits.idle_timeout);
         loop {
+            self.lead_step(&mut reader);
             let close = self.read_request(&mut reader, limits);
             if self.mailbox.is_some() {
+                self.give_up_lead();
                 if !close {
                     self.serve_subscriber(&mut reader, limits);
                 }
@@ -115,6 +125,49 @@ impl<'a> Connection<'a> {
             }
         }
         self.finish();
+    }
+
+    /// While this thread also accepts: waits (watching the listener too) until the next
+    /// [`read_request`](Self::read_request) cannot block — the first request is whole, or the
+    /// client closed after it — and otherwise gives accepting up. So the accepting thread runs
+    /// at most one request and never waits on a client.
+    fn lead_step(&mut self, reader: &mut LineReader) {
+        let Some(lead) = self.lead.filter(|lead| lead.held()) else {
+            return;
+        };
+        // The first request's bytes are most likely there already (detection saw its start).
+        let mut filled = self.requests > 0;
+        loop {
+            if self.requests == 0 && reader.is_ready() || reader.is_finished() {
+                return;
+            }
+            if !filled {
+                filled = true;
+                if reader.fill().is_err() {
+                    lead.give_up();
+                    return;
+                }
+                continue;
+            }
+            if self.requests > 0 && reader.has_pending() {
+                lead.give_up();
+                return;
+            }
+            let timeout = reader.idle_left().map_or(PollTimeout::NONE, poll_timeout);
+            if !lead.wait_readable(&self.stream, timeout) {
+                return;
+            }
+            if reader.fill().is_err() {
+                lead.give_up();
+                return;
+            }
+        }
+    }
+
+    fn give_up_lead(&self) {
+        if let Some(lead) = self.lead {
+            lead.give_up();
+        }
     }
 
     /// Reads and runs one request; returns whether the connection should close afterwards.
@@ -521,9 +574,13 @@ impl<'a> Connection<'a> {
             }
             None => {
                 let Connection {
-                    stream, out, kicks, ..
+                    stream,
+                    out,
+                    kicks,
+                    lead,
+                    ..
                 } = self;
-                let mut flush = |buf: &mut Vec<u8>| write_out(stream, kicks, buf);
+                let mut flush = |buf: &mut Vec<u8>| write_out(stream, kicks, buf, *lead);
                 if let Err(e) = response.write_in_parts(id, out, FLUSH_AT, &mut flush) {
                     log::debug!("conn {}: write failed: {e}", self.id);
                     // The next flush fails too and ends the connection.
@@ -536,7 +593,7 @@ impl<'a> Connection<'a> {
     /// Writes the batched responses and sends the events our changes queued for subscribers,
     /// before waiting on our own client. False when the client is gone.
     fn flush(&mut self) -> bool {
-        let result = write_out(&self.stream, &mut self.kicks, &mut self.out);
+        let result = write_out(&self.stream, &mut self.kicks, &mut self.out, self.lead);
         self.kicks.run();
         // shrink_to, not a new Vec: glibc raises its mmap threshold when a large block is
         // freed, and would then keep later large buffers in the heap for good.
@@ -582,8 +639,14 @@ impl Drop for Connection<'_> {
 
 /// Writes `out` to the client. What the socket takes at once goes first; before waiting for
 /// the client to take the rest, the subscribers our changes gave events to are kicked: a
-/// writer that does not read its replies never withholds its changes from them.
-fn write_out(stream: &UnixStream, kicks: &mut Kicks, out: &mut Vec<u8>) -> io::Result<()> {
+/// writer that does not read its replies never withholds its changes from them, and the
+/// accepting thread gives accepting up.
+fn write_out(
+    stream: &UnixStream,
+    kicks: &mut Kicks,
+    out: &mut Vec<u8>,
+    lead: Option<&Leadership<'_>>,
+) -> io::Result<()> {
     let mut sent = 0;
     while sent < out.len() {
         match send_some(stream, &out[sent..]) {
@@ -597,6 +660,9 @@ fn write_out(stream: &UnixStream, kicks: &mut Kicks, out: &mut Vec<u8>) -> io::R
         }
     }
     if sent < out.len() {
+        if let Some(lead) = lead {
+            lead.give_up();
+        }
         kicks.run();
         let mut stream = stream;
         let result = stream.write_all(&out[sent..]);

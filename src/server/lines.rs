@@ -6,6 +6,7 @@
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recv, MsgFlags};
@@ -31,7 +32,8 @@ pub enum Line<'a> {
 }
 
 pub struct LineReader {
-    stream: UnixStream,
+    /// The connection's one descriptor, shared with its writer.
+    stream: Arc<UnixStream>,
     buf: Vec<u8>,
     /// Unconsumed bytes are `buf[start..end]`.
     start: usize,
@@ -41,6 +43,7 @@ pub struct LineReader {
     max_line: usize,
     idle: Option<Duration>,
     /// The read timeout currently set on the socket.
+    /// The read timeout currently set on the socket (protocol detection sets none).
     armed: Option<Duration>,
     /// Since when the client has owed us the end of a line (or its first line): the idle
     /// timeout counts from here, however the bytes trickle in.
@@ -51,7 +54,7 @@ pub struct LineReader {
 }
 
 impl LineReader {
-    pub fn new(stream: UnixStream, max_line: usize, idle: Option<Duration>) -> LineReader {
+    pub fn new(stream: Arc<UnixStream>, max_line: usize, idle: Option<Duration>) -> LineReader {
         LineReader {
             stream,
             buf: vec![0; INITIAL_CAPACITY.min(max_line + 1)],
@@ -89,6 +92,16 @@ impl LineReader {
             || self.eof
             || self.scanned > self.max_line
             || self.idle_left().is_some_and(|left| left.is_zero())
+    }
+
+    /// Whether the client closed and nothing is left: the next line is [`Line::Eof`].
+    pub fn is_finished(&self) -> bool {
+        self.eof && self.start == self.end
+    }
+
+    /// Whether any unconsumed byte is buffered (a partial or complete line).
+    pub fn has_pending(&self) -> bool {
+        self.start < self.end
     }
 
     /// How long a partial line may still take to complete (`None`: no partial line, or no
@@ -161,10 +174,31 @@ impl LineReader {
                 return Ok(Line::Unterminated);
             }
             self.make_room();
+            if !self.seen_line {
+                // The first line is most likely there already (detection saw its start): take
+                // it without arming the socket's timeout, which would cost two system calls.
+                match recv(
+                    self.stream.as_raw_fd(),
+                    &mut self.buf[self.end..],
+                    MsgFlags::MSG_DONTWAIT,
+                ) {
+                    Ok(0) => {
+                        self.eof = true;
+                        continue;
+                    }
+                    Ok(n) => {
+                        self.end += n;
+                        continue;
+                    }
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::EAGAIN) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
             if !self.arm_timeout()? {
                 return Ok(Line::TimedOut);
             }
-            match self.stream.read(&mut self.buf[self.end..]) {
+            match (&*self.stream).read(&mut self.buf[self.end..]) {
                 Ok(0) => self.eof = true,
                 Ok(n) => self.end += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

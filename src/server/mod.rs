@@ -144,7 +144,7 @@ struct Connections {
     /// By connection id, with a handle to shut each down at stop. An entry lives as long as the
     /// connection's thread, which also does all of a subscriber's sending: every thread and
     /// descriptor held for a client is counted here, against `--max-connections`.
-    streams: HashMap<u64, UnixStream>,
+    streams: HashMap<u64, Arc<UnixStream>>,
     /// The connections that have subscribed (their mailbox is in the subscription table).
     /// Shutdown lets the others finish first, then tells these.
     subscribers: HashSet<u64>,
@@ -424,9 +424,15 @@ impl Server {
 
 /// A connection thread's body. A panic is contained here: logged, the connection closed, the
 /// server and the shared state (parking_lot locks do not poison) unaffected.
-fn serve(shared: &Arc<Shared>, id: u64, name: String, stream: UnixStream) {
+fn serve(
+    shared: &Arc<Shared>,
+    id: u64,
+    name: String,
+    stream: Arc<UnixStream>,
+    lead: Option<&accept::Leadership<'_>>,
+) {
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
-        Connection::new(shared, id, name, stream).serve();
+        Connection::new(shared, id, name, stream, lead).serve();
     }));
     if let Err(panic) = result {
         let what = panic

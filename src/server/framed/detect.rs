@@ -18,6 +18,7 @@ use nix::sys::socket::{recv, MsgFlags};
 
 use super::read::failed_start;
 use super::wire::{Frame, PREFIX_OF_OVERSIZED};
+use crate::server::accept::Leadership;
 
 /// How long a complete line of 1–3 bytes waits for more bytes before it is served as a line;
 /// within it, a frame header split after a `\n` byte is still recognised.
@@ -54,15 +55,45 @@ fn verdict(seen: &[u8]) -> Option<Detected> {
 /// Whether the connection speaks frames. Peeks (consumes nothing); decides as soon as the
 /// bytes seen decide (see the module documentation), the client half-closes, a complete short
 /// line waited [`SHORT_LINE_WAIT`], or the idle timeout passes (counted from `started`).
-pub fn detect(stream: &UnixStream, idle: Option<Duration>, started: Instant) -> Detected {
+/// While `lead` is held (the accepting thread serves this connection), the first bytes are
+/// waited for beside the listener, and accepting is given up before any other wait. A socket
+/// that already holds the bytes costs one peek and no timeout change.
+pub fn detect(
+    stream: &UnixStream,
+    idle: Option<Duration>,
+    started: Instant,
+    lead: Option<&Leadership<'_>>,
+) -> Detected {
     let mut head = [0u8; 4];
-    let _ = stream.set_read_timeout(idle);
     let mut pause = Duration::from_millis(1);
     loop {
-        let n = match recv(stream.as_raw_fd(), &mut head, MsgFlags::MSG_PEEK) {
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        let n = match recv(stream.as_raw_fd(), &mut head, flags) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) => return Detected::TimedOut,
+            Err(nix::errno::Errno::EAGAIN) => {
+                // Nothing yet: wait for it (a poll, not a socket timeout, so the line reader
+                // takes over a socket without one), bounded by what is left of the idle timeout.
+                let left = idle.map(|idle| idle.saturating_sub(started.elapsed()));
+                if left.is_some_and(|left| left.is_zero()) {
+                    return Detected::TimedOut;
+                }
+                let timeout = left.map_or(PollTimeout::NONE, |left| {
+                    PollTimeout::try_from(left.max(Duration::from_millis(1)))
+                        .unwrap_or(PollTimeout::MAX)
+                });
+                if let Some(lead) = lead.filter(|lead| lead.held()) {
+                    // Readable, or the leadership was given up: look again either way.
+                    lead.wait_readable(stream, timeout);
+                    continue;
+                }
+                let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, timeout) {
+                    Ok(0) => return Detected::TimedOut,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return Detected::Line,
+                }
+            }
             // Any other error: the line reader reports it as it always does.
             Err(_) => return Detected::Line,
         };
@@ -80,6 +111,9 @@ pub fn detect(stream: &UnixStream, idle: Option<Duration>, started: Instant) -> 
         }
         if idle.is_some_and(|idle| waited >= idle) {
             return Detected::TimedOut;
+        }
+        if let Some(lead) = lead {
+            lead.give_up();
         }
         let mut fds = [PollFd::new(stream.as_fd(), POLLRDHUP)];
         let wait = PollTimeout::try_from(pause).unwrap_or(PollTimeout::MAX);
@@ -136,7 +170,7 @@ mod tests {
     use std::io::{Read, Write};
 
     fn detect_now(a: &UnixStream, idle: Duration) -> Detected {
-        detect(a, Some(idle), Instant::now())
+        detect(a, Some(idle), Instant::now(), None)
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::error::ErrorCode;
 use crate::key::{Key, Pattern, Target};
 use crate::mailbox::Kicks;
 use crate::protocol::Response;
+use crate::server::accept::Leadership;
 use crate::server::Shared;
 use crate::store::Value;
 use detect::{detect, Detected};
@@ -43,13 +44,23 @@ pub const UPSTREAM_VERSION: &str = "0.1.1";
 
 /// Serves the connection if it is not a line connection: framed, or silent for the whole idle
 /// timeout (answered with the line protocol's `timeout`, as the line reader would have, so the
-/// wait is not doubled). False when the line protocol should serve it.
-pub fn serve_unless_line(shared: &Arc<Shared>, conn: u64, stream: &UnixStream) -> bool {
-    let started = Instant::now();
+/// wait is not doubled). False when the line protocol should serve it. The idle timeout counts
+/// from `started`, when the connection was taken on; `lead` (the accepting thread's role) is
+/// given up before anything that may wait on the client.
+pub fn serve_unless_line(
+    shared: &Arc<Shared>,
+    conn: u64,
+    stream: &UnixStream,
+    started: Instant,
+    lead: Option<&Leadership<'_>>,
+) -> bool {
     let idle = shared.limits.idle_timeout;
-    match detect(stream, idle, started) {
+    match detect(stream, idle, started, lead) {
         Detected::Line => false,
         Detected::Framed => {
+            if let Some(lead) = lead {
+                lead.give_up();
+            }
             serve(shared, conn, stream, idle.map(|idle| started + idle));
             true
         }
