@@ -21,7 +21,11 @@ use crate::key::{Key, Target};
 #[derive(Debug)]
 pub struct History {
     by_key: HashMap<Key, u64>,
-    by_rev: BTreeMap<u64, Key>,
+    /// The keys deleted at each revision: several keys can share one (the keys a restart
+    /// lost are all told gone at one new revision).
+    by_rev: BTreeMap<u64, Vec<Key>>,
+    /// How many tombstones `by_rev` holds (one per key in `by_key`).
+    len: usize,
     cap: usize,
     horizon: u64,
     /// The horizon for a target that may cover a key that is not persistent by its rule: above
@@ -58,6 +62,7 @@ impl History {
         History {
             by_key: HashMap::new(),
             by_rev: BTreeMap::new(),
+            len: 0,
             cap,
             horizon,
             transient_horizon: horizon,
@@ -77,20 +82,30 @@ impl History {
 
     /// Every tombstone, in revision order.
     pub fn tombstones(&self) -> impl Iterator<Item = (&Key, u64)> + '_ {
-        self.by_rev.iter().map(|(rev, key)| (key, *rev))
+        self.by_rev
+            .iter()
+            .flat_map(|(rev, keys)| keys.iter().map(move |key| (key, *rev)))
     }
 
     /// `key` was deleted at `rev`.
     pub fn record(&mut self, key: Key, rev: u64) {
         if let Some(old) = self.by_key.insert(key.clone(), rev) {
-            self.by_rev.remove(&old);
+            self.unlink(&key, old);
         }
-        self.by_rev.insert(rev, key);
-        while self.by_rev.len() > self.cap {
-            let Some((old, key)) = self.by_rev.pop_first() else {
+        self.by_rev.entry(rev).or_default().push(key);
+        self.len += 1;
+        while self.len > self.cap {
+            let Some(mut oldest) = self.by_rev.first_entry() else {
                 break;
             };
-            self.by_key.remove(&key);
+            let old = *oldest.key();
+            if let Some(key) = oldest.get_mut().pop() {
+                self.by_key.remove(&key);
+                self.len -= 1;
+            }
+            if oldest.get().is_empty() {
+                oldest.remove();
+            }
             self.horizon = self.horizon.max(old);
         }
         if self.cap == 0 {
@@ -101,7 +116,20 @@ impl History {
     /// `key` exists again.
     pub fn forget(&mut self, key: &Key) {
         if let Some(rev) = self.by_key.remove(key) {
-            self.by_rev.remove(&rev);
+            self.unlink(key, rev);
+        }
+    }
+
+    /// Removes `key`'s tombstone at `rev` from `by_rev` (the caller updates `by_key`).
+    fn unlink(&mut self, key: &Key, rev: u64) {
+        if let Some(keys) = self.by_rev.get_mut(&rev) {
+            if let Some(at) = keys.iter().position(|k| k == key) {
+                keys.swap_remove(at);
+                self.len -= 1;
+            }
+            if keys.is_empty() {
+                self.by_rev.remove(&rev);
+            }
         }
     }
 
@@ -115,11 +143,11 @@ impl History {
     }
 
     pub fn len(&self) -> usize {
-        self.by_rev.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_rev.is_empty()
+        self.len == 0
     }
 
     /// The tombstones after `rev` that `target` covers, in revision order.
@@ -130,8 +158,8 @@ impl History {
     ) -> impl Iterator<Item = (&'a Key, u64)> + 'a {
         self.by_rev
             .range(rev.saturating_add(1)..)
-            .filter(move |(_, key)| target.covers(key))
-            .map(|(rev, key)| (key, *rev))
+            .flat_map(|(rev, keys)| keys.iter().map(move |key| (key, *rev)))
+            .filter(move |(key, _)| target.covers(key))
     }
 
     /// The history as `.tombstones` holds it: a header line `nkv-tombstones 1 <at> <horizon>`,
@@ -145,7 +173,7 @@ impl History {
         volatile: &[(Key, u64)],
     ) -> String {
         let mut out = format!("{MAGIC} {at} {} {fingerprint}\n", self.horizon);
-        for (rev, key) in &self.by_rev {
+        for (key, rev) in self.tombstones() {
             let _ = writeln!(out, "d {rev} {key}");
         }
         for key in transient {
@@ -238,6 +266,79 @@ mod tests {
         assert_eq!(since, [("a".to_owned(), 8), ("c".to_owned(), 9)]);
         h.forget(&key("a"));
         assert_eq!(h.since(0, &all).count(), 1);
+    }
+
+    /// The keys a restart lost are all gone at one revision: each keeps its tombstone, and
+    /// putting one again forgets only its own (found by the issue-12 adversary: one map entry
+    /// per revision kept only the last key, and `forget` removed another key's tombstone).
+    #[test]
+    fn keys_deleted_at_one_revision_each_keep_their_tombstone() {
+        let mut h = History::new(10, 1);
+        for k in ["r.a", "r.b", "r.c", "r.d"] {
+            h.record(key(k), 5);
+        }
+        h.record(key("r.e"), 6);
+        assert_eq!(h.len(), 5);
+        let all = Target::parse("r").unwrap();
+        let since = |h: &History| -> Vec<String> {
+            let mut keys: Vec<_> = h.since(4, &all).map(|(k, _)| k.to_string()).collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(since(&h), ["r.a", "r.b", "r.c", "r.d", "r.e"]);
+        h.forget(&key("r.a"));
+        h.record(key("r.b"), 7);
+        assert_eq!(since(&h), ["r.b", "r.c", "r.d", "r.e"]);
+        assert_eq!(h.len(), 4);
+        let saved = History::decode(h.encode(7, 0, &[], &[]).as_bytes()).unwrap();
+        assert_eq!(saved.tombstones.len(), 4);
+        // Eviction goes key by key, never past the revision of what it removes.
+        let mut small = History::new(2, 1);
+        for k in ["a", "b", "c"] {
+            small.record(key(k), 5);
+        }
+        assert_eq!((small.len(), small.horizon()), (2, 5));
+        assert_eq!(small.since(4, &Target::parse("*").unwrap()).count(), 2);
+    }
+
+    proptest::proptest! {
+        /// Against a model with no bound: for every revision a resume can start from (at or
+        /// above the horizon), `since` is exactly the model's deletes after it; never more
+        /// than `cap` are kept.
+        #[test]
+        fn since_is_every_delete_after_any_answerable_revision(
+            cap in 0usize..6,
+            ops in proptest::collection::vec((0u8..3, 0u8..6, 0u64..4), 0..60),
+        ) {
+            let mut h = History::new(cap, 1);
+            let mut model: HashMap<Key, u64> = HashMap::new();
+            let mut rev = 1;
+            for (op, k, step) in ops {
+                let k = key(&format!("k{k}"));
+                rev += step; // several deletes may share a revision
+                if op == 0 {
+                    h.forget(&k);
+                    model.remove(&k);
+                } else {
+                    h.record(k.clone(), rev);
+                    model.insert(k, rev);
+                }
+                proptest::prop_assert!(h.len() <= cap);
+                proptest::prop_assert_eq!(h.len(), h.tombstones().count());
+                let all = Target::parse("*").unwrap();
+                for from in h.horizon()..=rev {
+                    let mut got: Vec<_> = h.since(from, &all).map(|(k, r)| (k.clone(), r)).collect();
+                    let mut want: Vec<_> = model
+                        .iter()
+                        .filter(|(_, &r)| r > from)
+                        .map(|(k, &r)| (k.clone(), r))
+                        .collect();
+                    got.sort();
+                    want.sort();
+                    proptest::prop_assert_eq!(got, want);
+                }
+            }
+        }
     }
 
     #[test]

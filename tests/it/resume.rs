@@ -577,3 +577,66 @@ fn a_volatile_directory_of_another_data_directory_is_left_alone() {
         "not taken by another data directory"
     );
 }
+
+/// Every key a restart loses is told gone to a resuming subscriber, however many there are:
+/// memory keys across a clean stop, volatile keys across a reboot (their directory cleared),
+/// session keys across a crash. (Found by the issue-12 adversary: the history held one key per
+/// revision, and all of them are gone at one new revision, so only the last was told; putting
+/// one of them again then dropped the last one's tombstone too.)
+#[test]
+fn every_key_a_restart_loses_is_told_gone() {
+    let keys = |prefix: &str| -> Vec<String> { (0..5).map(|i| format!("{prefix}.k{i}")).collect() };
+    let dels = |prefix: &str| -> BTreeSet<(String, String)> {
+        keys(prefix)
+            .into_iter()
+            .map(|k| ("del".to_owned(), k))
+            .collect()
+    };
+    // Memory keys (the default `runtime` rule) across a clean stop; one of them put again.
+    let mut server = Server::start();
+    let mut raw = server.raw();
+    for key in keys("runtime") {
+        assert_eq!(raw.request(&format!("PUT {key} 1"))["ok"], true);
+    }
+    let from = ready_rev(&sub(&mut server.raw(), "SUB runtime"));
+    assert!(server.stop().success());
+    server.spawn_and_wait();
+    let resumed = sub(&mut server.raw(), &format!("SUB runtime FROM {from}"));
+    assert!(!resumed.reset);
+    assert_eq!(resumed.events, dels("runtime"));
+    assert_eq!(server.raw().request("PUT runtime.k0 2")["ok"], true);
+    let resumed = sub(&mut server.raw(), &format!("SUB runtime FROM {from}"));
+    let mut want = dels("runtime");
+    want.remove(&("del".to_owned(), "runtime.k0".to_owned()));
+    want.insert(("put".to_owned(), "runtime.k0".to_owned()));
+    assert_eq!(resumed.events, want);
+
+    // Volatile keys across a reboot.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = with_classes(tmp.path(), "v=volatile");
+    server.spawn_and_wait();
+    let mut raw = server.raw();
+    for key in keys("v") {
+        assert_eq!(raw.request(&format!("PUT {key} 1"))["ok"], true);
+    }
+    let from = ready_rev(&sub(&mut server.raw(), "SUB v"));
+    assert!(server.stop().success());
+    std::fs::remove_dir_all(tmp.path().join("vol")).unwrap();
+    server.spawn_and_wait();
+    let resumed = sub(&mut server.raw(), &format!("SUB v FROM {from}"));
+    assert!(!resumed.reset);
+    assert_eq!(resumed.events, dels("v"));
+
+    // Session keys across a crash.
+    let mut server = Server::start();
+    let mut owner = server.raw();
+    for key in keys("svc") {
+        let put = format!(r#"{{"op":"put","key":"{key}","value":1,"session":true}}"#);
+        assert_eq!(owner.request(&put)["ok"], true);
+    }
+    let from = ready_rev(&sub(&mut server.raw(), "SUB svc"));
+    server.restart();
+    let resumed = sub(&mut server.raw(), &format!("SUB svc FROM {from}"));
+    assert!(!resumed.reset);
+    assert_eq!(resumed.events, dels("svc"));
+}
