@@ -173,7 +173,7 @@ fn source(matches: &ArgMatches, id: &str) -> &'static str {
 
 /// Logs every setting with its source; under socket activation, the socket settings that
 /// systemd's socket unit decides instead are logged as ignored.
-fn log_config(args: &Args, matches: &ArgMatches, inherited: bool) {
+fn log_config(args: &Args, classes: &ClassRules, matches: &ArgMatches, inherited: bool) {
     let actual = inherited.then(systemd_socket);
     let s = |id| match &actual {
         Some(_) if ["socket", "socket_mode", "socket_group"].contains(&id) => "systemd",
@@ -190,7 +190,8 @@ fn log_config(args: &Args, matches: &ArgMatches, inherited: bool) {
     log::info!(
         "config: socket={} ({}) data-dir={} ({}) max-connections={} ({}) max-value-bytes={} ({}) \
          max-subscriptions={} ({}) idle-timeout={}s ({}) send-timeout={}s ({}) fsync={} ({}) \
-         socket-mode={} ({}) socket-group={} ({}) allow-unsafe-dirs={} ({})",
+         socket-mode={} ({}) socket-group={} ({}) allow-unsafe-dirs={} ({}) class={} ({}) \
+         volatile-dir={} ({}) tombstones={} ({})",
         socket,
         s("socket"),
         args.data_dir.display(),
@@ -213,6 +214,12 @@ fn log_config(args: &Args, matches: &ArgMatches, inherited: bool) {
         s("socket_group"),
         args.allow_unsafe_dirs,
         s("allow_unsafe_dirs"),
+        classes.describe(),
+        s("classes"),
+        args.volatile_dir.display(),
+        s("volatile_dir"),
+        args.tombstones,
+        s("tombstones"),
     );
     if inherited {
         for (id, flag, value) in [
@@ -298,7 +305,7 @@ fn main() -> ExitCode {
     raise_fd_limit();
     return_large_buffers_to_the_os();
     let activated = std::env::var("LISTEN_PID").ok() == Some(std::process::id().to_string());
-    log_config(&args, &matches, activated);
+    log_config(&args, &classes, &matches, activated);
 
     let config = Config {
         socket: args.socket,

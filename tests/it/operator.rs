@@ -133,8 +133,10 @@ fn boolean_variables_take_the_usual_spellings() {
 
 #[test]
 fn the_effective_configuration_is_logged_at_start() {
-    let server =
-        Server::start_with_env(&["--max-subscriptions", "7"], &[("NKV_IDLE_TIMEOUT", "9")]);
+    let server = Server::start_with_env(
+        &["--max-subscriptions", "7", "--class", "a=memory"],
+        &[("NKV_IDLE_TIMEOUT", "9"), ("NKV_TOMBSTONES", "12")],
+    );
     let log = server.log_text();
     let line = log
         .lines()
@@ -146,6 +148,9 @@ fn the_effective_configuration_is_logged_at_start() {
         "idle-timeout=9s (env)".to_owned(),
         "max-connections=4096 (default)".to_owned(),
         "socket-mode=0660 (default)".to_owned(),
+        "class=runtime=memory,a=memory (flag)".to_owned(),
+        "volatile-dir=/dev/shm/nkv (default)".to_owned(),
+        "tombstones=12 (env)".to_owned(),
     ] {
         assert!(line.contains(&part), "{part:?} in {line}");
     }
