@@ -26,11 +26,17 @@ struct State {
     in_flight: BTreeSet<u64>,
 }
 
+/// How many condition variables the waiting changes are spread over (by revision).
+const TURNS: usize = 64;
+
 /// The revision counter and the changes in flight.
 #[derive(Debug)]
 pub struct RevSeq {
     state: Mutex<State>,
-    turn: Condvar,
+    /// A change waits on `turns[rev % TURNS]`; a change that was first in flight wakes only
+    /// the slot of the new first. One condition variable for all woke every waiting change
+    /// at every finish: with 64 writers on 2 CPUs, memory-class puts fell from 55k/s to 5k/s.
+    turns: Box<[Condvar]>,
 }
 
 /// A revision taken by one change. Dropping it unfinished gives the revision up (a failed
@@ -49,7 +55,7 @@ impl RevSeq {
                 last,
                 in_flight: BTreeSet::new(),
             }),
-            turn: Condvar::new(),
+            turns: (0..TURNS).map(|_| Condvar::new()).collect(),
         }
     }
 
@@ -108,7 +114,7 @@ impl Ticket<'_> {
             .first()
             .is_some_and(|&first| first < self.rev)
         {
-            self.seq.turn.wait(&mut state);
+            self.seq.turns[slot(self.rev)].wait(&mut state);
         }
     }
 
@@ -129,13 +135,22 @@ impl Ticket<'_> {
         }
         self.open = false;
         let mut state = self.seq.state.lock();
+        let was_first = state.in_flight.first() == Some(&self.rev);
         state.in_flight.remove(&self.rev);
         if give_back && state.last == self.rev {
             state.last -= 1;
         }
+        // Only the new first change can go on, and only if this one was in its way.
+        let next = state.in_flight.first().copied().filter(|_| was_first);
         drop(state);
-        self.seq.turn.notify_all();
+        if let Some(next) = next {
+            self.seq.turns[slot(next)].notify_all();
+        }
     }
+}
+
+fn slot(rev: u64) -> usize {
+    (rev % TURNS as u64) as usize
 }
 
 impl Drop for Ticket<'_> {
@@ -204,5 +219,40 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(*order.lock(), (1..=8).collect::<Vec<u64>>());
+    }
+
+    /// Many writers, more than CPUs, each taking tickets, sometimes giving one up, yielding
+    /// between taking and waiting: every applied change follows the one before it, and no
+    /// waiter is left asleep (the run ends).
+    #[test]
+    fn many_writers_apply_in_revision_order_and_none_is_left_waiting() {
+        let seq = Arc::new(RevSeq::new(0));
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let handles: Vec<_> = (0..70u64)
+            .map(|t| {
+                let (seq, applied) = (seq.clone(), applied.clone());
+                std::thread::spawn(move || {
+                    for i in 0..200u64 {
+                        let ticket = seq.next().unwrap();
+                        if (t + i) % 3 == 0 {
+                            std::thread::yield_now();
+                        }
+                        if (t * 7 + i) % 11 == 0 {
+                            ticket.give_up();
+                            continue;
+                        }
+                        ticket.wait_turn();
+                        applied.lock().push(ticket.rev());
+                        ticket.finish();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let applied = applied.lock();
+        assert!(applied.windows(2).all(|w| w[0] < w[1]), "out of order");
+        assert_eq!(seq.settled(), seq.last());
     }
 }
