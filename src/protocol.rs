@@ -124,7 +124,7 @@ impl From<KeyError> for RequestError {
     }
 }
 
-pub const HELP: &str = "commands: PUT <key> <value> | PUTIF <key> <rev> <value> | DELIF <key> <rev> | SUB <key> FROM <rev> | GET <key>|<prefix>.*|* | DEL <key>|<prefix>.*|* | KEYS [<prefix>.*] | SUB <key>|<prefix>.*|* | UNSUB <key> | HELLO <name> | TRACE <key> | STATS | HEALTH | VERSION | HELP | QUIT; or one JSON object per line: {\"op\":\"put\",\"key\":\"a.b\",\"value\":1,\"id\":7}; see docs/PROTOCOL.md";
+pub const HELP: &str = "commands: PUT <key> <value> | PUTIF <key> <rev> <value> | DELIF <key> <rev> | SUB <key> FROM <rev> [EPOCH <id>] | GET <key>|<prefix>.*|* | DEL <key>|<prefix>.*|* | KEYS [<prefix>.*] | SUB <key>|<prefix>.*|* | UNSUB <key> | HELLO <name> | TRACE <key> | STATS | HEALTH | VERSION | HELP | QUIT; or one JSON object per line: {\"op\":\"put\",\"key\":\"a.b\",\"value\":1,\"id\":7}; see docs/PROTOCOL.md";
 
 /// Parses one request line (without its `\n`; a trailing `\r` is ignored).
 ///
