@@ -562,6 +562,7 @@ impl Client {
             target,
             Conn::open(&self.path, self.timeouts)?,
             None,
+            None,
         )
     }
 
@@ -581,6 +582,30 @@ impl Client {
             target,
             Conn::open(&self.path, self.timeouts)?,
             Some(from_rev),
+            None,
+        )
+    }
+
+    /// [`Client::watch_from`] naming the history `from_rev` belongs to (the watch's
+    /// [`Watch::resume_epoch`], kept with it): a server whose data directory was wiped or
+    /// replaced since then answers with [`Event::Reset`] and the full snapshot, however far its
+    /// revisions have gone. Without the epoch a resume cannot tell.
+    ///
+    /// # Errors
+    /// An invalid target or epoch, or a connection or server failure on the first connection.
+    pub fn watch_from_epoch(
+        &self,
+        target: &str,
+        from_rev: u64,
+        epoch: &str,
+    ) -> Result<Watch, Error> {
+        Watch::open(
+            &self.path,
+            self.timeouts,
+            target,
+            Conn::open(&self.path, self.timeouts)?,
+            Some(from_rev),
+            Some(epoch),
         )
     }
 
@@ -594,7 +619,7 @@ impl Client {
             Some(conn) => conn,
             None => Conn::open(&self.path, self.timeouts)?,
         };
-        Watch::open(&self.path, self.timeouts, target, conn, None)
+        Watch::open(&self.path, self.timeouts, target, conn, None, None)
     }
 
     /// Turns this client's connection into a subscription to `target`, so that no idle

@@ -10,6 +10,7 @@ use std::fmt;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::class::Class;
+use crate::disk::Epoch;
 use crate::error::ErrorCode;
 use crate::key::{Key, KeyError, Target};
 use crate::value::Value;
@@ -39,9 +40,9 @@ pub enum Request {
     /// Keys covered by the target (a key covers itself and what is below it); `None` = all.
     Keys(Option<Target>),
     Sub(Target),
-    /// Resume: only what changed after the revision (`SUB <target> FROM <rev>`, JSON
-    /// `"from_rev"`).
-    SubFrom(Target, u64),
+    /// Resume: only what changed after the revision (`SUB <target> FROM <rev> [EPOCH <id>]`,
+    /// JSON `"from_rev"` and `"epoch"`).
+    SubFrom(Target, Resume),
     Unsub(Target),
     Hello(String),
     Trace(Key),
@@ -50,6 +51,33 @@ pub enum Request {
     Version,
     Help,
     Quit,
+}
+
+/// Where a resume starts: the revision, and the history (`epoch` of the `ready` it came
+/// from) it belongs to, when the client names one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    pub rev: u64,
+    pub epoch: Option<Epoch>,
+}
+
+impl fmt::Display for Resume {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.epoch {
+            Some(epoch) => write!(f, "{} epoch {epoch}", self.rev),
+            None => write!(f, "{}", self.rev),
+        }
+    }
+}
+
+/// An epoch named by a resume: the 32 hex digits a `ready` carries.
+fn parse_epoch(text: &str) -> Result<Epoch, RequestError> {
+    Epoch::parse(text).ok_or_else(|| {
+        RequestError::bad(format!(
+            "{:?} is not an epoch (the 32 hex digits of a ready's \"epoch\")",
+            truncate(text, 40)
+        ))
+    })
 }
 
 /// A request with its optional JSON-form `id`, kept as raw JSON text to echo back.
@@ -96,7 +124,7 @@ impl From<KeyError> for RequestError {
     }
 }
 
-pub const HELP: &str = "commands: PUT <key> <value> | PUTIF <key> <rev> <value> | DELIF <key> <rev> | SUB <key> FROM <rev> | GET <key>|<prefix>.*|* | DEL <key>|<prefix>.*|* | KEYS [<prefix>.*] | SUB <key>|<prefix>.*|* | UNSUB <key> | HELLO <name> | TRACE <key> | STATS | HEALTH | VERSION | HELP | QUIT; or one JSON object per line: {\"op\":\"put\",\"key\":\"a.b\",\"value\":1,\"id\":7}; see docs/PROTOCOL.md";
+pub const HELP: &str = "commands: PUT <key> <value> | PUTIF <key> <rev> <value> | DELIF <key> <rev> | SUB <key> FROM <rev> [EPOCH <id>] | GET <key>|<prefix>.*|* | DEL <key>|<prefix>.*|* | KEYS [<prefix>.*] | SUB <key>|<prefix>.*|* | UNSUB <key> | HELLO <name> | TRACE <key> | STATS | HEALTH | VERSION | HELP | QUIT; or one JSON object per line: {\"op\":\"put\",\"key\":\"a.b\",\"value\":1,\"id\":7}; see docs/PROTOCOL.md";
 
 /// Parses one request line (without its `\n`; a trailing `\r` is ignored).
 ///
@@ -186,7 +214,20 @@ fn parse_text(line: &str, max_value: usize) -> Result<Request, RequestError> {
             match args.optional() {
                 None => Request::Sub(target),
                 Some(word) if word.eq_ignore_ascii_case("FROM") => {
-                    Request::SubFrom(target, parse_rev(args.next("a revision after FROM")?)?)
+                    let rev = parse_rev(args.next("a revision after FROM")?)?;
+                    let epoch = match args.optional() {
+                        None => None,
+                        Some(word) if word.eq_ignore_ascii_case("EPOCH") => {
+                            Some(parse_epoch(args.next("an epoch after EPOCH")?)?)
+                        }
+                        Some(other) => {
+                            return Err(RequestError::bad(format!(
+                                "SUB <target> FROM <rev> may be followed by EPOCH <id>; unexpected {:?}",
+                                truncate(other, 40)
+                            )))
+                        }
+                    };
+                    Request::SubFrom(target, Resume { rev, epoch })
                 }
                 Some(other) => {
                     return Err(RequestError::bad(format!(
@@ -374,6 +415,11 @@ fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestE
     if !matches!(op.as_str(), "sub" | "subscribe") {
         unexpected("from_rev", req.from_rev.is_some())?;
     }
+    if req.from_rev.is_none() && req.epoch.is_some() {
+        return Err(RequestError::bad(
+            "\"epoch\" names the history of a \"from_rev\"; it goes only with one",
+        ));
+    }
     for rev in [req.if_rev, req.from_rev].into_iter().flatten() {
         if rev > crate::disk::MAX_REV {
             return Err(RequestError::bad(format!(
@@ -415,7 +461,13 @@ fn json_request(req: &JsonRequest, max_value: usize) -> Result<Request, RequestE
         Op::Keys => Request::Keys(req.key.as_deref().map(Target::parse).transpose()?),
         Op::Sub => match req.from_rev {
             None => Request::Sub(Target::parse(key()?)?),
-            Some(rev) => Request::SubFrom(Target::parse(key()?)?, rev),
+            Some(rev) => Request::SubFrom(
+                Target::parse(key()?)?,
+                Resume {
+                    rev,
+                    epoch: req.epoch.as_deref().map(parse_epoch).transpose()?,
+                },
+            ),
         },
         Op::Unsub => Request::Unsub(Target::parse(key()?)?),
         Op::Trace => Request::Trace(Key::parse(key()?)?),
@@ -655,12 +707,14 @@ impl Event {
 
 /// The marker after a subscription's initial values: `rev` is the revision the snapshot was
 /// taken at (every change up to it is in the snapshot, every later one follows).
-pub fn write_ready(sub: &Target, count: usize, rev: u64, out: &mut Vec<u8>) {
+pub fn write_ready(sub: &Target, count: usize, rev: u64, epoch: Epoch, out: &mut Vec<u8>) {
     let sub = sub.to_string();
+    let epoch = epoch.to_string();
     let event: wire::Event<&str, Raw> = wire::Event::Ready {
         sub: &sub,
         count: count as u64,
         rev,
+        epoch: Some(&epoch),
     };
     wire::write_line(&event, out);
 }
@@ -750,6 +804,15 @@ mod tests {
 
     fn key(text: &str) -> Key {
         Key::parse(text).unwrap()
+    }
+
+    const EPOCH: &str = "0123456789abcdef0123456789abcdef";
+
+    fn from(rev: u64, epoch: Option<&str>) -> Resume {
+        Resume {
+            rev,
+            epoch: epoch.map(|e| Epoch::parse(e).unwrap()),
+        }
     }
 
     fn put(k: &str, v: &str) -> Result<Request, (ErrorCode, &'static str)> {
@@ -903,11 +966,41 @@ mod tests {
         check("DELIF a.* 1", Err((ErrorCode::InvalidKey, "'*'")));
         check(
             "SUB a FROM 12",
-            Ok(Request::SubFrom(Target::Key(key("a")), 12)),
+            Ok(Request::SubFrom(Target::Key(key("a")), from(12, None))),
+        );
+        check(
+            "SUB a FROM 12 epoch 0123456789abcdef0123456789ABCDEF",
+            Ok(Request::SubFrom(
+                Target::Key(key("a")),
+                from(12, Some(EPOCH)),
+            )),
+        );
+        check(
+            "SUB a FROM 1 EPOCH",
+            Err((ErrorCode::BadRequest, "after EPOCH")),
+        );
+        check(
+            "SUB a FROM 1 EPOCH 12g",
+            Err((ErrorCode::BadRequest, "not an epoch")),
+        );
+        check(
+            "SUB a FROM 1 EPOCH 0123456789abcdef0123456789abcdef0",
+            Err((ErrorCode::BadRequest, "not an epoch")),
+        );
+        check(
+            "SUB a FROM 1 SINCE 2",
+            Err((ErrorCode::BadRequest, "EPOCH <id>")),
+        );
+        check(
+            "SUB a FROM 1 EPOCH 0123456789abcdef0123456789abcdef x",
+            Err((ErrorCode::BadRequest, "unexpected")),
         );
         check(
             "SUB * from 0",
-            Ok(Request::SubFrom(Target::Pattern(Pattern::All), 0)),
+            Ok(Request::SubFrom(
+                Target::Pattern(Pattern::All),
+                from(0, None),
+            )),
         );
         check("SUB a FROM", Err((ErrorCode::BadRequest, "after FROM")));
         check("SUB a SINCE 3", Err((ErrorCode::BadRequest, "FROM <rev>")));
@@ -934,7 +1027,26 @@ mod tests {
         );
         check(
             r#"{"op":"sub","key":"a","from_rev":9}"#,
-            Ok(Request::SubFrom(Target::Key(key("a")), 9)),
+            Ok(Request::SubFrom(Target::Key(key("a")), from(9, None))),
+        );
+        check(
+            r#"{"op":"sub","key":"a","from_rev":9,"epoch":"0123456789abcdef0123456789abcdef"}"#,
+            Ok(Request::SubFrom(
+                Target::Key(key("a")),
+                from(9, Some(EPOCH)),
+            )),
+        );
+        check(
+            r#"{"op":"sub","key":"a","from_rev":9,"epoch":"x"}"#,
+            Err((ErrorCode::BadRequest, "not an epoch")),
+        );
+        check(
+            r#"{"op":"sub","key":"a","epoch":"0123456789abcdef0123456789abcdef"}"#,
+            Err((ErrorCode::BadRequest, "goes only with")),
+        );
+        check(
+            r#"{"op":"sub","key":"a","from_rev":9,"epoch":7}"#,
+            Err((ErrorCode::BadRequest, "")),
         );
         check(
             r#"{"op":"get","key":"a","if_rev":1}"#,

@@ -21,7 +21,7 @@ use crate::history::History;
 use crate::key::{Key, Pattern, Target};
 use crate::mailbox::{Item, Kicks, Mailbox};
 use crate::notify::{Notifier, SubError};
-use crate::protocol::{Event, EventKind};
+use crate::protocol::{Event, EventKind, Resume};
 use crate::revseq::RevSeq;
 
 pub use crate::value::Value;
@@ -116,6 +116,9 @@ pub struct Store {
     /// The `volatile` directory, when a rule uses it.
     volatile: Option<Disk>,
     notifier: Notifier,
+    /// The data directory's history identity, sent in every `ready`: a resume naming another
+    /// one is from another history and gets a reset whatever its revision.
+    epoch: crate::disk::Epoch,
 }
 
 impl Store {
@@ -134,6 +137,7 @@ impl Store {
     /// See [`Disk::open`], for either directory.
     pub fn open_with(config: &Config) -> Result<Store, OpenError> {
         let (disk, contents) = Disk::open(&config.data_dir, &config.options)?;
+        let epoch = disk.epoch();
         let mut max_rev = contents.max_rev;
         let data_rev = contents.max_rev;
         // What the stop's history must match: the data directory as found, and the volatile
@@ -251,6 +255,7 @@ impl Store {
             config.tombstones,
         );
         Ok(Store {
+            epoch,
             map: RwLock::new(map),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hasher: RandomState::new(),
@@ -660,7 +665,8 @@ impl Store {
     /// history reaches, only what changed after it: a `put` per covered key whose revision is
     /// greater and a `del` per covered tombstone after it. A resume it cannot answer (the
     /// history does not reach back, or `from` is beyond this server's settled revision) gets
-    /// a `reset` line and then the full snapshot. `ready` carries the settled revision: every
+    /// a `reset` line and then the full snapshot, as does one naming an epoch other than this
+    /// directory's. `ready` carries the epoch and the settled revision: every
     /// change at or below it is in what was sent, every later one comes after `ready`.
     ///
     /// # Errors
@@ -672,7 +678,7 @@ impl Store {
         name: &str,
         mailbox: &Arc<Mailbox>,
         target: &Target,
-        from: Option<u64>,
+        from: Option<Resume>,
         max_subs: usize,
         ack: Vec<u8>,
     ) -> Result<usize, SubError> {
@@ -683,7 +689,12 @@ impl Store {
         let settled = self.seq.settled();
         let history = self.history.lock();
         let transient = from.is_some() && self.classes.may_cover_transient(target);
-        let resume = from.filter(|&f| f <= settled && history.reaches_for(f, transient));
+        // A resume naming another history's epoch cannot be answered from this one; one
+        // naming none is taken on trust (it cannot tell a replaced directory).
+        let resume = from
+            .filter(|r| r.epoch.is_none_or(|e| e == self.epoch))
+            .map(|r| r.rev)
+            .filter(|&f| f <= settled && history.reaches_for(f, transient));
         if from.is_some() && resume.is_none() {
             self.notifier.push(mailbox, Item::Reset(target.clone()));
         }
@@ -724,6 +735,7 @@ impl Store {
                 target: target.clone(),
                 count,
                 rev: settled,
+                epoch: self.epoch,
             },
         );
         drop(map);

@@ -136,6 +136,9 @@ pub struct JsonRequest<'a> {
     /// A `sub` that resumes after this revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_rev: Option<u64>,
+    /// With `from_rev`: the history it belongs to (the `epoch` of the `ready` it came from).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<Cow<'a, str>>,
     #[serde(
         borrow,
         default,
@@ -156,6 +159,7 @@ impl<'a> JsonRequest<'a> {
             if_rev: None,
             session: None,
             from_rev: None,
+            epoch: None,
             id: None,
         }
     }
@@ -370,6 +374,10 @@ pub enum Event<S, V> {
         /// The revision the snapshot was taken at: resume from it with `SUB <sub> FROM <rev>`.
         #[serde(default)]
         rev: u64,
+        /// The history `rev` belongs to: name it with `EPOCH <epoch>` when resuming, so a
+        /// replaced data directory answers with a reset. Absent from servers before it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<S>,
     },
     /// A resume the server could not answer from its history: the full snapshot (as `init`
     /// events, then `ready`) follows.
@@ -456,6 +464,7 @@ mod tests {
                 sub: "a.*".into(),
                 count: 1,
                 rev: 1,
+                epoch: Some("00ff".into()),
             },
             Event::Reset { sub: "a".into() },
             Event::Del {

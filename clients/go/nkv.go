@@ -307,7 +307,9 @@ type request struct {
 	// IfRev is a compare-and-set revision (put, del); FromRev resumes a sub.
 	IfRev   *uint64 `json:"if_rev,omitempty"`
 	FromRev *uint64 `json:"from_rev,omitempty"`
-	Session bool    `json:"session,omitempty"`
+	// Epoch names the history FromRev belongs to (the epoch of the ready it came from).
+	Epoch   string `json:"epoch,omitempty"`
+	Session bool   `json:"session,omitempty"`
 }
 
 // response is any response line; fields absent from a response stay zero.

@@ -303,6 +303,64 @@ func TestSubscribeResumesAcrossAServerRestart(t *testing.T) {
 	})
 }
 
+func TestSubscribeResetsWhenTheDataDirectoryIsReplacedAtTheSameRevision(t *testing.T) {
+	s := startServer(t)
+	c := connect(t, s)
+	c.Put("r.keep", 1)
+	c.Put("r.gone", 2)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events, err := c.Subscribe(ctx, "r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, events) // init r.gone
+	next(t, events) // init r.keep
+	ready := next(t, events)
+	if ready.Kind != Ready || len(ready.Epoch) != 32 {
+		t.Fatalf("first ready: %+v", ready)
+	}
+	s.stop()
+	// Another history in the same place: the data directory wiped and filled by another
+	// server (on a socket of its own, so the subscription cannot resume before it is done)
+	// up to the subscription's revision, with other keys.
+	if err := os.RemoveAll(s.data); err != nil {
+		t.Fatal(err)
+	}
+	otherDir := t.TempDir()
+	other := &server{t: t, dir: otherDir, socket: filepath.Join(otherDir, "nkv.sock"), data: s.data}
+	other.start()
+	oc, err := Connect(other.socket, WithTimeout(deadline))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := oc.Put("r.new", 3); err != nil {
+		t.Fatal(err)
+	}
+	if rev, err := oc.Put("elsewhere", 0); err != nil || rev != 2 {
+		t.Fatalf("other history at rev %d: %v", rev, err)
+	}
+	oc.Close()
+	other.stop()
+	s.start()
+	// The same revision in another history: a reset, so no stale key stays.
+	want := []Event{
+		{Kind: Init, Key: "r.new", Value: json.RawMessage("3"), Rev: 1},
+		{Kind: Del, Key: "r.gone"},
+		{Kind: Del, Key: "r.keep"},
+	}
+	for _, w := range want {
+		ev := next(t, events)
+		if ev.Kind != w.Kind || ev.Key != w.Key || ev.Rev != w.Rev || string(ev.Value) != string(w.Value) {
+			t.Fatalf("after resume: got %+v, want %+v", ev, w)
+		}
+	}
+	again := next(t, events)
+	if again.Kind != Ready || again.Count != 1 || len(again.Epoch) != 32 || again.Epoch == ready.Epoch {
+		t.Fatalf("resumed ready: %+v (before: %+v)", again, ready)
+	}
+}
+
 func TestCompareAndSetAndSessions(t *testing.T) {
 	s := startServer(t)
 	c := connect(t, s)

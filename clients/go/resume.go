@@ -4,7 +4,9 @@ import "sort"
 
 // Resuming a subscription after a reconnect.
 //
-// The resumption sends `"from_rev"`: the revision of the last ready marker, raised by every
+// The resumption sends `"from_rev"` and `"epoch"`: the revision and history of the last ready
+// marker (the epoch makes a server whose data directory was wiped or replaced answer with a
+// reset, however far its revisions have gone), the revision raised by every
 // later put or del without "skipped" (an event standing for skipped changes may have
 // overtaken older changes of other keys, so it does not move the point). The server answers
 // with only what changed after it (put and del events) before ready. When its delete history
@@ -17,13 +19,14 @@ import "sort"
 // resumeState is what one resumption tracks until its snapshot's ready marker.
 type resumeState struct {
 	fromRev uint64
+	epoch   string
 	// reset: the server sends the full snapshot (present then holds its keys).
 	reset   bool
 	present map[string]bool
 }
 
 func (s *subscription) resumeState() *resumeState {
-	return &resumeState{fromRev: s.resumeRev, present: map[string]bool{}}
+	return &resumeState{fromRev: s.resumeRev, epoch: s.resumeEpoch, present: map[string]bool{}}
 }
 
 // subscribeRequest is the SUB for a first subscription or a resumption.
@@ -32,7 +35,7 @@ func subscribeRequest(target string, resume *resumeState) request {
 		return request{Op: "sub", Key: target}
 	}
 	from := resume.fromRev
-	return request{Op: "sub", Key: target, FromRev: &from}
+	return request{Op: "sub", Key: target, FromRev: &from, Epoch: resume.epoch}
 }
 
 // gone reports, as Del events in key order, the keys the consumer had that the new snapshot

@@ -45,6 +45,10 @@ type Event struct {
 	Value json.RawMessage // Init, Put
 	Rev   uint64          // Init, Put, Del
 	Count int             // Ready
+	// Epoch is the history Rev numbers belong to (Ready; empty from a server before it): a
+	// resumption names it, so a server whose data directory was wiped or replaced answers
+	// with a reset however far its revisions have gone.
+	Epoch string
 	// Skipped is how many earlier changes of the key this Put or Del stands for (the server
 	// coalesced them because the consumer was behind).
 	Skipped uint64
@@ -58,6 +62,7 @@ type wireEvent struct {
 	Rev     uint64          `json:"rev"`
 	Count   int             `json:"count"`
 	Skipped uint64          `json:"skipped"`
+	Epoch   string          `json:"epoch"`
 	OK      *bool           `json:"ok"`
 	Error   string          `json:"error"`
 	Msg     string          `json:"message"`
@@ -94,6 +99,8 @@ type subscription struct {
 	lastRev uint64
 	// resumeRev is where a resumption starts: see resume.go.
 	resumeRev uint64
+	// resumeEpoch is the history resumeRev belongs to: the epoch of the last ready.
+	resumeEpoch string
 }
 
 // start dials, names the connection, and subscribes (resuming when resume is non-nil).
@@ -222,7 +229,8 @@ func (s *subscription) translate(ev wireEvent, resume *resumeState) ([]Event, bo
 			out = resume.gone(s.seen)
 		}
 		s.resumeRev = ev.Rev
-		return append(out, Event{Kind: Ready, Count: ev.Count}), true
+		s.resumeEpoch = ev.Epoch
+		return append(out, Event{Kind: Ready, Count: ev.Count, Epoch: ev.Epoch}), true
 	case "shutdown":
 		return nil, false
 	}

@@ -331,7 +331,7 @@ class Client:
 
     # -- subscriptions ------------------------------------------------------
 
-    def subscribe(self, prefix, name=None, from_rev=None):
+    def subscribe(self, prefix, name=None, from_rev=None, epoch=None):
         """Subscribe to ``prefix`` on a new connection; return a Subscription, a generator of events.
 
         ``prefix`` is a key (it and every key below it), ``"a.*"`` (only the
@@ -349,25 +349,33 @@ class Client:
         ``from_rev`` resumes instead: only what changed after that revision
         (``put`` and ``del`` events) comes before ``ready``, or a ``reset``
         event and the full snapshot when the server's history does not reach
-        back. watch() does this on every reconnect.
+        back. ``epoch`` (with ``from_rev``) names the history the revision
+        belongs to: the ``epoch`` of the ``ready`` it came from. A server
+        whose data directory was wiped or replaced since then answers with
+        ``reset`` however far its revisions have gone; without ``epoch`` a
+        resume cannot tell. watch() does this on every reconnect.
 
         Raises NkvError at once if the server refuses the subscription
         (e.g. code ``invalid_key``).
         """
-        return Subscription(_subscribe(self.socket_path, self.timeout, 0.0, prefix, name, from_rev))
+        return Subscription(_subscribe(self.socket_path, self.timeout, 0.0, prefix, name, from_rev, epoch))
 
-    def watch(self, prefix, name=None, from_rev=None, reconnect_wait=30.0):
+    def watch(self, prefix, name=None, from_rev=None, reconnect_wait=30.0, epoch=None):
         """Like subscribe(), but survives the server: return a Watch.
 
         When the connection is lost (server restart, socket replaced, a
         shutdown event) the Watch reconnects — retrying for up to
         ``reconnect_wait`` seconds — and resumes from the last revision it
-        delivered, so no change is missed and no deleted key is left stale.
+        delivered, in the history (``epoch``) of the last ``ready`` it saw,
+        so no change is missed and no deleted key is left stale — even when
+        the server's data directory was replaced. To resume a watch kept
+        across a restart of your program, pass its ``rev`` as ``from_rev``
+        and its ``epoch`` as ``epoch``.
         It yields every event except ``shutdown``; a ``reset`` event means
         the server could not resume and the ``init`` events that follow are
         the whole state (forget the keys they do not restate).
         """
-        return Watch(self.socket_path, self.timeout, prefix, name, from_rev, reconnect_wait)
+        return Watch(self.socket_path, self.timeout, prefix, name, from_rev, reconnect_wait, epoch)
 
     # -- lifetime -----------------------------------------------------------
 
@@ -389,7 +397,7 @@ class Client:
         return "<nkv.Client %s %s>" % (self.socket_path, state)
 
 
-def _subscribe(path, timeout, wait, prefix, name, from_rev):
+def _subscribe(path, timeout, wait, prefix, name, from_rev, epoch=None):
     """A new connection subscribed to ``prefix`` (acknowledged)."""
     conn = _Connection(path, timeout, wait)
     try:
@@ -400,6 +408,8 @@ def _subscribe(path, timeout, wait, prefix, name, from_rev):
         request = {"op": "sub", "key": prefix}
         if from_rev is not None:
             request["from_rev"] = from_rev
+            if epoch is not None:
+                request["epoch"] = epoch
         response = conn.exchange(request)
         if response.get("ok") is not True:
             raise _error(response)
@@ -479,20 +489,23 @@ class Watch(collections.abc.Generator):
     raised by every later event without ``skipped`` (an event that stands for
     skipped changes may have overtaken older changes of other keys, so it
     does not move the resume point). ``resets`` counts the resumes the server
-    answered with a full snapshot.
+    answered with a full snapshot. ``epoch`` is the history ``rev`` belongs
+    to (the last ``ready``'s ``epoch``; None before one): every resume names
+    it, so a server with another history answers with ``reset``.
     """
 
-    def __init__(self, path, timeout, prefix, name, from_rev, reconnect_wait):
+    def __init__(self, path, timeout, prefix, name, from_rev, reconnect_wait, epoch=None):
         self._path = path
         self._timeout = timeout
         self._prefix = prefix
         self._name = name
         self._wait = reconnect_wait
         self.rev = from_rev
+        self.epoch = epoch if from_rev is not None else None
         self.resets = 0
         self._in_snapshot = True
         self._done = False
-        self._conn = _subscribe(path, timeout, 0.0, prefix, name, from_rev)
+        self._conn = _subscribe(path, timeout, 0.0, prefix, name, from_rev, self.epoch)
 
     def send(self, value):
         """Return the next event (``value`` is ignored); StopIteration once closed."""
@@ -501,7 +514,7 @@ class Watch(collections.abc.Generator):
                 raise StopIteration
             if self._conn is None:
                 try:
-                    self._conn = _subscribe(self._path, self._timeout, self._wait, self._prefix, self._name, self.rev)
+                    self._conn = _subscribe(self._path, self._timeout, self._wait, self._prefix, self._name, self.rev, self.epoch)
                 except NkvError as exc:
                     if exc.code != "closed":
                         self.close()
@@ -527,6 +540,7 @@ class Watch(collections.abc.Generator):
             elif kind == "ready":
                 self._in_snapshot = False
                 self.rev = event.get("rev", self.rev)
+                self.epoch = event.get("epoch")
             elif not self._in_snapshot and "skipped" not in event and "rev" in event:
                 self.rev = max(self.rev or 0, event["rev"])
             return event

@@ -14,6 +14,7 @@ has a deadline.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -168,6 +169,10 @@ class ServerTestCase(unittest.TestCase):
         server.stopped = True
         code = server.stop()
         self.assertEqual(code, 0, "server exit code after SIGTERM\n" + server.describe())
+
+    def epoch(self):
+        """The server's history epoch, as every ``ready`` carries it (its data directory's .epoch)."""
+        return Path(self.server.data_dir, ".epoch").read_text().strip()
 
     def next_event(self, events):
         """The next event, or fail; the subscription's socket timeout bounds the wait."""
@@ -477,7 +482,7 @@ class SubscribeTest(ServerTestCase):
                     {"event": "init", "key": "a.c", "value": "on", "rev": rev_c},
                 ],
             )
-            self.assertEqual(self.next_event(events), {"event": "ready", "sub": "a", "count": 2, "rev": 3})
+            self.assertEqual(self.next_event(events), {"event": "ready", "sub": "a", "count": 2, "rev": 3, "epoch": self.epoch()})
 
             self.db.put("ab.d", "not covered either")
             rev = self.db.put("a.b", {"x": 2, "text": "multi\nline"})
@@ -491,13 +496,13 @@ class SubscribeTest(ServerTestCase):
 
     def test_empty_snapshot_and_patterns(self):
         with self.db.subscribe("x.*") as events:
-            self.assertEqual(self.next_event(events), {"event": "ready", "sub": "x.*", "count": 0, "rev": 0})
+            self.assertEqual(self.next_event(events), {"event": "ready", "sub": "x.*", "count": 0, "rev": 0, "epoch": self.epoch()})
             self.db.put("x", "not below x")
             rev = self.db.put("x.y", 1)
             self.assertEqual(self.next_event(events), {"event": "put", "key": "x.y", "value": 1, "rev": rev})
         with self.db.subscribe("*") as events:
             ready = [self.next_event(events) for _ in range(3)]
-            self.assertEqual(ready[-1], {"event": "ready", "sub": "*", "count": 2, "rev": 2})
+            self.assertEqual(ready[-1], {"event": "ready", "sub": "*", "count": 2, "rev": 2, "epoch": self.epoch()})
 
     def test_pattern_delete_sends_one_event_per_key(self):
         self.db.put("p.a", 1)
@@ -520,7 +525,7 @@ class SubscribeTest(ServerTestCase):
 
     def test_shutdown_event_ends_the_generator(self):
         events = self.db.subscribe("s")
-        self.assertEqual(self.next_event(events), {"event": "ready", "sub": "s", "count": 0, "rev": 0})
+        self.assertEqual(self.next_event(events), {"event": "ready", "sub": "s", "count": 0, "rev": 0, "epoch": self.epoch()})
         self.db.close()
         self.stop_server(self.server)
         self.assertEqual(next(events), {"event": "shutdown"})
@@ -629,9 +634,10 @@ class WatchTest(ServerTestCase):
         until_ready()
         self.assertEqual(watch.resets, 0)
         self.assertEqual(view, {"w.a": 2, "w.c": 3})
-        # A crash loses the history (here: after a memory key, which the crash
-        # loses too, moved the revisions on): the next resume is a reset, and
-        # converges.
+        # A crash keeps the history of persistent keys (the delete log), even
+        # after a memory key, which the crash loses, moved the revisions on:
+        # the watch resumes without a reset, in the same history, and
+        # converges. (A replaced history gets a reset: the next test.)
         with self.server.client() as db:
             db.put("runtime.x", 1)
         self.server.proc.kill()
@@ -641,12 +647,62 @@ class WatchTest(ServerTestCase):
         self.server.log.close()
         self.server = self.start_server()
         self.server.client().put("w.d", 4)
+        epoch = watch.epoch
         ready = until_ready()
-        self.assertEqual(watch.resets, 1)
+        self.assertEqual(watch.resets, 0)
+        self.assertEqual(watch.epoch, epoch)
         while view.get("w.d") != 4:
             apply(self.next_event(watch))
         self.assertEqual(view, {"w.a": 2, "w.c": 3, "w.d": 4})
         self.assertGreaterEqual(watch.rev, ready["rev"])
+
+    def test_watch_resets_when_the_data_directory_is_replaced_at_the_same_revision(self):
+        self.db.put("w.a", 1)
+        self.db.put("w.b", 1)
+        watch = self.db.watch("w", reconnect_wait=DEADLINE)
+        self.addCleanup(watch.close)
+        view = {}
+        while True:
+            event = self.next_event(watch)
+            if event["event"] == "init":
+                view[event["key"]] = event["value"]
+            if event["event"] == "ready":
+                break
+        rev, epoch = watch.rev, watch.epoch
+        self.assertEqual((rev, epoch), (2, self.epoch()))
+        # Another history on the same socket: the data directory wiped, and the new
+        # server's revisions reach the watch's (which reads nothing meanwhile).
+        self.db.close()
+        self.stop_server(self.server)
+        shutil.rmtree(self.server.data_dir)
+        self.server = self.start_server()
+        with self.server.client() as db:
+            db.put("w.c", 3)
+            db.put("other", 1)
+        seen = []
+        while True:
+            event = self.next_event(watch)
+            seen.append(event["event"])
+            if event["event"] == "reset":
+                view.clear()
+            elif event["event"] in ("init", "put"):
+                view[event["key"]] = event["value"]
+            elif event["event"] == "del":
+                view.pop(event["key"], None)
+            if event["event"] == "ready":
+                break
+        self.assertEqual(seen, ["reset", "init", "ready"])
+        self.assertEqual(view, {"w.c": 3}, "no stale key")
+        self.assertEqual(watch.resets, 1)
+        self.assertEqual(watch.rev, rev)
+        self.assertNotEqual(watch.epoch, epoch)
+        self.assertEqual(watch.epoch, self.epoch())
+        # A watch resumed from a kept point in the old history gets a reset too; in
+        # the new one it resumes.
+        with self.server.client().watch("w", from_rev=rev, epoch=epoch) as old:
+            self.assertEqual(self.next_event(old)["event"], "reset")
+        with self.server.client().watch("w", from_rev=rev, epoch=watch.epoch) as same:
+            self.assertEqual(self.next_event(same), {"event": "ready", "sub": "w", "count": 0, "rev": rev, "epoch": self.epoch()})
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ pub fn parse_raw_event(line: &str) -> Result<Option<(RawEvent, u64)>, Error> {
         sub: Option<String>,
         count: Option<u64>,
         skipped: Option<u64>,
+        epoch: Option<String>,
     }
     let bad = |why: &str| Error::Protocol(format!("not an event ({why}): {line:?}"));
     let flat: Flat =
@@ -95,6 +96,7 @@ pub fn parse_raw_event(line: &str) -> Result<Option<(RawEvent, u64)>, Error> {
                 sub: flat.sub.ok_or_else(|| bad("no sub"))?,
                 count: flat.count.ok_or_else(|| bad("no count"))?,
                 rev: flat.rev.unwrap_or(0),
+                epoch: flat.epoch,
             },
             "reset" => wire::Event::Reset {
                 sub: flat.sub.ok_or_else(|| bad("no sub"))?,
@@ -106,15 +108,18 @@ pub fn parse_raw_event(line: &str) -> Result<Option<(RawEvent, u64)>, Error> {
     )))
 }
 
-/// Sends a SUB (resuming after `from_rev` if given) on `conn` and reads its acknowledgement;
-/// then clears the read timeout: events may be minutes apart, only the answer had a deadline.
+/// Sends a SUB (resuming after `from_rev` if given, in the history `epoch` if known) on `conn`
+/// and reads its acknowledgement; then clears the read timeout: events may be minutes apart,
+/// only the answer had a deadline.
 pub(crate) fn subscribe_on(
     conn: &mut Conn,
     target: &str,
     from_rev: Option<u64>,
+    epoch: Option<&str>,
 ) -> Result<(), Error> {
     let mut request = JsonRequest::new(Op::Sub).key(target);
     request.from_rev = from_rev;
+    request.epoch = from_rev.and(epoch).map(std::borrow::Cow::Borrowed);
     let request = serde_json::to_string(&request).map_err(|e| Error::Protocol(e.to_string()))?;
     conn.send(&request)?;
     parse_reply::<wire::Done>(&conn.read_line()?)?;
@@ -164,7 +169,7 @@ impl Subscription {
         target: &str,
         from_rev: Option<u64>,
     ) -> Result<Subscription, Error> {
-        subscribe_on(&mut conn, target, from_rev)?;
+        subscribe_on(&mut conn, target, from_rev, None)?;
         Ok(Subscription { conn })
     }
 

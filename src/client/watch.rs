@@ -2,7 +2,9 @@
 //!
 //! When the connection is lost (the server restarts, its socket file is replaced, it sends
 //! `shutdown`) the watch reconnects, backing off from 10 ms to at most 1 s between attempts,
-//! and resumes with `from_rev`. The resume point is the `rev` of the last `ready`, raised by
+//! and resumes with `from_rev` and the `epoch` of the last `ready` (so that a server whose data
+//! directory was wiped or replaced answers with a reset, however far its revisions have
+//! gone). The resume point is the `rev` of the last `ready`, raised by
 //! every later `put` or `del` without `skipped` (an event standing for skipped changes may have
 //! overtaken older changes of other keys, so it does not move the point; docs/PROTOCOL.md,
 //! "Resuming a subscription"). What the consumer then sees:
@@ -125,6 +127,9 @@ pub struct Watch {
     reconnect: bool,
     ended: bool,
     resume_rev: Option<u64>,
+    /// The history `resume_rev` belongs to: the `epoch` of the last `ready` (`None` before
+    /// one, or from a server that sends none).
+    resume_epoch: Option<String>,
     resuming: Option<Resuming>,
     /// Every key delivered and not deleted since, with its revision.
     seen: HashMap<String, u64>,
@@ -150,8 +155,9 @@ impl Watch {
         target: &str,
         mut conn: Conn,
         from_rev: Option<u64>,
+        epoch: Option<&str>,
     ) -> Result<Watch, Error> {
-        subscribe_on(&mut conn, target, from_rev)?;
+        subscribe_on(&mut conn, target, from_rev, epoch)?;
         let stop = Arc::new(Stop {
             stopped: AtomicBool::new(false),
             stream: Mutex::new(None),
@@ -166,6 +172,7 @@ impl Watch {
             reconnect: true,
             ended: false,
             resume_rev: from_rev,
+            resume_epoch: from_rev.and(epoch).map(str::to_owned),
             resuming: Some(Resuming {
                 reset: false,
                 present: HashSet::new(),
@@ -199,6 +206,13 @@ impl Watch {
     /// The revision a resumption would start from (`None` before the first `ready`).
     pub fn resume_rev(&self) -> Option<u64> {
         self.resume_rev
+    }
+
+    /// The history [`Watch::resume_rev`] belongs to: the `epoch` of the last `ready` (`None`
+    /// before the first, or from a server that sends none). Keep it with the revision to
+    /// resume later with [`crate::Client::watch_from_epoch`].
+    pub fn resume_epoch(&self) -> Option<&str> {
+        self.resume_epoch.as_deref()
     }
 
     /// How many times the watch connected again.
@@ -340,7 +354,7 @@ impl Watch {
                     self.raise(*rev);
                 }
             }
-            wire::Event::Ready { rev, .. } => {
+            wire::Event::Ready { rev, epoch, .. } => {
                 if let Some(r) = self.resuming.take() {
                     if r.reset {
                         self.forget_missing(&r.present);
@@ -348,6 +362,7 @@ impl Watch {
                     }
                 }
                 self.resume_rev = Some(*rev);
+                self.resume_epoch = epoch.clone();
             }
             wire::Event::Shutdown => {
                 // Only without reconnecting: the server closes the connection after it.
@@ -451,7 +466,8 @@ impl Watch {
 
     fn connect(&self) -> Result<Conn, Error> {
         let mut conn = Conn::open(&self.path, self.timeouts)?;
-        subscribe_on(&mut conn, &self.target, self.resume_rev)?;
+        let epoch = self.resume_epoch.as_deref();
+        subscribe_on(&mut conn, &self.target, self.resume_rev, epoch)?;
         Ok(conn)
     }
 }
@@ -482,7 +498,17 @@ impl RawEvent {
                 rev,
             },
             wire::Event::Del { key, rev } => wire::Event::Del { key, rev },
-            wire::Event::Ready { sub, count, rev } => wire::Event::Ready { sub, count, rev },
+            wire::Event::Ready {
+                sub,
+                count,
+                rev,
+                epoch,
+            } => wire::Event::Ready {
+                sub,
+                count,
+                rev,
+                epoch,
+            },
             wire::Event::Reset { sub } => wire::Event::Reset { sub },
             wire::Event::Shutdown => wire::Event::Shutdown,
         })

@@ -32,6 +32,8 @@ pub const HOME_FILE: &str = ".home";
 /// The append-only log of persistent deletes (`<rev> <key>` per line), so the delete history
 /// survives a crash; compacted at start and at a clean stop.
 pub const TOMBSTONE_LOG: &str = ".tombstone-log";
+/// The history identity ([`super::epoch`]): one random id, 32 hex digits and a newline.
+pub const EPOCH_FILE: &str = ".epoch";
 /// Width of the revision in [`REV_FILE`]: `u64::MAX` has 20 digits.
 pub const REV_WIDTH: usize = 20;
 
@@ -48,6 +50,8 @@ pub enum Name {
     Home,
     /// [`TOMBSTONE_LOG`], read by the store.
     TombstoneLog,
+    /// [`EPOCH_FILE`], read by the store.
+    Epoch,
     Quarantine,
     /// `.lock` of layout 1.
     LegacyLock,
@@ -65,6 +69,7 @@ pub fn classify(name: &str) -> Name {
         TOMBSTONE_FILE => return Name::Tombstones,
         HOME_FILE => return Name::Home,
         TOMBSTONE_LOG => return Name::TombstoneLog,
+        EPOCH_FILE => return Name::Epoch,
         QUARANTINE_DIR => return Name::Quarantine,
         LEGACY_LOCK => return Name::LegacyLock,
         _ => {}
@@ -139,6 +144,7 @@ mod tests {
         assert_eq!(classify(".reserve"), Name::Reserve);
         assert_eq!(classify(".home"), Name::Home);
         assert_eq!(classify(".tombstone-log"), Name::TombstoneLog);
+        assert_eq!(classify(".epoch"), Name::Epoch);
         assert_eq!(classify("notes.txt"), Name::Foreign);
         assert_eq!(classify("a..json"), Name::Foreign);
         // Every name the server creates for itself starts with '.', which no key file does.
@@ -148,6 +154,7 @@ mod tests {
             QUARANTINE_DIR,
             HOME_FILE,
             TOMBSTONE_LOG,
+            EPOCH_FILE,
             &temp_name(0),
         ] {
             assert!(name.starts_with('.'));

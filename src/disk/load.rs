@@ -116,7 +116,9 @@ pub fn load(dir: &Dir, max_value: usize) -> Result<Contents, DiskError> {
                 }
                 continue;
             }
-            Name::Reserve | Name::Tombstones | Name::Home | Name::TombstoneLog => continue,
+            Name::Reserve | Name::Tombstones | Name::Home | Name::TombstoneLog | Name::Epoch => {
+                continue
+            }
             Name::LegacyLock => continue,
             Name::Quarantine => {
                 // Opened now, not only when needed: a blocker is moved aside and the folder

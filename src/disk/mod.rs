@@ -22,6 +22,7 @@
 //! The directory itself carries the `flock` that keeps a second server out.
 
 pub mod dir;
+mod epoch;
 pub mod fault;
 #[cfg(test)]
 mod fault_tests;
@@ -48,6 +49,7 @@ use parking_lot::Mutex;
 
 use crate::error::{is_no_space, DiskError};
 use dir::{Access, Dir};
+pub use epoch::Epoch;
 pub use homes::{place, Placed};
 pub use layout::{file_name, key_of};
 pub use load::{Contents, Loaded};

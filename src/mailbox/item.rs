@@ -52,6 +52,8 @@ pub enum Item {
         target: Target,
         count: usize,
         rev: u64,
+        /// The history `rev` belongs to.
+        epoch: crate::disk::Epoch,
     },
     /// A resume the delete history could not answer: a full snapshot follows.
     Reset(Target),
@@ -119,7 +121,12 @@ impl Item {
                 out.extend_from_slice(&line[..line.len() - 2]);
                 let _ = std::io::Write::write_fmt(out, format_args!(",\"skipped\":{n}}}\n"));
             }
-            Item::Ready { target, count, rev } => write_ready(target, *count, *rev, out),
+            Item::Ready {
+                target,
+                count,
+                rev,
+                epoch,
+            } => write_ready(target, *count, *rev, *epoch, out),
             Item::Reset(target) => write_reset(target, out),
             Item::Reply(line) => out.extend_from_slice(line),
             Item::Shutdown => out.extend_from_slice(SHUTDOWN_EVENT),

@@ -104,6 +104,7 @@ fn replies_and_snapshots_hold_back_requests() {
         target: crate::key::Target::parse("a").unwrap(),
         count: 0,
         rev: 0,
+        epoch: crate::disk::Epoch::random(),
     });
     assert!(!mb.status().accepts_requests, "a snapshot pending");
     mb.send();

@@ -489,7 +489,12 @@ impl<'a> Connection<'a> {
         Reply::Send(response)
     }
 
-    fn subscribe(&mut self, target: &Target, from: Option<u64>, id: Option<&str>) -> Reply {
+    fn subscribe(
+        &mut self,
+        target: &Target,
+        from: Option<crate::protocol::Resume>,
+        id: Option<&str>,
+    ) -> Reply {
         let mailbox = match &self.mailbox {
             Some(mailbox) => mailbox.clone(),
             None => match self.become_subscriber() {

@@ -439,9 +439,15 @@ fn subscribe_with_json_prints_event_lines() {
         sub.line(),
         "{\"event\":\"init\",\"key\":\"k.a\",\"value\":1,\"rev\":1}"
     );
+    let epoch = std::fs::read_to_string(server.data.join(".epoch"))
+        .unwrap()
+        .trim_end()
+        .to_owned();
     assert_eq!(
         sub.line(),
-        "{\"event\":\"ready\",\"sub\":\"k.*\",\"count\":1,\"rev\":1}"
+        format!(
+            "{{\"event\":\"ready\",\"sub\":\"k.*\",\"count\":1,\"rev\":1,\"epoch\":\"{epoch}\"}}"
+        )
     );
     let rev = client.put("k.b", "t").unwrap();
     assert_eq!(

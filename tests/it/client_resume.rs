@@ -353,6 +353,20 @@ fn a_watch_past_the_tombstone_horizon_gets_reset_and_converges() {
     assert!(!model.keys.contains_key("a.gone") && !model.keys.contains_key("a.k3"));
 }
 
+/// Stops the server, removes its data directory and starts another on the same socket, which
+/// then writes other keys under `a` until its revision reaches `rev`: another history, whose
+/// revisions up to `rev` mean other changes.
+fn replace_history(server: &mut Server, rev: u64) {
+    assert!(server.stop().success());
+    std::fs::remove_dir_all(&server.data).unwrap();
+    server.spawn_and_wait();
+    let mut client = server.client();
+    let mut now = client.put("a.y", &2).unwrap();
+    while now < rev {
+        now = client.put("other", &now).unwrap();
+    }
+}
+
 #[test]
 fn a_watch_survives_its_socket_file_being_replaced() {
     let mut server = Server::start();
@@ -360,19 +374,69 @@ fn a_watch_survives_its_socket_file_being_replaced() {
     let mut watch = server.client().watch("a").unwrap();
     let mut model = Model::default();
     model.until_ready(&mut watch);
-    // Another server takes the path over: the old socket file is removed and made anew.
-    assert!(server.stop().success());
-    std::fs::remove_dir_all(&server.data).unwrap();
-    server.spawn_and_wait();
-    server.client().put("a.y", &2).unwrap();
-    // A wiped data directory: revisions started again, below the watch's resume point, which
-    // this server never reached.
+    let (rev, epoch) = (
+        watch.resume_rev().unwrap(),
+        watch.resume_epoch().unwrap().to_owned(),
+    );
+    // Another server takes the path over with a wiped data directory, and reaches the
+    // watch's resume point (the watch does not read meanwhile, so it resumes only now): the
+    // same revision numbers, another history.
+    replace_history(&mut server, rev);
     let resumed = model.until_ready(&mut watch);
     assert!(
         matches!(resumed.first(), Some(Event::Reset { .. })),
         "{resumed:?}"
     );
+    assert_eq!(model.keys, state(&server, "a"), "no stale key: {resumed:?}");
     assert_eq!(model.keys, BTreeMap::from([("a.y".to_owned(), json!(2))]));
+    assert_ne!(
+        watch.resume_epoch(),
+        Some(epoch.as_str()),
+        "the new history's epoch"
+    );
+    assert_eq!(
+        watch.resume_rev(),
+        Some(rev),
+        "the same revision, another history"
+    );
+}
+
+#[test]
+fn watch_from_epoch_of_a_replaced_history_gets_a_reset() {
+    let mut server = Server::start();
+    fill(&server);
+    let mut model = Model::default();
+    let (rev, epoch) = {
+        let mut watch = server.client().watch("a").unwrap();
+        model.until_ready(&mut watch);
+        (
+            watch.resume_rev().unwrap(),
+            watch.resume_epoch().unwrap().to_owned(),
+        )
+    };
+    // The same history: resumed without a reset.
+    let mut watch = server.client().watch_from_epoch("a", rev, &epoch).unwrap();
+    assert_eq!(model.until_ready(&mut watch), [ready_of(&watch)]);
+    drop(watch);
+    replace_history(&mut server, rev);
+    let mut watch = server.client().watch_from_epoch("a", rev, &epoch).unwrap();
+    let mut snapshot = Model::default();
+    let resumed = snapshot.until_ready(&mut watch);
+    assert!(
+        matches!(resumed.first(), Some(Event::Reset { .. })),
+        "{resumed:?}"
+    );
+    assert_eq!(snapshot.keys, state(&server, "a"));
+}
+
+/// The `ready` a resume with nothing missed ends with.
+fn ready_of(watch: &Watch) -> Event {
+    Event::Ready {
+        sub: "a".into(),
+        count: 0,
+        rev: watch.resume_rev().unwrap(),
+        epoch: watch.resume_epoch().map(str::to_owned),
+    }
 }
 
 #[test]

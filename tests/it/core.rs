@@ -854,6 +854,7 @@ fn hostile_keys_are_rejected_and_nothing_is_written_outside_the_data_dir() {
         ".rev",
         ".reserve",
         ".tombstone-log",
+        ".epoch",
         "ok.x.json",
     ]
     .into();

@@ -137,9 +137,13 @@ fn subscribe_no_reconnect_exits_0_on_shutdown_and_2_when_the_connection_is_lost(
     assert!(server.stop().success());
     let out = sub.finish();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let epoch = std::fs::read_to_string(server.data.join(".epoch"))
+        .unwrap()
+        .trim_end()
+        .to_owned();
     assert_eq!(
         stdout(&out),
-        "{\"event\":\"ready\",\"sub\":\"a\",\"count\":0,\"rev\":0}\n{\"event\":\"shutdown\"}\n"
+        format!("{{\"event\":\"ready\",\"sub\":\"a\",\"count\":0,\"rev\":0,\"epoch\":\"{epoch}\"}}\n{{\"event\":\"shutdown\"}}\n")
     );
 
     server.spawn_and_wait();

@@ -341,7 +341,7 @@ fn malformed_requests_get_their_error_code_and_the_connection_stays_usable() {
     assert!(
         hidden
             .iter()
-            .all(|n| n == ".rev" || n == ".reserve" || n == ".tombstone-log"),
+            .all(|n| [".rev", ".reserve", ".tombstone-log", ".epoch"].contains(&n.as_str())),
         "unexpected bookkeeping files: {hidden:?}"
     );
     assert_eq!(names_in(tmp.path()), BTreeSet::from(["srv".to_string()]));

@@ -60,6 +60,161 @@ fn ready_rev(snap: &Snapshot) -> u64 {
     snap.ready["rev"].as_u64().expect("ready carries rev")
 }
 
+/// The `epoch` of a snapshot's `ready`: 32 lowercase hex digits.
+fn epoch_of(snap: &Snapshot) -> String {
+    let epoch = snap.ready["epoch"].as_str().expect("ready carries epoch");
+    assert!(
+        epoch.len() == 32
+            && epoch
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{epoch:?}"
+    );
+    epoch.to_owned()
+}
+
+/// Stops the server (SIGKILL), removes its data directory and starts it again: a new history
+/// whose revisions start again from 1.
+fn wipe(server: &mut Server) {
+    server.kill();
+    std::fs::remove_dir_all(&server.data).unwrap();
+    server.spawn_and_wait();
+}
+
+#[test]
+fn a_resume_naming_a_wiped_directorys_epoch_gets_a_reset_at_the_same_revision() {
+    let mut server = Server::start();
+    server.raw().request("PUT a.x 1");
+    let before = sub(&mut server.raw(), "SUB a");
+    let (rev, old) = (ready_rev(&before), epoch_of(&before));
+    assert_eq!(rev, 1);
+    wipe(&mut server);
+    server.raw().request("PUT a.y 1");
+    // Line form.
+    let line = sub(&mut server.raw(), &format!("SUB a FROM {rev} EPOCH {old}"));
+    assert!(line.reset, "another history: reset");
+    assert_eq!(line.events, pairs(&[("init", "a.y")]));
+    let new = epoch_of(&line);
+    assert_ne!(new, old, "a wiped directory has a new epoch");
+    assert_eq!(ready_rev(&line), 1);
+    // JSON form, upper-case hex too.
+    let mut raw = server.raw();
+    raw.send(&format!(
+        r#"{{"op":"sub","key":"a","from_rev":{rev},"epoch":"{}","id":"j"}}"#,
+        old.to_uppercase()
+    ));
+    assert_eq!(raw.json(), json!({"ok": true, "id": "j"}));
+    assert_eq!(raw.json(), json!({"event": "reset", "sub": "a"}));
+    assert_eq!(raw.json()["key"], "a.y");
+    assert_eq!(
+        raw.json(),
+        json!({"event": "ready", "sub": "a", "count": 1, "rev": 1, "epoch": new})
+    );
+    // Naming the new epoch resumes; naming none cannot tell the histories apart (documented).
+    let same = sub(&mut server.raw(), &format!("SUB a FROM 1 EPOCH {new}"));
+    assert!(!same.reset && same.events.is_empty());
+    let blind = sub(&mut server.raw(), "SUB a FROM 1");
+    assert!(!blind.reset && blind.events.is_empty());
+}
+
+#[test]
+fn the_epoch_survives_a_clean_restart_and_a_crash() {
+    let mut server = Server::start();
+    let epoch_file = server.data.join(".epoch");
+    let text = std::fs::read_to_string(&epoch_file).expect("the first start writes .epoch");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&epoch_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "like the other server files");
+    server.raw().request("PUT a.x 1");
+    let first = sub(&mut server.raw(), "SUB a");
+    let epoch = epoch_of(&first);
+    assert_eq!(text, format!("{epoch}\n"));
+    let mut from = ready_rev(&first);
+    for (how, i) in [("sigterm", 2), ("sigkill", 3)] {
+        if how == "sigterm" {
+            server.stop();
+            server.spawn_and_wait();
+        } else {
+            server.restart();
+        }
+        server.raw().request(&format!("PUT a.x {i}"));
+        let resumed = sub(
+            &mut server.raw(),
+            &format!("SUB a FROM {from} EPOCH {epoch}"),
+        );
+        assert!(!resumed.reset, "after {how}: the same history");
+        assert_eq!(resumed.events, pairs(&[("put", "a.x")]), "after {how}");
+        assert_eq!(epoch_of(&resumed), epoch, "after {how}");
+        from = ready_rev(&resumed);
+    }
+}
+
+/// Something done to a file.
+type Spoil = dyn Fn(&std::path::Path);
+
+#[test]
+fn a_removed_or_damaged_epoch_file_makes_resumes_reset() {
+    let mut server = Server::start();
+    server.raw().request("PUT a.x 1");
+    let file = server.data.join(".epoch");
+    let mut epoch = epoch_of(&sub(&mut server.raw(), "SUB a"));
+    let damage: [(&str, &Spoil); 6] = [
+        ("removed", &|f| std::fs::remove_file(f).unwrap()),
+        ("garbage", &|f| std::fs::write(f, "not an epoch\n").unwrap()),
+        ("empty", &|f| std::fs::write(f, "").unwrap()),
+        ("huge", &|f| std::fs::write(f, vec![b'a'; 1 << 20]).unwrap()),
+        ("binary", &|f| std::fs::write(f, [0xff_u8; 33]).unwrap()),
+        ("a symlink", &|f| {
+            std::fs::remove_file(f).unwrap();
+            std::os::unix::fs::symlink("/etc/hostname", f).unwrap();
+        }),
+    ];
+    for (what, spoil) in damage {
+        server.stop();
+        spoil(&file);
+        server.spawn_and_wait();
+        let resumed = sub(&mut server.raw(), &format!("SUB a FROM 1 EPOCH {epoch}"));
+        assert!(resumed.reset, "epoch file {what}: reset");
+        assert_eq!(resumed.events, pairs(&[("init", "a.x")]), "{what}");
+        let new = epoch_of(&resumed);
+        assert_ne!(new, epoch, "epoch file {what}: a new epoch");
+        let meta = std::fs::symlink_metadata(&file).unwrap();
+        assert!(meta.is_file(), "{what}: replaced by a plain file");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{new}\n"));
+        epoch = new;
+    }
+    // A directory in its place: the server still starts and serves, with a new epoch each
+    // start (it cannot save one), so every resume gets a reset.
+    server.stop();
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    server.spawn_and_wait();
+    let resumed = sub(&mut server.raw(), &format!("SUB a FROM 1 EPOCH {epoch}"));
+    assert!(resumed.reset);
+    let new = epoch_of(&resumed);
+    let again = sub(&mut server.raw(), &format!("SUB a FROM 1 EPOCH {new}"));
+    assert!(!again.reset, "the running server keeps its epoch");
+}
+
+#[test]
+fn a_malformed_epoch_is_a_clear_error() {
+    let server = Server::start();
+    let mut raw = server.raw();
+    for line in [
+        "SUB a FROM 1 EPOCH nothex",
+        "SUB a FROM 1 EPOCH",
+        "SUB a FROM 1 AT 2",
+        r#"{"op":"sub","key":"a","from_rev":1,"epoch":"12"}"#,
+        r#"{"op":"sub","key":"a","epoch":"0123456789abcdef0123456789abcdef"}"#,
+    ] {
+        let reply = raw.request(line);
+        assert_eq!(reply["ok"], false, "{line}: {reply}");
+        assert_eq!(reply["error"], "bad_request", "{line}: {reply}");
+    }
+    assert!(raw.healthy());
+}
+
 #[test]
 fn ready_carries_the_revision_its_snapshot_was_taken_at() {
     let server = Server::start();
@@ -67,9 +222,10 @@ fn ready_carries_the_revision_its_snapshot_was_taken_at() {
     raw.request("PUT a.x 1");
     raw.request("PUT b 1");
     let snap = sub(&mut server.raw(), "SUB a");
+    let epoch = epoch_of(&snap);
     assert_eq!(
         snap.ready,
-        json!({"event": "ready", "sub": "a", "count": 1, "rev": 2})
+        json!({"event": "ready", "sub": "a", "count": 1, "rev": 2, "epoch": epoch})
     );
 }
 
@@ -112,9 +268,10 @@ fn a_resume_gets_exactly_the_missed_changes() {
         from + 7
     ));
     assert_eq!(raw.json(), json!({"ok": true, "id": 1}));
+    let ready = raw.json();
     assert_eq!(
-        raw.json(),
-        json!({"event": "ready", "sub": "p.*", "count": 0, "rev": from + 7})
+        ready,
+        json!({"event": "ready", "sub": "p.*", "count": 0, "rev": from + 7, "epoch": ready["epoch"]})
     );
     // Live events follow as usual.
     w.request("PUT p.k3 33");

@@ -735,6 +735,7 @@ fn every_server_file_is_tightened_at_start() {
     assert_eq!(
         names,
         [
+            ".epoch",
             ".quarantine",
             ".reserve",
             ".rev",

@@ -156,7 +156,7 @@ fn read_snapshot(raw: &mut Raw, target: &str) -> View {
             Some("ready") => {
                 assert_eq!(
                     ev,
-                    json!({"event": "ready", "sub": target, "count": view.events, "rev": ev["rev"].as_u64().expect("ready carries rev")}),
+                    json!({"event": "ready", "sub": target, "count": view.events, "rev": ev["rev"].as_u64().expect("ready carries rev"), "epoch": ev["epoch"].as_str().expect("ready carries epoch")}),
                     "marker of SUB {target}"
                 );
                 return view;
@@ -251,7 +251,10 @@ fn snapshot_then_marker_then_live_events() {
             r#"{"event":"init","key":"a","value":1,"rev":1}"#,
             r#"{"event":"init","key":"a.b","value":2,"rev":2}"#,
             r#"{"event":"init","key":"a.b.c","value":3,"rev":3}"#,
-            r#"{"event":"ready","sub":"a","count":3,"rev":5}"#,
+            &format!(
+                r#"{{"event":"ready","sub":"a","count":3,"rev":5,"epoch":"{}"}}"#,
+                epoch_of(&server)
+            ),
         ]
     );
 
@@ -309,7 +312,7 @@ fn snapshot_then_marker_then_live_events() {
     assert_eq!(next(&mut empty), json!({"ok": true, "id": "s1"}));
     assert_eq!(
         next(&mut empty),
-        json!({"event": "ready", "sub": "nothing.here", "count": 0, "rev": 11})
+        json!({"event": "ready", "sub": "nothing.here", "count": 0, "rev": 11, "epoch": epoch_of(&server)})
     );
 }
 
@@ -363,7 +366,7 @@ fn marker_count_holds_when_the_snapshot_overflows_the_queue() {
     );
     assert_eq!(
         marker,
-        json!({"event": "ready", "sub": "a", "count": view.events, "rev": marker["rev"].as_u64().expect("ready carries rev")}),
+        json!({"event": "ready", "sub": "a", "count": view.events, "rev": marker["rev"].as_u64().expect("ready carries rev"), "epoch": marker["epoch"]}),
         "the marker counts the init events sent before it"
     );
     assert_eq!(view.events, KEYS as u64, "every key has its init event");
@@ -999,14 +1002,18 @@ fn rust_client_subscription_yields_typed_events() {
             rev: r2
         }
     );
-    assert_eq!(
-        next_event(),
+    match next_event() {
         Event::Ready {
-            sub: "a".into(),
-            count: 2,
-            rev: r3
+            sub,
+            count,
+            rev,
+            epoch,
+        } => {
+            assert_eq!((sub.as_str(), count, rev), ("a", 2, r3));
+            assert_eq!(epoch.map(|e| e.len()), Some(32), "ready carries the epoch");
         }
-    );
+        other => panic!("not ready: {other:?}"),
+    }
     // The client stays usable for requests while its subscription streams.
     let r3 = client.put("a.b", &json!("two")).unwrap();
     assert_eq!(
@@ -1063,7 +1070,10 @@ fn socat_subscriber_streams_events() {
     );
     assert_eq!(
         line(),
-        format!(r#"{{"event":"ready","sub":"a","count":1,"rev":{r1}}}"#)
+        format!(
+            r#"{{"event":"ready","sub":"a","count":1,"rev":{r1},"epoch":"{}"}}"#,
+            epoch_of(&server)
+        )
     );
     let r2 = client.put("a.c", &json!({"on": true})).unwrap();
     assert_eq!(
@@ -1169,4 +1179,10 @@ fn notification_latency_figures() {
         "notification latency (put acknowledged -> event read), {PUTS} sequential puts: {}",
         report.join("; ")
     );
+}
+
+/// The server's history epoch, as every `ready` carries it (from its `.epoch` file).
+fn epoch_of(server: &Server) -> String {
+    let text = std::fs::read_to_string(server.data.join(".epoch")).expect(".epoch");
+    text.trim_end().to_owned()
 }

@@ -19,6 +19,7 @@ fn detached() -> Watch {
         reconnect: true,
         ended: false,
         resume_rev: None,
+        resume_epoch: None,
         resuming: Some(Resuming {
             reset: false,
             present: HashSet::new(),
@@ -71,6 +72,7 @@ fn ready(rev: u64) -> RawEvent {
         sub: "a".into(),
         count: 0,
         rev,
+        epoch: None,
     }
 }
 

@@ -161,6 +161,7 @@ fn run(cap_items: usize, cap_bytes: usize, ops: Vec<Op>) -> Result<(), TestCaseE
                     target: Target::parse("*").unwrap(),
                     count,
                     rev: tag,
+                    epoch: crate::disk::Epoch::random(),
                 });
             }
             Op::Reply => {
