@@ -505,6 +505,7 @@ class Watch(collections.abc.Generator):
         self.resets = 0
         self._in_snapshot = True
         self._done = False
+        self._lost_at = time.monotonic()
         self._conn = _subscribe(path, timeout, 0.0, prefix, name, from_rev, self.epoch)
 
     def send(self, value):
@@ -513,12 +514,21 @@ class Watch(collections.abc.Generator):
             if self._done:
                 raise StopIteration
             if self._conn is None:
+                # A server can go again while the watch subscribes (a restart loop, a
+                # server killed as it starts): that is one more lost connection, retried
+                # until ``reconnect_wait`` has passed since the connection was lost.
+                left = self._lost_at + self._wait - time.monotonic()
                 try:
-                    self._conn = _subscribe(self._path, self._timeout, self._wait, self._prefix, self._name, self.rev, self.epoch)
-                except NkvError as exc:
-                    if exc.code != "closed":
-                        self.close()
-                    raise
+                    self._conn = _subscribe(self._path, self._timeout, max(left, 0.0), self._prefix, self._name, self.rev, self.epoch)
+                except (NkvError, ConnectionError) as exc:
+                    closed = not isinstance(exc, NkvError) or exc.code == "closed"
+                    if closed and time.monotonic() < self._lost_at + self._wait:
+                        time.sleep(0.05)
+                        continue
+                    self.close()
+                    if isinstance(exc, NkvError):
+                        raise
+                    raise NkvError("closed", "the server closed the connection") from exc
                 self._in_snapshot = True
             try:
                 event = self._conn.receive()
@@ -549,6 +559,7 @@ class Watch(collections.abc.Generator):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._lost_at = time.monotonic()
 
     def throw(self, typ=None, value=None, traceback=None):
         """Close the connection and raise the given exception (generator protocol)."""

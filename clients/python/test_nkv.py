@@ -14,12 +14,14 @@ has a deadline.
 
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 from pathlib import Path
@@ -655,6 +657,61 @@ class WatchTest(ServerTestCase):
             apply(self.next_event(watch))
         self.assertEqual(view, {"w.a": 2, "w.c": 3, "w.d": 4})
         self.assertGreaterEqual(watch.rev, ready["rev"])
+
+    def test_watch_keeps_reconnecting_when_a_server_goes_while_it_subscribes(self):
+        # Found by the issue-12 adversary: a server that closed the connection
+        # during the watch's SUB (killed as it started) ended the watch with
+        # NkvError('closed') instead of one more retry.
+        self.db.put("w.a", 1)
+        watch = self.db.watch("w", reconnect_wait=DEADLINE)
+        self.addCleanup(watch.close)
+        while self.next_event(watch)["event"] != "ready":
+            pass
+        self.db.close()
+        self.server.proc.kill()
+        self.server.proc.wait()
+        self.server.stopped = True
+        self.server.notify.close()
+        self.server.log.close()
+        # A "server" that takes the watch's request and closes, as one dying would.
+        os.unlink(self.server.socket_path)
+        dying = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dying.bind(self.server.socket_path)
+        dying.listen(4)
+        events = queue.Queue()
+
+        def consume():
+            try:
+                while True:
+                    events.put(next(watch))
+            except BaseException as exc:  # handed to the test thread
+                events.put(exc)
+
+        threading.Thread(target=consume, daemon=True).start()
+        dying.settimeout(DEADLINE)
+        conn, _ = dying.accept()
+        conn.settimeout(DEADLINE)
+        request = b""
+        while not request.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            request += chunk
+        self.assertIn(b'"op": "sub"', request.replace(b'":"', b'": "'))
+        conn.close()
+        dying.close()
+        os.unlink(self.server.socket_path)
+        self.server = self.start_server()
+        with self.server.client() as db:
+            db.put("w.b", 2)
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            event = events.get(timeout=max(deadline - time.monotonic(), 0.01))
+            if isinstance(event, BaseException):
+                self.fail("the watch ended: %r" % event)
+            if event.get("key") == "w.b":
+                self.assertEqual(event["value"], 2)
+                break
 
     def test_watch_resets_when_the_data_directory_is_replaced_at_the_same_revision(self):
         self.db.put("w.a", 1)
