@@ -289,10 +289,11 @@ impl<'a> Args<'a> {
     }
 }
 
-/// A revision argument: a decimal number up to 2^63-1.
+/// A revision argument: decimal digits only (`u64::from_str` also takes a `+`), up to 2^63-1.
 fn parse_rev(text: &str) -> Result<u64, RequestError> {
-    text.parse::<u64>()
-        .ok()
+    Some(text)
+        .filter(|t| t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse::<u64>().ok())
         .filter(|&r| r <= crate::disk::MAX_REV)
         .ok_or_else(|| {
             RequestError::bad(format!(
@@ -1003,6 +1004,15 @@ mod tests {
             )),
         );
         check("SUB a FROM", Err((ErrorCode::BadRequest, "after FROM")));
+        check(
+            "SUB a FROM +3",
+            Err((ErrorCode::BadRequest, "not a revision")),
+        );
+        check(
+            "PUTIF a +1 v",
+            Err((ErrorCode::BadRequest, "not a revision")),
+        );
+        check("DELIF a +0", Err((ErrorCode::BadRequest, "not a revision")));
         check("SUB a SINCE 3", Err((ErrorCode::BadRequest, "FROM <rev>")));
         check("SUB a FROM 3 4", Err((ErrorCode::BadRequest, "unexpected")));
         check(
