@@ -53,6 +53,27 @@ pub enum Request {
     Quit,
 }
 
+impl Request {
+    /// Whether the request runs in a short, bounded time that waits on nothing: no disk
+    /// write (a put may wait for an fsync, or in the revision turnstile behind one), no
+    /// pattern over the whole store. The accepting thread runs only these itself; before any
+    /// other it passes accepting on (`server::accept`), so a one-shot `DEL big.*` or a put on
+    /// a slow disk does not hold every new connection up (found by the issue-11 adversary).
+    pub fn is_quick(&self) -> bool {
+        matches!(
+            self,
+            Request::Get(Target::Key(_))
+                | Request::Hello(_)
+                | Request::Trace(_)
+                | Request::Stats
+                | Request::Health
+                | Request::Version
+                | Request::Help
+                | Request::Quit
+        )
+    }
+}
+
 /// Where a resume starts: the revision, and the history (`epoch` of the `ready` it came
 /// from) it belongs to, when the client names one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,12 +4,14 @@
 //! next connection (polling the listener beside the stop pipe). When no other connection is
 //! waiting behind the one it accepted, the leader serves the connection itself while still
 //! holding the leadership (a [`Leadership`]): it runs the connection's first request if that
-//! arrives whole without a blocking read, and goes back to accepting when the client then
-//! closes — a one-shot client (`socat`, `nkv-client get`) costs no wake-up of another thread.
-//! Before anything that could wait on its client (a partial line, a second request, a reply the
-//! socket does not take at once, a subscription), and as soon as another connection or the
-//! stop signal arrives, it passes the leadership to an idle thread (or a new one). So accepting
-//! waits at most for one request's execution, never for a client. When more connections are
+//! arrives whole without a blocking read and is quick (`Request::is_quick`), and goes back to
+//! accepting when the client then closes — a one-shot client (`socat`, `nkv-client get`) costs
+//! no wake-up of another thread. Before anything that could wait on its client (a partial line,
+//! a second request, a reply the socket does not take at once, a subscription) or take long (a
+//! write, a pattern), and as soon as another connection or the stop signal arrives, it passes
+//! the leadership to an idle thread (or a new one). So accepting waits at most for one quick
+//! request, never for a client or the disk. Refusals over `--max-connections` never wait on
+//! the client either ([`super::refuse`]). When more connections are
 //! waiting, the leader hands the one it accepted to an idle thread (or a new one) and goes on
 //! accepting, so that connections are not accepted one wake-up apart.
 //! A thread whose client has left waits [`LINGER`] for the leadership or a connection, then
@@ -23,7 +25,7 @@
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::io::{PipeReader, Write};
+use std::io::PipeReader;
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,8 +39,6 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use parking_lot::{Condvar, Mutex};
 
 use super::{serve, Shared, THREAD_STACK};
-use crate::error::ErrorCode;
-use crate::protocol::Response;
 
 /// How long a connection thread whose client left waits to lead again before it exits.
 const LINGER: Duration = Duration::from_secs(2);
@@ -256,9 +256,9 @@ impl Acceptor {
         }
     }
 
-    /// Counts the connection in (or refuses it over `--max-connections`: a framed client with
-    /// a framed `FAILED`, after waiting at most `framed::REFUSAL_WAIT` for its first bytes).
-    fn register(&self, mut stream: UnixStream) -> Option<Accepted> {
+    /// Counts the connection in (or refuses it over `--max-connections`, in its own protocol,
+    /// without waiting on it: see [`super::refuse`]).
+    fn register(&self, stream: UnixStream) -> Option<Accepted> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (pid, uid) = match getsockopt(&stream, PeerCredentials) {
             Ok(cred) => (cred.pid(), cred.uid()),
@@ -270,20 +270,7 @@ impl Acceptor {
             if connections.streams.len() >= limit {
                 drop(connections);
                 log::warn!("conn {id} (pid {pid}, uid {uid}) refused: too many connections");
-                // In the client's own protocol: a framed client reads a line as a frame length.
-                if let Some(failed) = super::framed::framed_refusal(&stream) {
-                    let _ = stream.write_all(&failed);
-                    return None;
-                }
-                let mut line = Vec::new();
-                Response::error(
-                    ErrorCode::TooManyConnections,
-                    format!(
-                        "the server has {limit} connections (--max-connections); try again later"
-                    ),
-                )
-                .write(None, &mut line);
-                let _ = stream.write_all(&line);
+                super::refuse::refuse(stream, limit);
                 return None;
             }
             // One descriptor, shared with the connection's thread: no `dup` per connection.

@@ -344,6 +344,10 @@ impl<'a> Connection<'a> {
         let Envelope { request, id } = envelope;
         let id = id.as_deref();
         let summary = log::log_enabled!(log::Level::Debug).then(|| request.summary());
+        if !request.is_quick() {
+            // A request that may take long runs only once another thread accepts.
+            self.give_up_lead();
+        }
         let reply = self.handle(request, id);
         if let Some(summary) = summary {
             let outcome = match &reply {

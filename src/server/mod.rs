@@ -11,6 +11,7 @@ mod accept;
 mod connection;
 mod framed;
 mod lines;
+mod refuse;
 pub mod sd;
 mod socket;
 

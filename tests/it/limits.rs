@@ -34,6 +34,83 @@ fn admit(path: &Path) -> Raw {
     admitted.expect("admitted")
 }
 
+/// Refused connections that send nothing do not hold accepting up: a client behind 100 of them
+/// is answered at once. (Found by the issue-11 adversary: each silent refused connection held
+/// the accepting thread for the whole 50 ms wait for its first bytes, one after another, so a
+/// client behind 1,000 of them waited 50 s and `socat`'s 0.5 s gave up with empty output.)
+#[test]
+fn silent_refused_connections_do_not_hold_up_the_next_client() {
+    let server = Server::start_with(&["--max-connections", "3"]);
+    let _held: Vec<Raw> = (0..3).map(|_| admit(&server.socket)).collect();
+    let silent: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&server.socket).expect("connect"))
+        .collect();
+    let started = Instant::now();
+    let mut client = server.raw();
+    client.send("GET k");
+    client.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(client.json()["error"], "too_many_connections");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(1500),
+        "answered after {waited:?} behind 100 silent refused connections"
+    );
+    // Each silent one still gets its line once its wait is over, and is closed.
+    for mut s in silent {
+        s.set_read_timeout(Some(ANSWER)).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("the refusal, then EOF");
+        assert!(text.contains("too_many_connections"), "{text:?}");
+    }
+}
+
+/// A one-shot request that takes long (here a put whose fsync strace holds for 4 s) does not
+/// hold up the next connection: the accepting thread runs only quick requests itself. (Found by
+/// the issue-11 adversary: a one-shot `DEL big.*` or an fsync put ran on the accepting thread,
+/// and every new connection waited for it.)
+#[test]
+fn a_slow_one_shot_request_does_not_hold_up_new_connections() {
+    let server = Server::start_with(&["--fsync"]);
+    let pid = server.pid().to_string();
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid])
+        .args(["-e", "trace=fsync,fdatasync"])
+        .args(["-e", "inject=fsync,fdatasync:delay_enter=2500000"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("strace is needed (apt-get install strace)");
+    let tasks = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("status")).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until("strace to attach", || {
+        tasks().iter().all(|s| !s.contains("TracerPid:\t0\n"))
+    });
+    let mut slow = server.raw();
+    slow.send("PUT slow 1");
+    slow.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    wait_until("the put to be held in its fsync", || {
+        tasks().iter().any(|s| s.contains("State:\tt"))
+    });
+    let started = Instant::now();
+    let mut quick = server.raw();
+    quick.send("HEALTH");
+    quick.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(quick.json()["ok"], true);
+    let waited = started.elapsed();
+    assert_eq!(slow.json()["ok"], true, "the slow put still succeeds");
+    let _ = strace.kill();
+    let _ = strace.wait();
+    assert!(
+        waited < Duration::from_millis(1500),
+        "a new connection waited {waited:?} for a slow one-shot put"
+    );
+}
+
 #[test]
 fn the_connection_after_max_connections_gets_one_error_line_then_eof() {
     let server = Server::start_with(&["--max-connections", "5"]);

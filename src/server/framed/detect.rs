@@ -24,10 +24,6 @@ use crate::server::accept::Leadership;
 /// within it, a frame header split after a `\n` byte is still recognised.
 pub const SHORT_LINE_WAIT: Duration = Duration::from_secs(1);
 
-/// How long the refusal of a connection over `--max-connections` waits for its first bytes,
-/// on the accepting thread: short, so a silent client cannot hold accepting up.
-pub const REFUSAL_WAIT: Duration = Duration::from_millis(50);
-
 /// Linux's "peer closed its write side" poll event, which nix 0.29 does not name.
 const POLLRDHUP: PollFlags = PollFlags::from_bits_retain(0x2000);
 
@@ -126,14 +122,10 @@ pub fn detect(
 
 /// The refusal of a connection over `--max-connections`, when it is framed: a `FAILED` frame
 /// of its request's kind and id (as far as its first bytes show them), with what was peeked
-/// consumed. `None` for a line connection, or one that sent nothing within [`REFUSAL_WAIT`]
-/// (the caller answers those with the line protocol's error).
+/// consumed. `None` for a line connection, or one whose first bytes are not there yet (the
+/// caller, `server::refuse`, waits for them off the accepting thread, and answers those that
+/// send nothing with the line protocol's error).
 pub fn framed_refusal(stream: &UnixStream) -> Option<Vec<u8>> {
-    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
-    let wait = PollTimeout::try_from(REFUSAL_WAIT).unwrap_or(PollTimeout::ZERO);
-    if !matches!(poll(&mut fds, wait), Ok(1..)) {
-        return None;
-    }
     let mut head = vec![0u8; 4 + PREFIX_OF_OVERSIZED];
     let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
     let n = recv(stream.as_raw_fd(), &mut head, flags).ok()?;
