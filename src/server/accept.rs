@@ -107,9 +107,11 @@ pub(super) struct Acceptor {
     /// The read end of the stop pipe. Never drained: once written, every poll sees it.
     wake: PipeReader,
     next_id: AtomicU64,
-    /// The leadership, or a connection to serve, handed to an idle thread. Rendezvous
-    /// channels: `try_send` succeeds only when a thread is waiting right now.
+    /// The leadership, or a connection to serve, handed to an idle thread.
     idle: Idle,
+    /// When an accept error was last logged, and how many failed since: out of descriptors,
+    /// accept fails a hundred times a second, and the log says so once a second.
+    accept_errors: Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 /// What woke a waiting thread.
@@ -126,6 +128,7 @@ impl Acceptor {
             wake,
             next_id: AtomicU64::new(1),
             idle: Idle::default(),
+            accept_errors: Mutex::new((None, 0)),
         }
     }
 
@@ -248,12 +251,29 @@ impl Acceptor {
                     }
                 }
                 Err(e) => {
-                    log::error!("accept failed: {e}");
+                    self.log_accept_error(&e);
                     // Out of descriptors or memory: give closing connections a moment.
                     thread::sleep(Duration::from_millis(10));
                 }
             }
         }
+    }
+
+    fn log_accept_error(&self, e: &std::io::Error) {
+        let mut errors = self.accept_errors.lock();
+        let now = std::time::Instant::now();
+        if errors
+            .0
+            .is_some_and(|last| now < last + Duration::from_secs(1))
+        {
+            errors.1 += 1;
+            return;
+        }
+        match errors.1 {
+            0 => log::error!("accept failed: {e}"),
+            n => log::error!("accept failed: {e} ({n} more failures in the last second)"),
+        }
+        *errors = (Some(now), 0);
     }
 
     /// Counts the connection in (or refuses it over `--max-connections`, in its own protocol,

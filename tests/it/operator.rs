@@ -62,6 +62,42 @@ fn sigterm_stops_a_server_that_has_no_free_descriptor() {
     exits_cleanly(&mut server);
 }
 
+/// Out of descriptors, accept fails about a hundred times a second for as long as a client
+/// waits: the log says so once a second, with the count (found by the issue-11 adversary:
+/// ~100 error lines a second), and the server serves again once descriptors are free.
+#[test]
+fn accept_failures_are_logged_once_a_second() {
+    let server = Server::start();
+    let pid = server.pid();
+    let mut probe = server.raw();
+    assert!(probe.healthy());
+    // The lowest free descriptor number: a limit there leaves no new descriptor (descriptors
+    // above it, such as the stop pipe's, stay open).
+    let fds: std::collections::BTreeSet<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let open = (0..).find(|n| !fds.contains(n)).unwrap();
+    let prlimit = |limit: String| {
+        let out = Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &limit])
+            .bounded_output()
+            .expect("prlimit (util-linux) is needed");
+        assert!(out.status.success(), "{out:?}");
+    };
+    prlimit(format!("--nofile={open}:{}", open + 64));
+    let waiting = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    let failures = || server.log_text().matches("accept failed").count();
+    wait_until("a second accept-failure line", || failures() >= 2);
+    let log = server.log_text();
+    assert!(log.contains("more failures in the last second"), "{log}");
+    assert!(failures() <= 3, "{log}");
+    prlimit(format!("--nofile={}:{}", open + 64, open + 64));
+    drop(waiting);
+    let mut after = server.raw();
+    assert!(after.healthy());
+}
+
 #[test]
 fn a_socket_that_refuses_us_for_permission_is_not_stale() {
     let server = Server::start_with(&["--socket-mode", "0600"]);
