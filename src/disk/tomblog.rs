@@ -193,22 +193,8 @@ impl Disk {
         let mut log = self.tomb_log.lock();
         *log = None;
         let bytes = records.compact(cap).encode();
-        let opened = self
-            .replace_server_file(TOMBSTONE_LOG, &bytes)
-            .and_then(|()| {
-                self.dir
-                    .open_rw(TOMBSTONE_LOG)
-                    .map_err(|e| self.fail("open", TOMBSTONE_LOG, e))
-            });
-        match opened {
-            Ok(file) => {
-                *log = Some(TombLog {
-                    file,
-                    len: bytes.len() as u64,
-                    appended: 0,
-                    cap: cap.max(1024),
-                })
-            }
+        match self.write_tomb_log(&bytes, cap.max(1024)) {
+            Ok(written) => *log = Some(written),
             Err(e) => {
                 log::warn!("delete log off until the next start (a crash costs a reset): {e}");
                 let _ = self.dir.unlink(TOMBSTONE_LOG);
@@ -281,6 +267,22 @@ impl Disk {
         Ok(())
     }
 
+    /// Replaces the log with `bytes` (temp + rename) and opens it to append, compacting again
+    /// after `cap` appends.
+    fn write_tomb_log(&self, bytes: &[u8], cap: usize) -> Result<TombLog, WriteError> {
+        self.replace_server_file(TOMBSTONE_LOG, bytes)?;
+        let file = self
+            .dir
+            .open_rw(TOMBSTONE_LOG)
+            .map_err(|e| self.fail("open", TOMBSTONE_LOG, e))?;
+        Ok(TombLog {
+            file,
+            len: bytes.len() as u64,
+            appended: 0,
+            cap,
+        })
+    }
+
     /// Rewrites the log compacted, from what it holds (not from the history in memory: a
     /// delete appended but not yet applied must not be lost).
     fn compact_tomb_log(&self, cap: usize) {
@@ -302,22 +304,8 @@ impl Disk {
                 return;
             }
         };
-        let opened = self
-            .replace_server_file(TOMBSTONE_LOG, &bytes)
-            .and_then(|()| {
-                self.dir
-                    .open_rw(TOMBSTONE_LOG)
-                    .map_err(|e| self.fail("open", TOMBSTONE_LOG, e))
-            });
-        match opened {
-            Ok(file) => {
-                *guard = Some(TombLog {
-                    file,
-                    len: bytes.len() as u64,
-                    appended: 0,
-                    cap,
-                })
-            }
+        match self.write_tomb_log(&bytes, cap) {
+            Ok(written) => *guard = Some(written),
             // The old log is still whole (the rename did not happen): keep appending to it.
             Err(e) => {
                 log::warn!("cannot compact the delete log: {e}");
