@@ -164,9 +164,32 @@ fn subscribers_converge_through_chaos() {
         probe.request("STATS")["connections"] == live
     });
     // Finished connection threads linger briefly for the next connection, then end.
-    wait_until("the chaos threads to end", || {
-        proc_status(server.pid(), "Threads") <= idle_threads + live as u64
-    });
+    let threads_ended = || proc_status(server.pid(), "Threads") <= idle_threads + live as u64;
+    let end = std::time::Instant::now() + crate::support::DEADLINE;
+    while !threads_ended() {
+        if std::time::Instant::now() >= end {
+            // Name what is left (thread name, state, where it waits) for the next reader.
+            let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+                .map(|d| {
+                    d.filter_map(|e| {
+                        let dir = e.ok()?.path();
+                        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                        let wchan = std::fs::read_to_string(dir.join("wchan")).unwrap_or_default();
+                        let state = stat.rsplit(") ").next()?.chars().next()?;
+                        Some(format!("{} {state} {wchan}", comm.trim()))
+                    })
+                    .collect()
+                })
+                .unwrap_or_default();
+            panic!(
+                "timed out waiting for the chaos threads to end: {} threads, {idle_threads} idle + {live} live expected; {tasks:?}; stats {}",
+                tasks.len(),
+                probe.request("STATS")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let rss = proc_status(server.pid(), "VmRSS");
     eprintln!(
         "chaos: peak RSS {} MiB, now {} MiB (idle {} MiB); stats {}",
