@@ -19,7 +19,7 @@ const CHAOS_FOR: Duration = Duration::from_secs(8);
 #[test]
 fn subscribers_converge_through_chaos() {
     let server = Server::start_with(&["--send-timeout", "4"]);
-    let idle_threads = proc_status(server.pid(), "Threads");
+    let idle_threads = server.started_threads();
     let idle_rss = proc_status(server.pid(), "VmRSS");
     let stop = Arc::new(AtomicBool::new(false));
 

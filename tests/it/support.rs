@@ -151,6 +151,14 @@ impl Server {
         self.child.as_ref().expect("server running").id()
     }
 
+    /// The server's thread count once it has started all of its threads. A connect succeeds
+    /// as soon as the socket listens, before the signal thread and the first accepting thread
+    /// exist; a reply proves both do (the signal thread starts before accepting does).
+    pub fn started_threads(&self) -> u64 {
+        assert_eq!(self.raw().request("HEALTH")["ok"], true);
+        proc_status(self.pid(), "Threads")
+    }
+
     /// Sends `signal` to the server.
     pub fn signal(&self, signal: i32) {
         let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
