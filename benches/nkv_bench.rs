@@ -145,7 +145,10 @@ struct Rig {
 }
 
 fn run(opts: &Opts) -> Result<(), String> {
-    let plan = Plan::new(opts.quick);
+    let mut plan = Plan::new(opts.quick);
+    if let Some(counts) = &opts.subscribers {
+        plan.subscribers = counts.clone();
+    }
     let env = Env::new(opts.fsync, !opts.no_redis)?;
     let mut res = Results::default();
     machine::describe(&env, opts, &mut res);

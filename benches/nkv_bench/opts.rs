@@ -12,6 +12,7 @@ options:
   --out DIR          where results.md and results.json go [target/nkv-bench]
   --only LIST        comma-separated sections: get,put,wildcard,notify,footprint,startup,floors,framed,connect
   --fsync            start nkv with --fsync and fsync the temp+rename floor too
+  --subscribers LIST comma-separated subscriber counts for the notify section [1,10,100,300,1000]
   --cpus LIST        run everything (load generator and servers) on these CPUs, via taskset
                      (e.g. 0: one core, so no cross-CPU wake-ups; see docs/PERFORMANCE.md)
   --no-redis         skip the Redis comparison even when redis-server is on PATH
@@ -77,6 +78,8 @@ pub struct Opts {
     pub no_redis: bool,
     /// A taskset CPU list the whole run is confined to.
     pub cpus: Option<String>,
+    /// Subscriber counts for the notify section, instead of the plan's.
+    pub subscribers: Option<Vec<usize>>,
 }
 
 impl Opts {
@@ -92,6 +95,7 @@ impl Opts {
             fsync: false,
             no_redis: false,
             cpus: None,
+            subscribers: None,
         };
         while let Some(arg) = args.next() {
             let mut value = |name: &str| {
@@ -123,6 +127,16 @@ impl Opts {
                         ));
                     }
                     opts.cpus = Some(v);
+                }
+                "--subscribers" => {
+                    let v = value("--subscribers")?;
+                    let counts: Option<Vec<usize>> = v
+                        .split(',')
+                        .map(|n| n.parse().ok().filter(|&n| (1..=10_000).contains(&n)))
+                        .collect();
+                    opts.subscribers = Some(counts.ok_or(format!(
+                        "--subscribers takes counts from 1 to 10000 like 1,10,100, not {v:?}"
+                    ))?);
                 }
                 "--out" => opts.out = Some(PathBuf::from(value("--out")?)),
                 "--only" => {
