@@ -234,7 +234,9 @@ impl Acceptor {
             if self.shared.stopping.load(Ordering::SeqCst) {
                 return None;
             }
-            match wait(&[self.listener.as_fd(), self.wake.as_fd()]) {
+            let woken = wait(&[self.listener.as_fd(), self.wake.as_fd()]);
+            self.shared.spin.woke();
+            match woken {
                 Ok(Woken::Stop) => return None,
                 Ok(Woken::Connection) => {}
                 Err(e) => {
@@ -346,7 +348,9 @@ impl Leadership<'_> {
             PollFd::new(self.acceptor.wake.as_fd(), PollFlags::POLLIN),
         ];
         let ready = loop {
-            match poll(&mut fds, timeout) {
+            let polled = poll(&mut fds, timeout);
+            self.acceptor.shared.spin.woke();
+            match polled {
                 Ok(n) => break n > 0,
                 Err(Errno::EINTR) => continue,
                 Err(_) => break false,

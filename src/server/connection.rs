@@ -25,6 +25,7 @@ use crate::notify::SubError;
 use crate::protocol::{parse_request, Envelope, Request, Response, Stats};
 use crate::server::accept::Leadership;
 use crate::server::lines::{Line, LineReader};
+use crate::server::spin::SpinWait;
 use crate::server::{Limits, Shared, SHUTDOWN_STALL};
 use crate::store::{DelOptions, PutOptions};
 
@@ -106,7 +107,8 @@ impl<'a> Connection<'a> {
             return;
         }
         let mut reader =
-            LineReader::new(self.stream.clone(), limits.max_line(), limits.idle_timeout);
+            LineReader::new(self.stream.clone(), limits.max_line(), limits.idle_timeout)
+                .with_spin(SpinWait::new(self.shared.spin.clone()));
         loop {
             self.lead_step(&mut reader);
             let close = self.read_request(&mut reader, limits);
@@ -297,7 +299,9 @@ impl<'a> Connection<'a> {
                     PollFd::new(self.stream.as_fd(), events),
                     PollFd::new(mailbox.wake_fd(), PollFlags::POLLIN),
                 ];
-                match poll(&mut fds, timeout) {
+                let polled = poll(&mut fds, timeout);
+                self.shared.spin.woke();
+                match polled {
                     Ok(_) => {}
                     Err(Errno::EINTR) => continue,
                     Err(e) => {

@@ -9,7 +9,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
+
+use super::spin::{Polled, SpinWait};
 
 const INITIAL_CAPACITY: usize = 16 * 1024;
 /// What an idle subscriber connection keeps to read its next (short) request into.
@@ -51,6 +54,8 @@ pub struct LineReader {
     /// After a complete line a quiet client is normal: only partial lines time out.
     seen_line: bool,
     eof: bool,
+    /// Polls briefly for the next request before sleeping on the socket.
+    spin: Option<SpinWait>,
 }
 
 impl LineReader {
@@ -67,7 +72,14 @@ impl LineReader {
             waiting_since: None,
             seen_line: false,
             eof: false,
+            spin: None,
         }
+    }
+
+    /// Polls for up to the spin window before each sleeping read (see [`super::spin`]).
+    pub fn with_spin(mut self, spin: SpinWait) -> LineReader {
+        self.spin = Some(spin);
+        self
     }
 
     /// Whether a complete line is already buffered, so a response may wait to be batched with
@@ -195,10 +207,34 @@ impl LineReader {
                     Err(e) => return Err(e.into()),
                 }
             }
+            if let Some(spin) = &mut self.spin {
+                let fd = self.stream.as_raw_fd();
+                let room = &mut self.buf[self.end..];
+                let polled = spin.poll(|| match recv(fd, room, MsgFlags::MSG_DONTWAIT) {
+                    Err(Errno::EAGAIN | Errno::EINTR) => None,
+                    got => Some(got),
+                });
+                match polled {
+                    Polled::Ready(Ok(0)) => {
+                        self.eof = true;
+                        continue;
+                    }
+                    Polled::Ready(Ok(n)) => {
+                        self.end += n;
+                        continue;
+                    }
+                    Polled::Ready(Err(e)) => return Err(e.into()),
+                    Polled::Sleep => {}
+                }
+            }
             if !self.arm_timeout()? {
                 return Ok(Line::TimedOut);
             }
-            match (&*self.stream).read(&mut self.buf[self.end..]) {
+            let read = (&*self.stream).read(&mut self.buf[self.end..]);
+            if let Some(spin) = &mut self.spin {
+                spin.woke();
+            }
+            match read {
                 Ok(0) => self.eof = true,
                 Ok(n) => self.end += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -4,6 +4,7 @@
 //! - `accept`: connection threads taking turns at accepting (leader/followers);
 //! - [`sd`]: readiness notifications to systemd;
 //! - [`lines`]: reading request lines with limits;
+//! - [`spin`]: waiting briefly, awake, for a sequential client's next request;
 //! - [`connection`]: one connection's loop and the dispatch `match`;
 //! - [`framed`]: the framed protocol of the system nkv replaces, on the same socket.
 
@@ -14,6 +15,7 @@ mod lines;
 mod refuse;
 pub mod sd;
 mod socket;
+mod spin;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{PipeWriter, Write};
@@ -77,6 +79,9 @@ pub struct Config {
     pub tombstones: usize,
 }
 
+/// `--spin`'s default: a sequential client on this machine comes back within ~20–40 µs.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
 /// Per-connection limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -87,6 +92,9 @@ pub struct Limits {
     pub idle_timeout: Option<Duration>,
     /// How long a subscriber's socket may accept nothing while data is pending; `None` = forever.
     pub send_timeout: Option<Duration>,
+    /// How long a connection thread polls for its client's next request before sleeping on it
+    /// (see [`spin`]); zero = never.
+    pub spin: Duration,
 }
 
 impl Limits {
@@ -104,6 +112,7 @@ impl Default for Limits {
             max_subscriptions: 1024,
             idle_timeout: Some(Duration::from_secs(60)),
             send_timeout: Some(Duration::from_secs(300)),
+            spin: DEFAULT_SPIN,
         }
     }
 }
@@ -138,6 +147,8 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     /// Framed subscriptions by (client id, key), for framed `UNSUB` (see `framed::Registry`).
     framed: framed::Registry,
+    /// The budget of threads polling for their client's next request.
+    spin: Arc<spin::Spin>,
 }
 
 #[derive(Default)]
@@ -300,6 +311,7 @@ impl Server {
             closed: Condvar::new(),
             stopping: AtomicBool::new(false),
             framed: framed::Registry::default(),
+            spin: Arc::new(spin::Spin::new(config.limits.spin)),
         });
         Ok(Server {
             acceptor: Arc::new(Acceptor::new(shared.clone(), listener, wake)),

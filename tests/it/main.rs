@@ -28,6 +28,7 @@ mod resume;
 mod session;
 mod sessions;
 mod soak;
+mod spin;
 mod storage;
 mod subscribe;
 mod terminal;
