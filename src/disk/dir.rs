@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, OFlag};
+use nix::fcntl::{openat, renameat, renameat2, OFlag, RenameFlags};
 use nix::sys::stat::{fchmod, fstatat, FileStat, Mode};
 use nix::unistd::{fchown, unlinkat, Gid, UnlinkatFlags};
 use nix::NixPath;
@@ -196,6 +196,21 @@ impl Dir {
         self.fault(Op::Rename)?;
         renameat(Some(self.fd()), from, Some(self.fd()), to)?;
         self.note(|| Rec::Rename(from.to_owned(), to.to_owned()));
+        Ok(())
+    }
+
+    /// Swaps the names `a` and `b` atomically (`renameat2` with `RENAME_EXCHANGE`; both must
+    /// exist), never following links.
+    pub fn exchange(&self, a: &str, b: &str) -> io::Result<()> {
+        self.fault(Op::Rename)?;
+        renameat2(
+            Some(self.fd()),
+            a,
+            Some(self.fd()),
+            b,
+            RenameFlags::RENAME_EXCHANGE,
+        )?;
+        self.note(|| Rec::Exchange(a.to_owned(), b.to_owned()));
         Ok(())
     }
 

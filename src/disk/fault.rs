@@ -56,6 +56,8 @@ pub enum Rec {
     Write(String, Vec<u8>),
     SyncFile(String),
     Rename(String, String),
+    /// The two names swapped their files.
+    Exchange(String, String),
     Unlink(String),
     SyncDir,
 }

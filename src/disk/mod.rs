@@ -34,6 +34,7 @@ pub mod owner;
 mod power_tests;
 mod reserve;
 mod server_file;
+mod spare;
 mod tomblog;
 mod write;
 
@@ -105,6 +106,9 @@ pub struct Disk {
     /// The delete log, once the store started it (see [`tomblog`]); `None` before, in a
     /// volatile directory, and after an append failed. Taken by every append.
     tomb_log: Mutex<Option<tomblog::TombLog>>,
+    /// Spare files a put rewrites and exchanges with a key's file, on tmpfs only (see
+    /// [`spare`]).
+    spares: Option<spare::Spares>,
 }
 
 /// Why the data directory could not be opened.
@@ -190,6 +194,7 @@ impl Disk {
         let contents = load::load(&dir, options.max_value_bytes)?;
         let max_record = options.max_value_bytes as u64 + 64;
         let reserve = reserve::Reserve::open(&dir, contents.largest, max_record);
+        let spares = spare::on_tmpfs(dir.file()).then(spare::Spares::default);
         let disk = Disk {
             floor: Mutex::new(write::Floor::open(&dir, &contents)?),
             reserve_fit: AtomicU64::new(reserve.fit()),
@@ -200,6 +205,7 @@ impl Disk {
             next_temp: AtomicU64::new(unpredictable()),
             max_record,
             tomb_log: Mutex::new(None),
+            spares,
         };
         if options.fsync {
             disk.dir

@@ -100,6 +100,11 @@ fn crash_state(initial: &Path, records: &[(Rec, usize)], out: &Path) {
                 let ino = names.remove(from).unwrap();
                 names.insert(to.clone(), ino);
             }
+            Rec::Exchange(a, b) => {
+                let (ia, ib) = (names[a], names[b]);
+                names.insert(a.clone(), ib);
+                names.insert(b.clone(), ia);
+            }
             Rec::Unlink(name) => {
                 names.remove(name);
             }

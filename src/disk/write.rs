@@ -139,18 +139,128 @@ impl Disk {
         let len = (header.len() + value.len() + 2) as u64;
         let name = file_name(key);
         self.ensure_reserve(len)?;
+        if let Some(spares) = &self.spares {
+            if self.write_over_spare(spares, &name, &parts, len)? {
+                return self.sync_dir(rev);
+            }
+        }
         let tmp = match self.write_temp(&parts) {
             Ok(tmp) => tmp,
             Err(err @ WriteError::NoSpace(_)) => {
-                return self.write_with_reserve(&name, &parts, len, rev, err)
+                self.drop_spares();
+                return self.write_with_reserve(&name, &parts, len, rev, err);
             }
             Err(err) => return Err(err),
         };
-        if let Err(e) = self.dir.rename(&tmp, &name) {
-            let _ = self.dir.unlink(&tmp);
-            return Err(self.fail("rename into place", &name, e));
-        }
+        self.place(&tmp, &name)?;
         self.sync_dir(rev)
+    }
+
+    /// Puts the written temporary file `tmp` in place as `name`. On tmpfs it is exchanged
+    /// with the old file, which stays as a spare (see [`super::spare`]).
+    fn place(&self, tmp: &str, name: &str) -> Result<(), WriteError> {
+        if let Some(spares) = &self.spares {
+            match self.dir.exchange(tmp, name) {
+                Ok(()) => {
+                    if !spares.give_back(tmp.to_owned()) {
+                        let _ = self.dir.unlink(tmp);
+                    }
+                    return Ok(());
+                }
+                // A new key (or no exchange here after all): a plain rename.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::ENOENT | nix::libc::EINVAL)
+                    ) => {}
+                Err(e) => {
+                    let _ = self.dir.unlink(tmp);
+                    return Err(self.fail("rename into place", name, e));
+                }
+            }
+        }
+        if let Err(e) = self.dir.rename(tmp, name) {
+            let _ = self.dir.unlink(tmp);
+            return Err(self.fail("rename into place", name, e));
+        }
+        Ok(())
+    }
+
+    /// Writes the record over a spare and puts it in place; false when no spare could be
+    /// used (none free, not a plain file of ours alone, too large, or the file system is
+    /// full), and then the caller writes a new temporary file.
+    fn write_over_spare(
+        &self,
+        spares: &super::spare::Spares,
+        name: &str,
+        parts: &[&[u8]],
+        len: u64,
+    ) -> Result<bool, WriteError> {
+        let Some(spare) = spares.take() else {
+            return Ok(false);
+        };
+        let opened = self.dir.open_rw(&spare).ok().and_then(|file| {
+            let meta = file.metadata().ok()?;
+            let usable = meta.is_file()
+                && meta.nlink() == 1
+                && meta.uid() == Uid::effective().as_raw()
+                && meta.len() <= super::spare::MAX_SPARE_BYTES;
+            usable.then_some((file, meta.len()))
+        });
+        let Some((mut file, old_len)) = opened else {
+            // Planted, linked elsewhere or too large: never written to; removed if it is a
+            // file (a directory stays, and is dealt with at the next start).
+            let _ = self.dir.unlink(&spare);
+            return Ok(false);
+        };
+        let written = self
+            .dir
+            .fault(Op::WriteTemp)
+            .and_then(|()| write_parts(&mut file, parts))
+            .and_then(|()| {
+                if old_len > len {
+                    file.set_len(len)
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| self.fail("write", &spare, e))
+            .and_then(|()| {
+                self.dir.note(|| Rec::Write(spare.clone(), parts.concat()));
+                if self.fsync {
+                    self.dir
+                        .fault(Op::SyncFile)
+                        .and_then(|()| file.sync_data())
+                        .map_err(|e| self.fail("fsync", &spare, e))?;
+                    self.dir.note(|| Rec::SyncFile(spare.clone()));
+                }
+                Ok(())
+            });
+        drop(file);
+        match written {
+            Ok(()) => {}
+            Err(WriteError::NoSpace(_)) => {
+                // The spares themselves may be what fills the file system.
+                let _ = self.dir.unlink(&spare);
+                self.drop_spares();
+                return Ok(false);
+            }
+            Err(err) => {
+                let _ = self.dir.unlink(&spare);
+                return Err(err);
+            }
+        }
+        self.place(&spare, name)?;
+        Ok(true)
+    }
+
+    /// Removes every spare: the file system is full, and they hold space.
+    pub(super) fn drop_spares(&self) {
+        if let Some(spares) = &self.spares {
+            for spare in spares.take_all() {
+                let _ = self.dir.unlink(&spare);
+            }
+        }
     }
 
     /// Writes `parts` to a new temporary file (fsynced with `--fsync`); returns its name.

@@ -780,3 +780,118 @@ fn a_put_over_the_file_size_limit_fails_and_the_server_stays_up() {
     assert_eq!(request(&server, "PUT small 2")["rev"], 2);
     assert_eq!(request(&server, "GET small")["value"], 2);
 }
+
+/// The spare files of a data directory on tmpfs (see `src/disk/spare.rs`).
+fn spares(data: &Path) -> Vec<std::path::PathBuf> {
+    fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".tmp-")
+        })
+        .collect()
+}
+
+#[test]
+fn on_tmpfs_puts_reuse_spares_and_every_acknowledged_value_survives_a_kill() {
+    let fs_ = Tmpfs::mount("size=64m");
+    let mut server = Server::new_in(&fs_.0, &[]);
+    server.spawn_and_wait();
+    // Four writers, values that grow and shrink (one over the spare size limit now and
+    // then), each keeping what was acknowledged last per key.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let mut conn = server.raw();
+            thread::spawn(move || {
+                let mut last = std::collections::BTreeMap::new();
+                for i in 0..600usize {
+                    let key = format!("t.w{w}.k{}", i % 7);
+                    let size = match i % 10 {
+                        0 => 70_000,
+                        n => n * 37 + w,
+                    };
+                    let value = json!(format!("{i}:{}", "x".repeat(size)));
+                    let answer = conn.request(&format!("PUT {key} {value}"));
+                    assert_eq!(answer["ok"], true, "{answer}");
+                    last.insert(key, value);
+                }
+                last
+            })
+        })
+        .collect();
+    let mut acknowledged = std::collections::BTreeMap::new();
+    for w in writers {
+        acknowledged.extend(w.join().unwrap());
+    }
+    // The exchange path ran: spares exist, and no more than it keeps.
+    let live = spares(&server.data);
+    assert!(!live.is_empty(), "no spare file: puts did not exchange");
+    assert!(live.len() <= 4, "{} spares: {live:?}", live.len());
+    for spare in &live {
+        assert!(
+            fs::metadata(spare).unwrap().len() <= 64 * 1024 + 64,
+            "{spare:?}"
+        );
+    }
+    server.kill();
+    server.spawn_and_wait();
+    assert!(spares(&server.data).is_empty(), "spares survived a start");
+    let mut conn = server.raw();
+    for (key, value) in &acknowledged {
+        assert_eq!(
+            &conn.request(&format!("GET {key}"))["value"],
+            value,
+            "{key}"
+        );
+    }
+}
+
+#[test]
+fn a_planted_spare_is_never_written_through() {
+    let fs_ = Tmpfs::mount("size=16m");
+    let mut server = Server::new_in(&fs_.0, &[]);
+    server.spawn_and_wait();
+    let outside = fs_.0.join("outside");
+    let mut conn = server.raw();
+    for (round, plant) in ["symlink", "hard link", "fifo", "directory"]
+        .iter()
+        .enumerate()
+    {
+        fs::write(&outside, "precious").unwrap();
+        for i in 0..3 {
+            assert_eq!(conn.request(&format!("PUT p.k {round}{i}"))["ok"], true);
+        }
+        let live = spares(&server.data);
+        assert_eq!(live.len(), 1, "{plant}: {live:?}");
+        let spare = &live[0];
+        fs::remove_file(spare).unwrap();
+        match *plant {
+            "symlink" => symlink(&outside, spare).unwrap(),
+            "hard link" => fs::hard_link(&outside, spare).unwrap(),
+            "fifo" => nix::unistd::mkfifo(spare, nix::sys::stat::Mode::S_IRWXU).unwrap(),
+            _ => fs::create_dir(spare).unwrap(),
+        }
+        for i in 0..3 {
+            let value = format!("\"{plant} {i}\"");
+            assert_eq!(
+                conn.request(&format!("PUT p.k {value}"))["ok"],
+                true,
+                "{plant}"
+            );
+            assert_eq!(
+                conn.request("GET p.k")["value"],
+                json!(format!("{plant} {i}"))
+            );
+        }
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "precious", "{plant}");
+        if spare.is_dir() {
+            fs::remove_dir(spare).unwrap();
+        }
+    }
+    drop(conn);
+    server.restart();
+    assert_eq!(request(&server, "GET p.k")["value"], "directory 2");
+}

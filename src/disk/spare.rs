@@ -1,0 +1,64 @@
+//! On tmpfs, a put rewrites a spare file and exchanges it with the key's file, instead of
+//! creating a new file and renaming it over the old one.
+//!
+//! Creating a file allocates an inode and renaming over a file frees one; on tmpfs (memory
+//! accounting, page cache) that pair is most of a put's cost: measured here, create + write +
+//! close + rename took 22 µs, rewrite + exchange 8 µs. So on tmpfs the server keeps a few
+//! spare `.tmp-<n>` files: a put opens one (never through a symlink, and only a plain file of
+//! ours with one link), writes its record over it, and `renameat2(RENAME_EXCHANGE)`s it with
+//! `<key>.json`. The key's file then holds the new record, atomically as with a rename, and
+//! the spare holds the old one, to be overwritten by a later put. A put of a new key renames
+//! its spare into place; a put without a spare writes a fresh temporary file as elsewhere
+//! and exchanges it, which leaves a spare behind.
+//!
+//! Only on tmpfs: it has no power loss to survive. On a disk file system, data rewritten in
+//! place can reach the disk after the exchange does, and a power loss could then leave a
+//! key's file holding a spare's old record; the classic create + rename is what such file
+//! systems order correctly (ext4's `auto_da_alloc`, say).
+//!
+//! Spares hold old records, so they are bounded: at most [`MAX_SPARES`], one larger than
+//! [`MAX_SPARE_BYTES`] is removed instead of reused, and all are removed when the file system
+//! is full (see `Disk::drop_spares`). A restart removes them with every `.tmp-<n>`.
+
+use std::fs::File;
+
+use parking_lot::Mutex;
+
+/// Spares kept at most: about the number of puts that write at the same time.
+pub const MAX_SPARES: usize = 4;
+/// A spare holding more than this is removed rather than reused.
+pub const MAX_SPARE_BYTES: u64 = 64 * 1024;
+
+/// Whether `dir` is on tmpfs.
+pub fn on_tmpfs(dir: &File) -> bool {
+    nix::sys::statfs::fstatfs(dir)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// The names of the spare files, when the directory keeps any.
+#[derive(Default)]
+pub struct Spares {
+    names: Mutex<Vec<String>>,
+}
+
+impl Spares {
+    /// A spare's name, if one is free.
+    pub fn take(&self) -> Option<String> {
+        self.names.lock().pop()
+    }
+
+    /// Gives `name` back; `false` (the caller removes it) when enough spares are kept.
+    pub fn give_back(&self, name: String) -> bool {
+        let mut names = self.names.lock();
+        if names.len() >= MAX_SPARES {
+            return false;
+        }
+        names.push(name);
+        true
+    }
+
+    /// Every spare's name, taken out.
+    pub fn take_all(&self) -> Vec<String> {
+        std::mem::take(&mut *self.names.lock())
+    }
+}
