@@ -110,3 +110,40 @@ fn racing_writers_have_one_winner_per_revision() {
     assert_eq!(server.raw().request("GET counter")["value"], total);
     println!("{total} wins, {conflicts} conflicts among {WRITERS} writers");
 }
+
+#[test]
+fn a_null_optional_field_counts_as_not_given() {
+    let server = Server::start();
+    let mut raw = server.raw();
+    let put = |raw: &mut crate::support::Raw, extra: &str, v: u64| {
+        raw.request(&format!(r#"{{"op":"put","key":"n.k","value":{v}{extra}}}"#))
+    };
+    assert_eq!(put(&mut raw, "", 1)["rev"], 1);
+    // A plain put, not "only if absent" (which `0` would be) and not a conflict.
+    assert_eq!(put(&mut raw, r#","if_rev":null"#, 2)["ok"], true);
+    // Not a session key: it outlives its connection.
+    assert_eq!(put(&mut raw, r#","session":null"#, 3)["ok"], true);
+    drop(raw);
+    let mut raw = server.raw();
+    let got = raw.request(r#"{"op":"get","key":"n.k","id":null}"#);
+    assert_eq!(got["value"], 3, "{got}");
+    assert!(got.get("id").is_some_and(|id| id.is_null()), "{got}");
+    assert_eq!(
+        raw.request(r#"{"op":"put","key":"n.z","value":null}"#)["ok"],
+        true
+    );
+    assert!(raw.request("GET n.z")["value"].is_null());
+    // A full snapshot, as without `from_rev`.
+    raw.send(r#"{"op":"sub","key":"n","from_rev":null,"epoch":null}"#);
+    assert_eq!(raw.json()["ok"], true);
+    let mut inits = 0;
+    loop {
+        let event = raw.json();
+        match event["event"].as_str() {
+            Some("init") => inits += 1,
+            Some("ready") => break,
+            other => panic!("unexpected {other:?}: {event}"),
+        }
+    }
+    assert_eq!(inits, 2);
+}
