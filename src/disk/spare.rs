@@ -16,9 +16,13 @@
 //! key's file holding a spare's old record; the classic create + rename is what such file
 //! systems order correctly (ext4's `auto_da_alloc`, say).
 //!
-//! Spares hold old records, so they are bounded: at most [`MAX_SPARES`], one larger than
-//! [`MAX_SPARE_BYTES`] is removed instead of reused, and all are removed when the file system
-//! is full (see `Disk::drop_spares`). A restart removes them with every `.tmp-<n>`.
+//! Spares hold old records, so they are bounded: at most [`MAX_SPARES`]; one that would hold
+//! more than [`MAX_SPARE_BYTES`] is removed right after its exchange; those holding a key's
+//! old record go when the key is deleted (no copy of a deleted value lingers); all go when the
+//! file system is full (and the put is tried again without them). A restart removes them with
+//! every `.tmp-<n>`. What an exchange moved out of a key's place that is not a regular file
+//! (a planted symlink or FIFO) is removed; a directory is swapped back and the put fails, as a
+//! rename over it would.
 
 use std::fs::File;
 
@@ -35,30 +39,54 @@ pub fn on_tmpfs(dir: &File) -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
 
-/// The names of the spare files, when the directory keeps any.
+/// A spare: its name and the key file whose old record it holds.
+struct Spare {
+    name: String,
+    holds: String,
+}
+
+/// The spare files, when the directory keeps any.
 #[derive(Default)]
 pub struct Spares {
-    names: Mutex<Vec<String>>,
+    spares: Mutex<Vec<Spare>>,
 }
 
 impl Spares {
     /// A spare's name, if one is free.
     pub fn take(&self) -> Option<String> {
-        self.names.lock().pop()
+        self.spares.lock().pop().map(|s| s.name)
     }
 
-    /// Gives `name` back; `false` (the caller removes it) when enough spares are kept.
-    pub fn give_back(&self, name: String) -> bool {
-        let mut names = self.names.lock();
-        if names.len() >= MAX_SPARES {
+    /// Gives `name`, now holding `holds`'s old record, back; `false` (the caller removes it)
+    /// when enough spares are kept.
+    pub fn give_back(&self, name: String, holds: &str) -> bool {
+        let mut spares = self.spares.lock();
+        if spares.len() >= MAX_SPARES {
             return false;
         }
-        names.push(name);
+        spares.push(Spare {
+            name,
+            holds: holds.to_owned(),
+        });
         true
+    }
+
+    /// Takes out the spares that hold an old record of the key file `holds` (it is being
+    /// deleted: no copy of it may linger).
+    pub fn take_holding(&self, holds: &str) -> Vec<String> {
+        let mut spares = self.spares.lock();
+        let (gone, kept) = std::mem::take(&mut *spares)
+            .into_iter()
+            .partition(|s| s.holds == holds);
+        *spares = kept;
+        gone.into_iter().map(|s: Spare| s.name).collect()
     }
 
     /// Every spare's name, taken out.
     pub fn take_all(&self) -> Vec<String> {
-        std::mem::take(&mut *self.names.lock())
+        std::mem::take(&mut *self.spares.lock())
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
     }
 }

@@ -149,9 +149,18 @@ impl Disk {
         }
         let tmp = match self.write_temp(&parts) {
             Ok(tmp) => tmp,
+            // The spares may be what fills the file system: without them it may fit.
+            Err(WriteError::NoSpace(_)) if self.drop_spares() > 0 => {
+                match self.write_temp(&parts) {
+                    Ok(tmp) => tmp,
+                    Err(err @ WriteError::NoSpace(_)) => {
+                        return self.write_with_reserve(&name, &parts, len, rev, err)
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
             Err(err @ WriteError::NoSpace(_)) => {
-                self.drop_spares();
-                return self.write_with_reserve(&name, &parts, len, rev, err);
+                return self.write_with_reserve(&name, &parts, len, rev, err)
             }
             Err(err) => return Err(err),
         };
@@ -164,12 +173,7 @@ impl Disk {
     fn place(&self, tmp: &str, name: &str) -> Result<(), WriteError> {
         if let Some(spares) = &self.spares {
             match self.dir.exchange(tmp, name) {
-                Ok(()) => {
-                    if !spares.give_back(tmp.to_owned()) {
-                        let _ = self.dir.unlink(tmp);
-                    }
-                    return Ok(());
-                }
+                Ok(()) => return self.keep_spare(spares, tmp, name),
                 // A new key (or no exchange here after all): a plain rename.
                 Err(e)
                     if matches!(
@@ -185,6 +189,41 @@ impl Disk {
         if let Err(e) = self.dir.rename(tmp, name) {
             let _ = self.dir.unlink(tmp);
             return Err(self.fail("rename into place", name, e));
+        }
+        Ok(())
+    }
+
+    /// After `tmp` was exchanged with `name`: keeps what `tmp` now names as a spare when it is
+    /// a plain file of ours of at most [`super::spare::MAX_SPARE_BYTES`]; removes it when it
+    /// is not (too large, a planted symlink or FIFO); swaps a directory back and fails, as a
+    /// rename over it would.
+    fn keep_spare(
+        &self,
+        spares: &super::spare::Spares,
+        tmp: &str,
+        name: &str,
+    ) -> Result<(), WriteError> {
+        let moved = self.dir.stat(tmp);
+        if moved
+            .as_ref()
+            .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFDIR)
+        {
+            let undone = self.dir.exchange(tmp, name);
+            let _ = self.dir.unlink(tmp);
+            let e = match undone {
+                Ok(()) => io::Error::from_raw_os_error(nix::libc::EISDIR),
+                Err(e) => e,
+            };
+            return Err(self.fail("rename into place", name, e));
+        }
+        let reusable = moved.is_ok_and(|st| {
+            st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG
+                && st.st_nlink == 1
+                && st.st_uid == Uid::effective().as_raw()
+                && st.st_size as u64 <= super::spare::MAX_SPARE_BYTES
+        });
+        if !reusable || !spares.give_back(tmp.to_owned(), name) {
+            let _ = self.dir.unlink(tmp);
         }
         Ok(())
     }
@@ -257,13 +296,16 @@ impl Disk {
         Ok(true)
     }
 
-    /// Removes every spare: the file system is full, and they hold space.
-    pub(super) fn drop_spares(&self) {
-        if let Some(spares) = &self.spares {
-            for spare in spares.take_all() {
-                let _ = self.dir.unlink(&spare);
-            }
+    /// Removes every spare (the file system is full, and they hold space); returns how many.
+    pub(super) fn drop_spares(&self) -> usize {
+        let Some(spares) = &self.spares else {
+            return 0;
+        };
+        let all = spares.take_all();
+        for spare in &all {
+            let _ = self.dir.unlink(spare);
         }
+        all.len()
     }
 
     /// Writes `parts` to a new temporary file (fsynced with `--fsync`); returns its name.
@@ -322,6 +364,12 @@ impl Disk {
         self.check_in_place()?;
         self.raise_floor(rev)?;
         let name = file_name(key);
+        if let Some(spares) = &self.spares {
+            // No copy of a deleted value lingers in a spare.
+            for spare in spares.take_holding(&name) {
+                let _ = self.dir.unlink(&spare);
+            }
+        }
         match self
             .dir
             .fault(Op::Unlink)

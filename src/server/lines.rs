@@ -207,7 +207,9 @@ impl LineReader {
                     Err(e) => return Err(e.into()),
                 }
             }
-            if let Some(spin) = &mut self.spin {
+            // Only between requests: a partial line is waited for asleep, with the idle
+            // timeout armed, however the client trickles it.
+            if let Some(spin) = self.spin.as_mut().filter(|_| self.start == self.end) {
                 let fd = self.stream.as_raw_fd();
                 let room = &mut self.buf[self.end..];
                 let polled = spin.poll(|| match recv(fd, room, MsgFlags::MSG_DONTWAIT) {

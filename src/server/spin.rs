@@ -8,7 +8,7 @@
 //! docs/PERFORMANCE.md). So before sleeping, a connection thread polls its socket for up to
 //! `--spin` microseconds.
 //!
-//! Polling burns a CPU, so it is bounded four ways:
+//! Polling burns a CPU, so it is bounded five ways:
 //! - at most one thread fewer than the CPUs polls at a time, and none on a single CPU, where
 //!   polling only keeps the client it waits for from running;
 //! - a connection polls only if no other connection thread woke up (for a request, a
@@ -20,6 +20,9 @@
 //! - a connection whose client did not come back within the window stops polling for its next
 //!   [`BACK_OFF`] requests, so an interactive or slow client costs at most one window now and
 //!   then;
+//! - only between requests: a partial line is waited for asleep, with the idle timeout armed
+//!   (a client trickling a line byte by byte must neither outlive `--idle-timeout` nor keep a
+//!   CPU busy);
 //! - `--spin 0` turns it off (for battery-powered devices, say).
 
 use std::num::NonZeroUsize;

@@ -77,3 +77,40 @@ fn spin_is_configurable_validated_and_logged() {
         assert!(!err.contains("error: error:"), "{err}");
     }
 }
+
+#[test]
+fn a_partial_line_trickled_faster_than_the_window_still_times_out() {
+    // The longest window: a poll that found a byte must not start another one.
+    let server = Server::start_with(&["--idle-timeout", "1", "--spin", "10000"]);
+    let mut raw = server.raw();
+    assert_eq!(raw.request("PUT t.k 1")["ok"], true);
+    let before = cpu_ticks(server.pid());
+    let started = Instant::now();
+    let mut closed_at = None;
+    {
+        use std::io::Write;
+        let mut stream = raw.stream();
+        stream.write_all(b"PUT t.k \"").unwrap();
+        while started.elapsed() < Duration::from_secs(4) {
+            if stream.write_all(b"x").is_err() {
+                closed_at = Some(started.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let closed_at = closed_at.unwrap_or_else(|| {
+        panic!("a partial line trickled for 4 s with --idle-timeout 1 was not cut off")
+    });
+    assert!(
+        closed_at < Duration::from_millis(2500),
+        "cut off after {closed_at:?}, not about 1 s"
+    );
+    let reply = raw.json();
+    assert_eq!(reply["error"], "timeout", "{reply}");
+    let spent = cpu_ticks(server.pid()) - before;
+    assert!(
+        spent <= 20,
+        "the server used {spent} ticks of CPU on one trickling client"
+    );
+}

@@ -895,3 +895,118 @@ fn a_planted_spare_is_never_written_through() {
     server.restart();
     assert_eq!(request(&server, "GET p.k")["value"], "directory 2");
 }
+
+/// Free bytes of the file system holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).unwrap();
+    st.blocks_available() as u64 * st.fragment_size() as u64
+}
+
+#[test]
+fn spares_never_make_a_put_that_fits_fail() {
+    let fs_ = Tmpfs::mount("size=2m");
+    let mut server = Server::new_in(&fs_.0, &[]);
+    server.spawn_and_wait();
+    // Concurrent overwrites of four large keys (each exchange leaves the old record in a
+    // spare), then every key deleted: the space is free again.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let mut conn = server.raw();
+            thread::spawn(move || {
+                for i in 0..20 {
+                    let value = json!(format!("{i}{}", "s".repeat(150_000)));
+                    assert_eq!(conn.request(&format!("PUT s.k{w} {value}"))["ok"], true);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut conn = server.raw();
+    assert_eq!(conn.request("DEL s.*")["deleted"], 4);
+    let held: u64 = spares(&server.data)
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        held <= 4 * 64 * 1024,
+        "spares hold {held} bytes after every key went"
+    );
+    // As large as fits: a put of a new largest record first grows the reserve to its size
+    // (in 64 KiB steps), then writes it.
+    let reserve = fs::metadata(server.data.join(".reserve")).unwrap().len();
+    let size = (free_bytes(&server.data) + reserve) / 2 - 128 * 1024;
+    let value = json!("b".repeat(size as usize));
+    let answer = conn.request(&format!("PUT s.big {value}"));
+    assert_eq!(answer["ok"], true, "{answer} (spares held {held} bytes)");
+    assert_eq!(conn.request("GET s.big")["value"], value);
+}
+
+#[test]
+fn a_deleted_value_leaves_no_copy_and_no_large_spare_is_kept() {
+    let fs_ = Tmpfs::mount("size=64m");
+    let mut server = Server::new_in(&fs_.0, &[]);
+    server.spawn_and_wait();
+    let mut conn = server.raw();
+    let contents = |data: &Path| -> String {
+        spares(data)
+            .iter()
+            .map(|p| fs::read_to_string(p).unwrap())
+            .collect()
+    };
+    // Large: its old record is not kept as a spare.
+    for i in 0..3 {
+        let value = json!(format!("SECRET{i}{}", "s".repeat(1 << 20)));
+        assert_eq!(conn.request(&format!("PUT d.big {value}"))["ok"], true);
+        for spare in spares(&server.data) {
+            let len = fs::metadata(&spare).unwrap().len();
+            assert!(len <= 64 * 1024, "a spare of {len} bytes was kept");
+        }
+    }
+    // Small: kept, but not once the key is deleted.
+    for i in 0..3 {
+        assert_eq!(
+            conn.request(&format!("PUT d.small \"TOPSECRET{i}\""))["ok"],
+            true
+        );
+    }
+    assert!(
+        contents(&server.data).contains("TOPSECRET"),
+        "no spare holds the old record"
+    );
+    assert_eq!(conn.request("DEL d.small")["ok"], true);
+    assert_eq!(conn.request("DEL d.big")["ok"], true);
+    let left = contents(&server.data);
+    assert!(
+        !left.contains("SECRET"),
+        "a deleted value lingers: {left:.80}"
+    );
+}
+
+#[test]
+fn a_directory_planted_at_a_key_is_refused_on_tmpfs_as_on_disk() {
+    let fs_ = Tmpfs::mount("size=16m");
+    let mut server = Server::new_in(&fs_.0, &[]);
+    server.spawn_and_wait();
+    let mut conn = server.raw();
+    // A spare exists, so the put takes the exchange path.
+    for i in 0..3 {
+        assert_eq!(conn.request(&format!("PUT other {i}"))["ok"], true);
+    }
+    let planted = server.data.join("kd.json");
+    fs::create_dir(&planted).unwrap();
+    fs::write(planted.join("inside"), "keep").unwrap();
+    for _ in 0..3 {
+        let answer = conn.request("PUT kd 1");
+        assert_eq!(answer["ok"], false, "{answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("directory"),
+            "{answer}"
+        );
+    }
+    assert_eq!(fs::read_to_string(planted.join("inside")).unwrap(), "keep");
+    for spare in spares(&server.data) {
+        assert!(spare.is_file(), "{spare:?} is not a file");
+    }
+}
