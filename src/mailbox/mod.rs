@@ -17,6 +17,8 @@
 //!   blocking (`MSG_DONTWAIT`), and skips a socket already known to be full. Whatever it leaves
 //!   is handed to the subscriber's connection thread by ringing its wake-up descriptor. So a
 //!   publisher's share of the fan-out is bounded, and no thread switch sits on the fast path.
+//! - A change that reaches many subscribers is kicked on several CPUs at once: the publisher
+//!   hands parts of its kicks to fan-out threads ([`fanout`]).
 //! - The subscriber's own connection thread (`server/connection.rs`) polls its socket and the
 //!   wake-up descriptor; it sends everything it can, and waits for the socket to become
 //!   writable when it is full. There is no second thread per subscriber.
@@ -25,6 +27,8 @@
 //! change larger than that is sent straight from its shared bytes), so the memory formatted for
 //! one send is bounded whatever the store size.
 
+#[cfg(not(loom))]
+mod fanout;
 mod item;
 #[cfg(all(test, loom))]
 mod loom_tests;
@@ -469,9 +473,12 @@ impl Kicks {
         self.0.is_empty()
     }
 
-    /// Kicks every collected mailbox once.
+    /// Kicks every collected mailbox once (a large fan-out shared with helper threads: see
+    /// [`fanout`]).
     pub fn run(&mut self) {
         self.dedup();
+        #[cfg(not(loom))]
+        fanout::kick_all(&mut self.0);
         for mailbox in self.0.drain(..) {
             mailbox.kick();
         }

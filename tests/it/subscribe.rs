@@ -1186,3 +1186,59 @@ fn epoch_of(server: &Server) -> String {
     let text = std::fs::read_to_string(server.data.join(".epoch")).expect(".epoch");
     text.trim_end().to_owned()
 }
+
+/// A fan-out large enough to be shared with the fan-out threads (`mailbox::fanout`) keeps
+/// every subscriber's per-key order and latest state, with two publishers at once.
+#[test]
+fn a_large_fan_out_shared_between_threads_keeps_every_promise() {
+    let server = Server::start();
+    let watches: Vec<_> = (0..80)
+        .map(|_| crate::watchcheck::Watch::start(&server, &["f"]))
+        .collect();
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let mut raw = server.raw();
+            thread::spawn(move || {
+                for burst in 0..15u64 {
+                    let mut lines = String::new();
+                    for i in 0..100u64 {
+                        let n = burst * 100 + i;
+                        let key = format!("f.k{}", (n * 7 + w) % 25);
+                        if n % 23 == 0 {
+                            lines.push_str(&format!("DEL {key}\n"));
+                        } else {
+                            lines.push_str(&format!("PUT {key} {{\"w\":{w},\"n\":{n}}}\n"));
+                        }
+                    }
+                    raw.send_bytes(lines.as_bytes());
+                    for _ in 0..100 {
+                        let reply = raw.json();
+                        assert!(
+                            reply["ok"] == true || reply["error"] == "not_found",
+                            "{reply}"
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut probe = server.raw();
+    for (i, watch) in watches.iter().enumerate() {
+        watch.wait_converged(&mut probe, "f.*");
+        watch.assert_ok(&format!("subscriber {i}"));
+    }
+    // The fan-out was shared (on more than one CPU, as in CI).
+    let shared = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .any(|comm| comm.trim() == "nkv-fanout");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(
+        shared,
+        cpus > 1,
+        "fan-out thread present: {shared}, {cpus} CPUs"
+    );
+}
