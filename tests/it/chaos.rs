@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{proc_status, wait_until, Server};
+use crate::support::{fanout_threads, proc_status, wait_until, Server};
 use crate::watchcheck::Watch;
 
 /// How long the writers write.
@@ -166,17 +166,10 @@ fn subscribers_converge_through_chaos() {
     // Finished connection threads linger briefly for the next connection, then end. The
     // fan-out threads (one per further CPU, started by a large fan-out) stay, as they would
     // in any busy server: they are not per client.
-    let fanout_threads = || {
-        std::fs::read_dir(format!("/proc/{}/task", server.pid()))
-            .map(|d| {
-                d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                    .filter(|comm| comm.trim() == "nkv-fanout")
-                    .count() as u64
-            })
-            .unwrap_or(0)
+    let threads_ended = || {
+        proc_status(server.pid(), "Threads") - fanout_threads(server.pid())
+            <= idle_threads + live as u64
     };
-    let threads_ended =
-        || proc_status(server.pid(), "Threads") <= idle_threads + live as u64 + fanout_threads();
     let end = std::time::Instant::now() + crate::support::DEADLINE;
     while !threads_ended() {
         if std::time::Instant::now() >= end {

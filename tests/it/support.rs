@@ -334,6 +334,19 @@ pub fn proc_status(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// The server's fan-out threads (`mailbox::fanout`): started by the first large fan-out and
+/// kept for the server's life, one per further CPU. Not per client, so thread counts that must
+/// come back to idle leave them out.
+pub fn fanout_threads(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim() == "nkv-fanout")
+                .count() as u64
+        })
+        .unwrap_or(0)
+}
+
 /// The resident set size of process `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     proc_status(pid, "VmRSS")
