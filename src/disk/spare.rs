@@ -2,8 +2,9 @@
 //! creating a new file and renaming it over the old one.
 //!
 //! Creating a file allocates an inode and renaming over a file frees one; on tmpfs (memory
-//! accounting, page cache) that pair is most of a put's cost: measured here, create + write +
-//! close + rename took 22 µs, rewrite + exchange 8 µs. So on tmpfs the server keeps a few
+//! accounting, page cache) that pair is most of a put's cost: measured here in a C loop,
+//! create + write + close + rename took 22.8 µs, open + fstat + write + close + exchange (what
+//! a put here does, plus one `fstatat`) 10.6–11.4 µs. So on tmpfs the server keeps a few
 //! spare `.tmp-<n>` files: a put opens one (never through a symlink, and only a plain file of
 //! ours with one link), writes its record over it, and `renameat2(RENAME_EXCHANGE)`s it with
 //! `<key>.json`. The key's file then holds the new record, atomically as with a rename, and

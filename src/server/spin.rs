@@ -3,9 +3,9 @@
 //! A client that sends a request, reads the reply and sends the next one (a script's loop, a
 //! service's request/response client) comes back within tens of microseconds. A thread that
 //! sleeps in `read` meanwhile must be woken for each request, and on a virtual machine waking a
-//! halted CPU costs more than the request itself: measured here, a memory-class `PUT` from
-//! one sequential client took 60 µs with the sleeping thread and 24 µs with this wait (see
-//! docs/PERFORMANCE.md). So before sleeping, a connection thread polls its socket for up to
+//! halted CPU costs more than the request itself: measured here (`nkv_bench`, `--only put`), a
+//! memory-class `PUT` from one sequential client took 51 µs at the median with the sleeping
+//! thread and 22 µs with this wait (see docs/PERFORMANCE.md). So before sleeping, a connection thread polls its socket for up to
 //! `--spin` microseconds.
 //!
 //! Polling burns a CPU, so it is bounded five ways:
