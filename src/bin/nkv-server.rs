@@ -71,7 +71,7 @@ struct Args {
     /// Microseconds a connection thread polls for its client's next request before sleeping
     /// on it: a sequential client gets its replies sooner, for a bounded amount of CPU (at most
     /// one thread fewer than the CPUs polls at once; none on one CPU). 0 = never
-    #[arg(long, env = "NKV_SPIN", value_name = "MICROS", default_value_t = 50,
+    #[arg(long, env = "NKV_SPIN", value_name = "MICROS", default_value_t = nkv::server::DEFAULT_SPIN.as_micros() as u64,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     spin: u64,
 

@@ -255,29 +255,7 @@ impl Disk {
             let _ = self.dir.unlink(&spare);
             return Ok(false);
         };
-        let written = self
-            .dir
-            .fault(Op::WriteTemp)
-            .and_then(|()| write_parts(&mut file, parts))
-            .and_then(|()| {
-                if old_len > len {
-                    file.set_len(len)
-                } else {
-                    Ok(())
-                }
-            })
-            .map_err(|e| self.fail("write", &spare, e))
-            .and_then(|()| {
-                self.dir.note(|| Rec::Write(spare.clone(), parts.concat()));
-                if self.fsync {
-                    self.dir
-                        .fault(Op::SyncFile)
-                        .and_then(|()| file.sync_data())
-                        .map_err(|e| self.fail("fsync", &spare, e))?;
-                    self.dir.note(|| Rec::SyncFile(spare.clone()));
-                }
-                Ok(())
-            });
+        let written = self.write_record(&mut file, &spare, parts, (old_len > len).then_some(len));
         drop(file);
         match written {
             Ok(()) => {}
@@ -308,25 +286,36 @@ impl Disk {
         all.len()
     }
 
+    /// Writes `parts` from the start of `file` (named `name`), cuts it to `trim_to` when
+    /// given (a spare that held a longer record), and fsyncs it with `--fsync`.
+    fn write_record(
+        &self,
+        file: &mut File,
+        name: &str,
+        parts: &[&[u8]],
+        trim_to: Option<u64>,
+    ) -> Result<(), WriteError> {
+        self.dir
+            .fault(Op::WriteTemp)
+            .and_then(|()| write_parts(file, parts))
+            .and_then(|()| trim_to.map_or(Ok(()), |len| file.set_len(len)))
+            .map_err(|e| self.fail("write", name, e))?;
+        self.dir
+            .note(|| Rec::Write(name.to_owned(), parts.concat()));
+        if self.fsync {
+            self.dir
+                .fault(Op::SyncFile)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| self.fail("fsync", name, e))?;
+            self.dir.note(|| Rec::SyncFile(name.to_owned()));
+        }
+        Ok(())
+    }
+
     /// Writes `parts` to a new temporary file (fsynced with `--fsync`); returns its name.
     fn write_temp(&self, parts: &[&[u8]]) -> Result<String, WriteError> {
         let (tmp, mut file) = self.create_temp()?;
-        let written = self
-            .dir
-            .fault(Op::WriteTemp)
-            .and_then(|()| write_parts(&mut file, parts))
-            .map_err(|e| self.fail("write", &tmp, e))
-            .and_then(|()| {
-                self.dir.note(|| Rec::Write(tmp.clone(), parts.concat()));
-                if self.fsync {
-                    self.dir
-                        .fault(Op::SyncFile)
-                        .and_then(|()| file.sync_data())
-                        .map_err(|e| self.fail("fsync", &tmp, e))?;
-                    self.dir.note(|| Rec::SyncFile(tmp.clone()));
-                }
-                Ok(())
-            });
+        let written = self.write_record(&mut file, &tmp, parts, None);
         drop(file);
         if let Err(err) = written {
             let _ = self.dir.unlink(&tmp);

@@ -781,6 +781,15 @@ fn a_put_over_the_file_size_limit_fails_and_the_server_stays_up() {
     assert_eq!(request(&server, "GET small")["value"], 2);
 }
 
+/// A running server whose socket and data directory are on a tmpfs of its own mounted with
+/// `options` (the tmpfs is returned first, so it is unmounted after the server is gone).
+fn server_on_tmpfs(options: &str) -> (Tmpfs, Server) {
+    let fs_ = Tmpfs::mount(options);
+    let mut server = Server::new_in(&fs_.0, &[]);
+    server.spawn_and_wait();
+    (fs_, server)
+}
+
 /// The spare files of a data directory on tmpfs (see `src/disk/spare.rs`).
 fn spares(data: &Path) -> Vec<std::path::PathBuf> {
     fs::read_dir(data)
@@ -797,9 +806,7 @@ fn spares(data: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn on_tmpfs_puts_reuse_spares_and_every_acknowledged_value_survives_a_kill() {
-    let fs_ = Tmpfs::mount("size=64m");
-    let mut server = Server::new_in(&fs_.0, &[]);
-    server.spawn_and_wait();
+    let (_fs, mut server) = server_on_tmpfs("size=64m");
     // Four writers, values that grow and shrink (one over the spare size limit now and
     // then), each keeping what was acknowledged last per key.
     let writers: Vec<_> = (0..4)
@@ -851,9 +858,7 @@ fn on_tmpfs_puts_reuse_spares_and_every_acknowledged_value_survives_a_kill() {
 
 #[test]
 fn a_planted_spare_is_never_written_through() {
-    let fs_ = Tmpfs::mount("size=16m");
-    let mut server = Server::new_in(&fs_.0, &[]);
-    server.spawn_and_wait();
+    let (fs_, mut server) = server_on_tmpfs("size=16m");
     let outside = fs_.0.join("outside");
     let mut conn = server.raw();
     for (round, plant) in ["symlink", "hard link", "fifo", "directory"]
@@ -904,9 +909,7 @@ fn free_bytes(path: &Path) -> u64 {
 
 #[test]
 fn spares_never_make_a_put_that_fits_fail() {
-    let fs_ = Tmpfs::mount("size=2m");
-    let mut server = Server::new_in(&fs_.0, &[]);
-    server.spawn_and_wait();
+    let (_fs, server) = server_on_tmpfs("size=2m");
     // Concurrent overwrites of four large keys (each exchange leaves the old record in a
     // spare), then every key deleted: the space is free again.
     let writers: Vec<_> = (0..4)
@@ -945,9 +948,7 @@ fn spares_never_make_a_put_that_fits_fail() {
 
 #[test]
 fn a_deleted_value_leaves_no_copy_and_no_large_spare_is_kept() {
-    let fs_ = Tmpfs::mount("size=64m");
-    let mut server = Server::new_in(&fs_.0, &[]);
-    server.spawn_and_wait();
+    let (_fs, server) = server_on_tmpfs("size=64m");
     let mut conn = server.raw();
     let contents = |data: &Path| -> String {
         spares(data)
@@ -986,9 +987,7 @@ fn a_deleted_value_leaves_no_copy_and_no_large_spare_is_kept() {
 
 #[test]
 fn a_directory_planted_at_a_key_is_refused_on_tmpfs_as_on_disk() {
-    let fs_ = Tmpfs::mount("size=16m");
-    let mut server = Server::new_in(&fs_.0, &[]);
-    server.spawn_and_wait();
+    let (_fs, server) = server_on_tmpfs("size=16m");
     let mut conn = server.raw();
     // A spare exists, so the put takes the exchange path.
     for i in 0..3 {
