@@ -12,6 +12,8 @@ pub enum Op {
     CreateTemp,
     /// Writing a record into a temporary file (or into the reserve).
     WriteTemp,
+    /// Filling in a written record's revision field, once the revision is taken.
+    FillRev,
     /// Fsync of a temporary file before its rename.
     SyncFile,
     /// Renaming a temporary file over a key's file.
@@ -33,9 +35,10 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 12] = [
         Op::CreateTemp,
         Op::WriteTemp,
+        Op::FillRev,
         Op::SyncFile,
         Op::Rename,
         Op::SyncDir,

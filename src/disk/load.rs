@@ -376,6 +376,12 @@ mod tests {
         assert_eq!(rev_hint("{\"rev\":18446744073709551615,"), None);
         assert_eq!(rev_hint("garbage"), None);
         assert_eq!(rev_hint("{\n  \"rev\": 40,\n"), Some(40));
+        // As the server writes it: the field is padded to a fixed width.
+        assert_eq!(
+            rev_hint("{\"rev\":42                  ,\"value\":"),
+            Some(42)
+        );
+        assert_eq!(rev_hint("{\"rev\":                    ,\"value\":"), None);
         assert_eq!(rev_hint("notes: {\"rev\":5,"), None, "not a record's start");
     }
 }

@@ -9,7 +9,8 @@
 //! - [`fault`]: fault injection for the crate's tests.
 //!
 //! Layout of a data directory (layout 2; see docs/ARCHITECTURE.md):
-//! - `<key>.json` — one per key, `{"rev":N,"value":<json>}` on one line (a person can `cat` it);
+//! - `<key>.json` — one per key, `{"rev":N,"value":<json>}` on one line (a person can `cat` it;
+//!   the server pads `N` with spaces to a fixed width, see [`Disk::write_numbered`]);
 //! - `.tmp-<n>` — a write in progress, created exclusively; renamed into place or removed at
 //!   the next start;
 //! - `.rev` — the highest revision handed out by a delete, 20 digits, rewritten in place;

@@ -44,6 +44,55 @@ fn floor_bytes(rev: u64) -> [u8; REV_WIDTH + 1] {
     out
 }
 
+/// A record's first bytes, `{"rev":` and then its revision field.
+const HEAD_START: &[u8] = b"{\"rev\":";
+
+/// A record's head with its revision field still blank: [`REV_WIDTH`] spaces, which JSON
+/// allows between a name and its value. The value is written behind it before the revision
+/// is taken (see [`Disk::write_numbered`]).
+fn blank_head() -> [u8; HEAD_START.len() + REV_WIDTH + 9] {
+    let mut head = [b' '; HEAD_START.len() + REV_WIDTH + 9];
+    head[..HEAD_START.len()].copy_from_slice(HEAD_START);
+    head[HEAD_START.len() + REV_WIDTH..].copy_from_slice(b",\"value\":");
+    head
+}
+
+/// `rev` as a record's revision field holds it: left-aligned, padded with spaces, so that it
+/// fills the blank field in place.
+fn rev_field(rev: u64) -> [u8; REV_WIDTH] {
+    let mut field = [b' '; REV_WIDTH];
+    let text = rev.to_string();
+    let n = text.len().min(REV_WIDTH);
+    field[..n].copy_from_slice(&text.as_bytes()[..n]);
+    field
+}
+
+/// The revision of one write, asked for once the record's bytes are written but before it is
+/// put in place, and remembered: a write that falls back to another path keeps it.
+pub(super) struct Numbering<'a> {
+    take: &'a mut dyn FnMut() -> Result<u64, WriteError>,
+    rev: Option<u64>,
+}
+
+impl Numbering<'_> {
+    pub(super) fn rev(&mut self) -> Result<u64, WriteError> {
+        if let Some(rev) = self.rev {
+            return Ok(rev);
+        }
+        let rev = (self.take)()?;
+        self.rev = Some(rev);
+        Ok(rev)
+    }
+}
+
+/// The whole record `parts` make once its revision field holds `rev` (what a test's
+/// power-loss simulation records; the server never builds it).
+fn stamped(parts: &[&[u8]], rev: u64) -> Vec<u8> {
+    let mut bytes = parts.concat();
+    bytes[HEAD_START.len()..HEAD_START.len() + REV_WIDTH].copy_from_slice(&rev_field(rev));
+    bytes
+}
+
 /// Opens `name` if it is a plain file of ours, else creates it anew through a temporary file.
 pub(super) fn open_or_create(dir: &Dir, name: &str, initial: &[u8]) -> io::Result<File> {
     if let Ok(file) = dir.open_rw(name) {
@@ -127,45 +176,76 @@ impl Disk {
         WriteError::from_disk(DiskError::new(action, self.dir.join(name), e))
     }
 
-    /// Stores `value` as `key`'s file, atomically: the file holds the old or the new record,
-    /// never a mix. With `fsync`, the data and the rename are on stable storage on return.
+    /// Stores `value` as `key`'s file at revision `rev`; see [`Disk::write_numbered`].
     ///
     /// # Errors
     /// See [`WriteError`]: only `NotDurable` means the new record is in place.
+    pub fn write(&self, key: &Key, rev: u64, value: &str) -> Result<(), WriteError> {
+        self.write_numbered(key, value, &mut || Ok(rev))
+    }
+
+    /// Whether [`write_numbered`](Disk::write_numbered) takes the revision only after the
+    /// record is written, with little left to do before it is in place. Not with `--fsync`:
+    /// the file's fsync would then be part of that, and the fsyncs of concurrent puts would
+    /// no longer overlap; the revision is taken first instead.
+    pub fn numbers_late(&self) -> bool {
+        !self.fsync
+    }
+
+    /// Stores `value` as `key`'s file, atomically: the file holds the old or the new record,
+    /// never a mix. With `fsync`, the data and the rename are on stable storage on return.
+    ///
+    /// The revision is asked of `number` as late as it can be ([`Disk::numbers_late`]): once
+    /// the record is written with a blank revision field, which is then filled in place
+    /// before the record is put in place. A change holds every later one back from the moment
+    /// it takes its revision until it is applied (see [`crate::revseq`]), so the less it does
+    /// in between, the less the others wait.
+    ///
+    /// # Errors
+    /// See [`WriteError`]: only `NotDurable` means the new record is in place; an error of
+    /// `number` is returned as it is, with nothing in place.
     ///
     /// Whether the directory is still in place is checked once, after the change
     /// ([`Disk::sync_dir`]): a put into a directory replaced before or during it is refused
     /// either way, and a second check before would cost every put a path lookup.
-    pub fn write(&self, key: &Key, rev: u64, value: &str) -> Result<(), WriteError> {
-        let header = format!("{{\"rev\":{rev},\"value\":");
-        let parts: [&[u8]; 3] = [header.as_bytes(), value.as_bytes(), b"}\n"];
-        let len = (header.len() + value.len() + 2) as u64;
+    pub fn write_numbered(
+        &self,
+        key: &Key,
+        value: &str,
+        number: &mut dyn FnMut() -> Result<u64, WriteError>,
+    ) -> Result<(), WriteError> {
+        let mut numbering = Numbering {
+            take: number,
+            rev: None,
+        };
+        let head = blank_head();
+        let parts: [&[u8]; 3] = [&head, value.as_bytes(), b"}\n"];
+        let len = (head.len() + value.len() + 2) as u64;
         let name = file_name(key);
         self.ensure_reserve(len)?;
         if let Some(spares) = &self.spares {
-            if self.write_over_spare(spares, &name, &parts, len)? {
-                return self.sync_dir(rev);
+            if self.write_over_spare(spares, &name, &parts, len, &mut numbering)? {
+                return self.sync_dir(numbering.rev()?);
             }
         }
-        let tmp = match self.write_temp(&parts) {
-            Ok(tmp) => tmp,
+        let written = match self.write_temp(&parts, &mut numbering) {
             // The spares may be what fills the file system: without them it may fit.
             Err(WriteError::NoSpace(_)) if self.drop_spares() > 0 => {
-                match self.write_temp(&parts) {
-                    Ok(tmp) => tmp,
-                    Err(err @ WriteError::NoSpace(_)) => {
-                        return self.write_with_reserve(&name, &parts, len, rev, err)
-                    }
-                    Err(err) => return Err(err),
-                }
+                self.write_temp(&parts, &mut numbering)
             }
+            written => written,
+        };
+        let tmp = match written {
+            Ok(tmp) => tmp,
             Err(err @ WriteError::NoSpace(_)) => {
-                return self.write_with_reserve(&name, &parts, len, rev, err)
+                let rev = numbering.rev()?;
+                let record = stamped(&parts, rev);
+                return self.write_with_reserve(&name, &[&record], len, rev, err);
             }
             Err(err) => return Err(err),
         };
         self.place(&tmp, &name)?;
-        self.sync_dir(rev)
+        self.sync_dir(numbering.rev()?)
     }
 
     /// Puts the written temporary file `tmp` in place as `name`. On tmpfs it is exchanged
@@ -237,6 +317,7 @@ impl Disk {
         name: &str,
         parts: &[&[u8]],
         len: u64,
+        numbering: &mut Numbering<'_>,
     ) -> Result<bool, WriteError> {
         let Some(spare) = spares.take() else {
             return Ok(false);
@@ -255,7 +336,8 @@ impl Disk {
             let _ = self.dir.unlink(&spare);
             return Ok(false);
         };
-        let written = self.write_record(&mut file, &spare, parts, (old_len > len).then_some(len));
+        let trim_to = (old_len > len).then_some(len);
+        let written = self.write_record(&mut file, &spare, parts, trim_to, numbering);
         drop(file);
         match written {
             Ok(()) => {}
@@ -287,21 +369,32 @@ impl Disk {
     }
 
     /// Writes `parts` from the start of `file` (named `name`), cuts it to `trim_to` when
-    /// given (a spare that held a longer record), and fsyncs it with `--fsync`.
+    /// given (a spare that held a longer record), fills in the revision (taking it now if the
+    /// write has none yet) and fsyncs it with `--fsync`.
     fn write_record(
         &self,
         file: &mut File,
         name: &str,
         parts: &[&[u8]],
         trim_to: Option<u64>,
+        numbering: &mut Numbering<'_>,
     ) -> Result<(), WriteError> {
+        if !self.numbers_late() {
+            numbering.rev()?;
+        }
         self.dir
             .fault(Op::WriteTemp)
             .and_then(|()| write_parts(file, parts))
             .and_then(|()| trim_to.map_or(Ok(()), |len| file.set_len(len)))
             .map_err(|e| self.fail("write", name, e))?;
+        let rev = numbering.rev()?;
+        // In place, over bytes already written: it needs no new space.
         self.dir
-            .note(|| Rec::Write(name.to_owned(), parts.concat()));
+            .fault(Op::FillRev)
+            .and_then(|()| file.write_all_at(&rev_field(rev), HEAD_START.len() as u64))
+            .map_err(|e| self.fail("write", name, e))?;
+        self.dir
+            .note(|| Rec::Write(name.to_owned(), stamped(parts, rev)));
         if self.fsync {
             self.dir
                 .fault(Op::SyncFile)
@@ -313,9 +406,13 @@ impl Disk {
     }
 
     /// Writes `parts` to a new temporary file (fsynced with `--fsync`); returns its name.
-    fn write_temp(&self, parts: &[&[u8]]) -> Result<String, WriteError> {
+    fn write_temp(
+        &self,
+        parts: &[&[u8]],
+        numbering: &mut Numbering<'_>,
+    ) -> Result<String, WriteError> {
         let (tmp, mut file) = self.create_temp()?;
-        let written = self.write_record(&mut file, &tmp, parts, None);
+        let written = self.write_record(&mut file, &tmp, parts, None, numbering);
         drop(file);
         if let Err(err) = written {
             let _ = self.dir.unlink(&tmp);
