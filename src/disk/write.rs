@@ -516,3 +516,103 @@ impl Disk {
         synced
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::Path;
+
+    use super::super::{Disk, Options};
+    use crate::error::WriteError;
+    use crate::key::Key;
+
+    /// Data directories to try: on the default temporary file system and on tmpfs, where puts
+    /// rewrite spare files instead of creating temporary ones.
+    fn places() -> Vec<tempfile::TempDir> {
+        let shm = Path::new("/dev/shm");
+        let st = nix::sys::statfs::statfs(shm).expect("/dev/shm");
+        assert_eq!(
+            st.filesystem_type(),
+            nix::sys::statfs::TMPFS_MAGIC,
+            "/dev/shm is tmpfs"
+        );
+        vec![
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir_in(shm).unwrap(),
+        ]
+    }
+
+    /// The temporary files (and spares) in `data`, with their contents.
+    fn temps(data: &Path) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(data)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .map(|e| fs::read_to_string(e.path()).unwrap())
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn without_fsync_the_revision_is_taken_once_the_record_is_written() {
+        for (fsync, tmp) in [false, true]
+            .into_iter()
+            .flat_map(|f| places().into_iter().map(move |t| (f, t)))
+        {
+            let data = tmp.path().join("data");
+            let (disk, _) = Disk::open(&data, &Options::new(fsync)).unwrap();
+            let key = Key::parse("k").unwrap();
+            // Twice: on tmpfs the second leaves a spare for the write under test.
+            disk.write(&key, 1, "\"old\"").unwrap();
+            disk.write(&key, 2, "\"old\"").unwrap();
+            let mut seen = None;
+            let mut number = || {
+                // What the directory holds when the revision is asked for.
+                seen = Some(temps(&data));
+                Ok(7)
+            };
+            disk.write_numbered(&key, "\"new\"", &mut number).unwrap();
+            let seen = seen.expect("asked for a revision");
+            let blank = format!("{{\"rev\":{},\"value\":\"new\"}}\n", " ".repeat(20));
+            if fsync {
+                assert!(!seen.contains(&blank), "with fsync: asked first, {seen:?}");
+            } else {
+                assert!(seen.contains(&blank), "without fsync: asked last, {seen:?}");
+            }
+            let record = fs::read_to_string(data.join("k.json")).unwrap();
+            assert_eq!(
+                record,
+                format!("{{\"rev\":7{},\"value\":\"new\"}}\n", " ".repeat(19))
+            );
+            let parsed: serde_json::Value = serde_json::from_str(&record).unwrap();
+            assert_eq!(parsed["rev"], 7);
+        }
+    }
+
+    #[test]
+    fn a_revision_that_cannot_be_taken_leaves_the_old_record_and_no_blank_one() {
+        for (fsync, tmp) in [false, true]
+            .into_iter()
+            .flat_map(|f| places().into_iter().map(move |t| (f, t)))
+        {
+            let data = tmp.path().join("data");
+            let (disk, _) = Disk::open(&data, &Options::new(fsync)).unwrap();
+            let key = Key::parse("k").unwrap();
+            disk.write(&key, 1, "\"old\"").unwrap();
+            disk.write(&key, 2, "\"old\"").unwrap();
+            let before = fs::read_to_string(data.join("k.json")).unwrap();
+            let mut number = || Err(WriteError::RevisionsExhausted(1));
+            let err = disk
+                .write_numbered(&key, "\"new\"", &mut number)
+                .unwrap_err();
+            assert!(matches!(err, WriteError::RevisionsExhausted(1)), "{err}");
+            assert_eq!(fs::read_to_string(data.join("k.json")).unwrap(), before);
+            assert!(
+                temps(&data).iter().all(|t| !t.contains("new")),
+                "fsync {fsync}: {:?}",
+                temps(&data)
+            );
+        }
+    }
+}
