@@ -110,13 +110,49 @@ impl Dir {
     /// Whether the directory's path still leads to the directory we hold. It does not when the
     /// directory was removed or replaced under the running server: its writes would then go
     /// where no one will ever read them, while another server may own the new directory.
+    ///
+    /// Only an answer that shows the path leads elsewhere (another directory, nothing, not a
+    /// directory, no longer reachable by us) counts as replaced. A failure that tells nothing
+    /// about the path (EIO, ENOMEM) is asked again once, and then taken as in place: the change
+    /// is already in the directory we hold, and refusing it would give its revision back for
+    /// reuse while its record stays in the data directory.
     pub fn still_in_place(&self) -> bool {
-        let meta = if self.follow {
-            std::fs::metadata(&self.path)
-        } else {
-            std::fs::symlink_metadata(&self.path)
+        let look = || {
+            self.fault(Op::CheckDir)?;
+            if self.follow {
+                std::fs::metadata(&self.path)
+            } else {
+                std::fs::symlink_metadata(&self.path)
+            }
         };
-        meta.is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+        let shows_path = |e: &io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(
+                    nix::libc::ENOENT
+                        | nix::libc::ENOTDIR
+                        | nix::libc::EACCES
+                        | nix::libc::EPERM
+                        | nix::libc::ELOOP
+                        | nix::libc::ENAMETOOLONG
+                )
+            )
+        };
+        let meta = match look() {
+            Err(e) if !shows_path(&e) => look(),
+            looked => looked,
+        };
+        match meta {
+            Ok(m) => m.dev() == self.dev && m.ino() == self.ino,
+            Err(e) if shows_path(&e) => false,
+            Err(e) => {
+                log::warn!(
+                    "cannot tell whether {} is still the data directory ({e}); taken as in place",
+                    self.path.display()
+                );
+                true
+            }
+        }
     }
 
     /// Creates `name` exclusively (never an existing file, never through a symlink), with the

@@ -32,10 +32,12 @@ pub enum Op {
     AppendLog,
     /// Fsync of the delete log.
     SyncLog,
+    /// Looking the data directory's path up, to tell whether it is still the directory held.
+    CheckDir,
 }
 
 impl Op {
-    pub const ALL: [Op; 12] = [
+    pub const ALL: [Op; 13] = [
         Op::CreateTemp,
         Op::WriteTemp,
         Op::FillRev,
@@ -48,6 +50,7 @@ impl Op {
         Op::Reserve,
         Op::AppendLog,
         Op::SyncLog,
+        Op::CheckDir,
     ];
 }
 

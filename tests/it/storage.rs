@@ -1009,3 +1009,60 @@ fn a_directory_planted_at_a_key_is_refused_on_tmpfs_as_on_disk() {
         assert!(spare.is_file(), "{spare:?} is not a file");
     }
 }
+
+/// A put whose look-up of the data directory's path fails with an error that says nothing
+/// about the path (EIO, injected by strace into the server's lookups of that path) is still
+/// applied and acknowledged: its record is already in the directory the server holds. (Found
+/// by an adversary: the put was answered `internal`, its record stayed in place, and its
+/// revision was given back and reused by the next put, so a restart showed the "failed" value
+/// under a revision that another key also had.)
+#[test]
+fn a_failed_lookup_of_the_data_directory_path_refuses_no_put_and_reuses_no_revision() {
+    let mut server = Server::start();
+    let first = server.raw().request("PUT k1 \"v1\"");
+    assert_eq!(first["ok"], true, "{first}");
+    let pid = server.pid().to_string();
+    let data = server.data.display().to_string();
+    // Both lookups of the path (the first and its retry) fail, for the next put only.
+    let mut strace = Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid, "-P", &data])
+        .args(["-e", "trace=statx,newfstatat,stat,lstat"])
+        .args([
+            "-e",
+            "inject=statx,newfstatat,stat,lstat:error=EIO:when=1..2",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("strace is needed (apt-get install strace)");
+    let traced = || {
+        fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|e| fs::read_to_string(e.ok()?.path().join("status")).ok())
+                    .all(|s| !s.contains("TracerPid:\t0\n"))
+            })
+            .unwrap_or(false)
+    };
+    crate::support::wait_until("strace to attach", traced);
+    let second = server.raw().request("PUT k1 \"v2\"");
+    let _ = strace.kill();
+    let _ = strace.wait();
+    assert_eq!(second["ok"], true, "not refused: {second}");
+    let third = server.raw().request("PUT k2 \"other\"");
+    assert!(
+        third["rev"].as_u64() > second["rev"].as_u64(),
+        "{second} then {third}"
+    );
+    assert!(
+        server.log_text().contains("cannot tell whether"),
+        "the unanswered check is logged"
+    );
+    server.restart();
+    let k1 = server.raw().request("GET k1");
+    let k2 = server.raw().request("GET k2");
+    assert_eq!(
+        (&k1["value"], &k1["rev"]),
+        (&json!("v2"), &second["rev"]),
+        "{k1}"
+    );
+    assert_eq!(k2["rev"], third["rev"], "{k2}");
+}
