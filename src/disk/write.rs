@@ -61,9 +61,9 @@ fn blank_head() -> [u8; HEAD_START.len() + REV_WIDTH + 9] {
 /// fills the blank field in place.
 fn rev_field(rev: u64) -> [u8; REV_WIDTH] {
     let mut field = [b' '; REV_WIDTH];
-    let text = rev.to_string();
-    let n = text.len().min(REV_WIDTH);
-    field[..n].copy_from_slice(&text.as_bytes()[..n]);
+    // Formatted in place (no allocation on the put path); `u64::MAX` has 20 digits, so it
+    // always fits.
+    let _ = write!(&mut field[..], "{rev}");
     field
 }
 
@@ -542,6 +542,22 @@ mod tests {
         ]
     }
 
+    /// With and without fsync, on each of [`places`]: a data directory whose key `k` was
+    /// written twice, so that on tmpfs a spare is left for the write under test.
+    fn cases() -> Vec<(bool, tempfile::TempDir, Disk, Key)> {
+        let mut out = Vec::new();
+        for fsync in [false, true] {
+            for tmp in places() {
+                let (disk, _) = Disk::open(&tmp.path().join("data"), &Options::new(fsync)).unwrap();
+                let key = Key::parse("k").unwrap();
+                disk.write(&key, 1, "\"old\"").unwrap();
+                disk.write(&key, 2, "\"old\"").unwrap();
+                out.push((fsync, tmp, disk, key));
+            }
+        }
+        out
+    }
+
     /// The temporary files (and spares) in `data`, with their contents.
     fn temps(data: &Path) -> Vec<String> {
         let mut out: Vec<String> = fs::read_dir(data)
@@ -556,16 +572,8 @@ mod tests {
 
     #[test]
     fn without_fsync_the_revision_is_taken_once_the_record_is_written() {
-        for (fsync, tmp) in [false, true]
-            .into_iter()
-            .flat_map(|f| places().into_iter().map(move |t| (f, t)))
-        {
+        for (fsync, tmp, disk, key) in cases() {
             let data = tmp.path().join("data");
-            let (disk, _) = Disk::open(&data, &Options::new(fsync)).unwrap();
-            let key = Key::parse("k").unwrap();
-            // Twice: on tmpfs the second leaves a spare for the write under test.
-            disk.write(&key, 1, "\"old\"").unwrap();
-            disk.write(&key, 2, "\"old\"").unwrap();
             let mut seen = None;
             let mut number = || {
                 // What the directory holds when the revision is asked for.
@@ -592,15 +600,8 @@ mod tests {
 
     #[test]
     fn a_revision_that_cannot_be_taken_leaves_the_old_record_and_no_blank_one() {
-        for (fsync, tmp) in [false, true]
-            .into_iter()
-            .flat_map(|f| places().into_iter().map(move |t| (f, t)))
-        {
+        for (fsync, tmp, disk, key) in cases() {
             let data = tmp.path().join("data");
-            let (disk, _) = Disk::open(&data, &Options::new(fsync)).unwrap();
-            let key = Key::parse("k").unwrap();
-            disk.write(&key, 1, "\"old\"").unwrap();
-            disk.write(&key, 2, "\"old\"").unwrap();
             let before = fs::read_to_string(data.join("k.json")).unwrap();
             let mut number = || Err(WriteError::RevisionsExhausted(1));
             let err = disk
