@@ -1,16 +1,26 @@
-//! Sending a large fan-out on two CPUs at once.
+//! Sending a fan-out on another CPU, or on several at once.
 //!
-//! The thread that made a change kicks every mailbox it gave an event to, one `send` each;
-//! with hundreds of subscribers that is most of the change's cost, done on one CPU while the
-//! others may be idle. So a fan-out of at least [`SHARE_FROM`] mailboxes is split: the
-//! publisher kicks one part and hands the others to helper threads (one per further CPU,
-//! started at the first such fan-out), which kick them at the same time.
+//! The thread that made a change kicks every mailbox it gave an event to, one `send` each, and
+//! each `send` wakes a subscriber: most of a change's cost. Done by the publisher, it sits
+//! between the change's reply and the publisher's next request. So:
+//!
+//! - A fan-out of 2 to [`SHARE_FROM`] mailboxes is handed whole to a helper thread (one per
+//!   further CPU, started at the first such fan-out), and the publisher goes back to its client
+//!   at once. While the helper sends, the writer's next changes land in the same mailboxes, and
+//!   the helper's next kick sends them together: a burst costs one `send` (one wake-up) per
+//!   subscriber per batch instead of per change. Measured with one writer of sequential puts and
+//!   10 subscribers (tmpfs, medians of 7 interleaved runs of 20,000 puts): 17.4k → 22.7k
+//!   changes/s, Redis 20.0k.
+//! - A fan-out of [`SHARE_FROM`] or more is split: the publisher kicks one part and hands the
+//!   others to the helpers, which kick them at the same time, so a large fan-out's last event
+//!   leaves sooner (its latency, not only its rate, is what two CPUs shorten).
 //!
 //! Sharing needs no other care: a kick sends what its mailbox holds, in queue order, and at
 //! most one thread sends per mailbox at a time (see the module doc of [`super`]), so which
 //! thread kicks a mailbox, and when, changes neither what a subscriber receives nor its order.
 //! A helper that falls behind is not waited for: with [`PENDING`] parts queued, the publisher
-//! kicks its parts itself.
+//! kicks its parts itself. A single subscriber is always kicked by the publisher: waking a
+//! helper would cost as much as the one `send`.
 
 use std::sync::{Arc, OnceLock};
 use std::thread;
@@ -19,16 +29,26 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::Mailbox;
 
-/// A fan-out to this many mailboxes or more is shared with the helpers: below it, waking a
-/// helper costs more than the sends it would take over.
+/// A fan-out to this many mailboxes or more is split between the publisher and the helpers;
+/// a smaller one (of at least [`HAND_FROM`]) is handed to a helper whole.
 pub const SHARE_FROM: usize = 32;
+/// A fan-out to fewer mailboxes than this is kicked by the publisher alone.
+pub const HAND_FROM: usize = 2;
 /// Parts queued for the helpers at most.
 const PENDING: usize = 16;
 
 type Part = Vec<Arc<Mailbox>>;
 
-/// Kicks every mailbox in `mailboxes` (emptying it), sharing a large fan-out with the helpers.
+/// Kicks every mailbox in `mailboxes` (emptying it), or has a helper kick them.
 pub fn kick_all(mailboxes: &mut Vec<Arc<Mailbox>>) {
+    if (HAND_FROM..SHARE_FROM).contains(&mailboxes.len()) {
+        if let Some(helpers) = helpers() {
+            match helpers.tx.try_send(std::mem::take(mailboxes)) {
+                Ok(()) => return,
+                Err(refused) => *mailboxes = refused.into_inner(),
+            }
+        }
+    }
     if mailboxes.len() >= SHARE_FROM {
         if let Some(helpers) = helpers() {
             let parts = helpers.count + 1;

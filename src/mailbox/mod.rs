@@ -17,8 +17,9 @@
 //!   blocking (`MSG_DONTWAIT`), and skips a socket already known to be full. Whatever it leaves
 //!   is handed to the subscriber's connection thread by ringing its wake-up descriptor. So a
 //!   publisher's share of the fan-out is bounded, and no thread switch sits on the fast path.
-//! - A change that reaches many subscribers is kicked on several CPUs at once: the publisher
-//!   hands parts of its kicks to fan-out threads ([`fanout`]).
+//! - A change that reaches several subscribers is kicked by a fan-out thread instead, so the
+//!   publisher goes back to its client at once; one that reaches many is kicked on several CPUs
+//!   at once, the publisher taking one part ([`fanout`]).
 //! - The subscriber's own connection thread (`server/connection.rs`) polls its socket and the
 //!   wake-up descriptor; it sends everything it can, and waits for the socket to become
 //!   writable when it is full. There is no second thread per subscriber.

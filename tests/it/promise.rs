@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{proc_status, wait_until, Server};
+use crate::support::{fanout_threads, proc_status, wait_until, Server};
 use crate::watchcheck::Watch;
 
 /// Item 1: a client that pipelines puts and never reads its replies does not withhold its
@@ -178,7 +178,8 @@ fn stalled_half_closed_subscribers_count_and_are_dropped_after_the_send_timeout(
         sub.stream().shutdown(Shutdown::Write).unwrap();
     }
     // Their sockets are full: the connections stay, and count.
-    let threads_base = proc_status(server.pid(), "Threads");
+    // The fan-out threads are the server's, not the clients' (started by this fan-out).
+    let threads_base = proc_status(server.pid(), "Threads") - fanout_threads(server.pid());
     let refused = server.raw().line().expect("a reply");
     assert!(
         refused.contains("too_many_connections"),

@@ -1187,12 +1187,24 @@ fn epoch_of(server: &Server) -> String {
     text.trim_end().to_owned()
 }
 
-/// A fan-out large enough to be shared with the fan-out threads (`mailbox::fanout`) keeps
-/// every subscriber's per-key order and latest state, with two publishers at once.
+/// A fan-out large enough to be split between the publisher and the fan-out threads
+/// (`mailbox::fanout`) keeps every subscriber's per-key order and latest state, with two
+/// publishers at once.
 #[test]
 fn a_large_fan_out_shared_between_threads_keeps_every_promise() {
+    fan_out_through_the_helpers_keeps_every_promise(80);
+}
+
+/// A small fan-out, handed whole to a fan-out thread while the publisher goes back to its
+/// client, keeps the same promises.
+#[test]
+fn a_small_fan_out_handed_to_a_helper_keeps_every_promise() {
+    fan_out_through_the_helpers_keeps_every_promise(5);
+}
+
+fn fan_out_through_the_helpers_keeps_every_promise(subscribers: usize) {
     let server = Server::start();
-    let watches: Vec<_> = (0..80)
+    let watches: Vec<_> = (0..subscribers)
         .map(|_| crate::watchcheck::Watch::start(&server, &["f"]))
         .collect();
     let writers: Vec<_> = (0..2u64)

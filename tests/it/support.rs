@@ -334,9 +334,9 @@ pub fn proc_status(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
-/// The server's fan-out threads (`mailbox::fanout`): started by the first large fan-out and
-/// kept for the server's life, one per further CPU. Not per client, so thread counts that must
-/// come back to idle leave them out.
+/// The server's fan-out threads (`mailbox::fanout`): started by the first fan-out to two or
+/// more subscribers and kept for the server's life, one per further CPU. Not per client, so
+/// thread counts that must come back to idle leave them out.
 pub fn fanout_threads(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| {
