@@ -31,9 +31,9 @@ use super::Mailbox;
 
 /// A fan-out to this many mailboxes or more is split between the publisher and the helpers;
 /// a smaller one (of at least [`HAND_FROM`]) is handed to a helper whole.
-pub const SHARE_FROM: usize = 32;
+const SHARE_FROM: usize = 32;
 /// A fan-out to fewer mailboxes than this is kicked by the publisher alone.
-pub const HAND_FROM: usize = 2;
+const HAND_FROM: usize = 2;
 /// Parts queued for the helpers at most.
 const PENDING: usize = 16;
 

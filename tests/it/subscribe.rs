@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{libc_sigterm, parse, rss_kib, wait_until, Raw, Server, DEADLINE};
+use crate::support::{
+    fanout_threads, libc_sigterm, parse, rss_kib, wait_until, Raw, Server, DEADLINE,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -1243,10 +1245,7 @@ fn fan_out_through_the_helpers_keeps_every_promise(subscribers: usize) {
         watch.assert_ok(&format!("subscriber {i}"));
     }
     // The fan-out was shared (on more than one CPU, as in CI).
-    let shared = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .any(|comm| comm.trim() == "nkv-fanout");
+    let shared = fanout_threads(server.pid()) > 0;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(
         shared,
